@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --quiet --disable-pip-version-check
+
+.PHONY: demo test bench clean
+
+$(VENV)/.demo: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.demo
+	$(PIP) install -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.demo  ## install, then run the embedded default sweep (digits, CPU, local Ray)
+	$(PY) -m orchestrator.sweep
+
+test: $(VENV)/.test  ## install with test extras, then run the whole suite
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.test
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,74 @@
+"""The four noise sources of a replica, their presets, seed derivation and determinism switches.
+
+A source that *varies* gets a seed derived from (base seed, source, replica) by a stable hash,
+so replica 3 of any sweep with the same base seed sees the same data order on any machine. A
+*fixed* source derives its seed from (base seed, source) alone: identical in every replica, yet
+init and order never share a stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+SOURCES = ("init", "order", "augment", "impl")
+ALGO = ("init", "order", "augment")
+
+# Named as in the reference study; single-source presets isolate one algorithmic source.
+PRESETS: dict[str, frozenset[str]] = {
+    "control": frozenset(),
+    "algo": frozenset(ALGO),
+    "impl": frozenset({"impl"}),
+    "algo+impl": frozenset(SOURCES),
+    "init": frozenset({"init"}),
+    "order": frozenset({"order"}),
+    "augment": frozenset({"augment"}),
+}
+
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def derive_seed(base_seed: int, source: str, replica: int | None = None) -> int:
+    """A 63-bit seed from a stable hash (Python's hash() is salted per process, so never that)."""
+    key = f"{base_seed}:{source}" if replica is None else f"{base_seed}:{source}:{replica}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
+
+
+@dataclass(frozen=True)
+class Seeds:
+    init: int
+    order: int
+    augment: int
+
+
+def seeds_for(base_seed: int, vary: frozenset[str], replica: int) -> Seeds:
+    """The seed each algorithmic source uses in this replica."""
+    return Seeds(**{s: derive_seed(base_seed, s, replica if s in vary else None) for s in ALGO})
+
+
+def apply_impl(deterministic: bool) -> dict[str, object]:
+    """Set torch's kernel-selection switches and return exactly what was set.
+
+    Must run before the model is built and before CUDA starts: cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG once, when its handle is created. Ops with no deterministic kernel
+    raise under `use_deterministic_algorithms(True)`; that is the point (see the overhead probe).
+    """
+    import torch
+
+    if deterministic:
+        if torch.cuda.is_initialized() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") != CUBLAS_WORKSPACE:
+            raise RuntimeError("CUDA started before CUBLAS_WORKSPACE_CONFIG was set; "
+                               "apply_impl must run first in the worker")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    elif not torch.cuda.is_initialized():  # framework default: cuBLAS picks its own workspaces
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    return {
+        "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }

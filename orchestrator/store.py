@@ -1,0 +1,138 @@
+"""The results tree: Parquet schema, atomic writes, and reading it back (local, s3://, gs://).
+
+Every file is written whole or not at all. On a file system that means a temp name in the same
+folder, then a rename; on object storage a single PUT is already all-or-nothing. Readers ignore
+temp names, so a crash mid-write never shows up as a result.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+import warnings
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+TMP_PREFIX = ".tmp-"
+
+# The contract of DESIGN.md ("names are a contract; add columns freely, never rename these").
+RUN_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("sweep", pa.string()), ("arch", pa.string()), ("dataset", pa.string()),
+    ("noise", pa.string()),
+    ("vary_init", pa.bool_()), ("vary_order", pa.bool_()), ("vary_augment", pa.bool_()), ("vary_impl", pa.bool_()),
+    ("replica", pa.int32()),
+    ("seed_init", pa.int64()), ("seed_order", pa.int64()), ("seed_augment", pa.int64()),
+    ("accelerator_requested", pa.string()), ("accelerator", pa.string()), ("fingerprint_id", pa.string()),
+    ("hostname", pa.string()), ("ray_node_id", pa.string()), ("ray_node_ip", pa.string()),
+    ("gpu_name", pa.string()), ("gpu_count", pa.int32()), ("gpu_capability", pa.string()),
+    ("gpu_driver", pa.string()), ("gpu_memory_mb", pa.int64()), ("gpu_sm_clock_mhz", pa.int32()),
+    ("cuda_version", pa.string()), ("cudnn_version", pa.string()), ("torch_version", pa.string()),
+    ("torchvision_version", pa.string()), ("ray_version", pa.string()), ("python_version", pa.string()),
+    ("cpu_model", pa.string()), ("num_threads", pa.int32()), ("instance_type", pa.string()),
+    ("env", pa.string()),  # JSON of an allow-list of environment variables, never the whole environment
+    ("impl_flags", pa.string()),  # JSON of the determinism switches the worker really set
+    ("spec_json", pa.string()),  # the RunSpec as it ran
+    ("status", pa.string()), ("error", pa.string()), ("attempts", pa.int32()),
+    ("epochs", pa.int32()), ("train_seconds", pa.float64()), ("epoch_seconds", pa.list_(pa.float64())),
+    ("test_accuracy", pa.float64()), ("test_loss", pa.float64()),
+    ("per_class_accuracy", pa.list_(pa.float64())), ("predictions", pa.list_(pa.int32())),
+    ("weights_sha256", pa.string()), ("weights_norm", pa.float64()),
+])
+
+LABELS_SCHEMA = pa.schema([("label", pa.int32()), ("subgroup", pa.int32())])
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow file system and a path in it. s3:// and gs:// take their endpoint and credentials
+    from the usual environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a whole file atomically: temp name + rename locally, one PUT on object storage."""
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    if not is_local(fs):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    finally:
+        if exists(fs, tmp):
+            fs.delete_file(tmp)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(fs, path, buf.getvalue())
+
+
+def run_path(root: str, run_id: str) -> str:
+    return f"{root}/runs/{run_id}.parquet"
+
+
+def weights_path(root: str, run_id: str) -> str:
+    return f"{root}/weights/{run_id}.safetensors"
+
+
+def labels_path(root: str, dataset: str) -> str:
+    return f"{root}/datasets/{dataset}.parquet"
+
+
+def write_run(fs: pafs.FileSystem, root: str, row: dict) -> None:
+    """One Parquet file per run, named by run_id: a re-run replaces it, never duplicates it."""
+    table = pa.Table.from_pylist([{k: row.get(k) for k in RUN_SCHEMA.names}], schema=RUN_SCHEMA)
+    write_table(fs, run_path(root, row["run_id"]), table)
+
+
+def _listing(fs: pafs.FileSystem, folder: str, suffix: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return sorted(i.path for i in infos if i.is_file and i.path.endswith(suffix)
+                  and not i.base_name.startswith(TMP_PREFIX))
+
+
+def read_runs(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """All run rows under OUT/runs. Unreadable or foreign files are skipped with one warning that
+    counts them: one bad file must not hide a thousand good ones."""
+    fs, root = resolve(uri)
+    tables, skipped = [], 0
+    for path in _listing(fs, f"{root}/runs", ".parquet"):
+        try:
+            t = pq.read_table(path, filesystem=fs, columns=columns)
+            tables.append(t.select(columns or RUN_SCHEMA.names).cast(
+                pa.schema([RUN_SCHEMA.field(c) for c in (columns or RUN_SCHEMA.names)])))
+        except (pa.ArrowException, KeyError, OSError):
+            skipped += 1
+    if skipped:
+        warnings.warn(f"skipped {skipped} unreadable or foreign Parquet file(s) under {root}/runs", stacklevel=2)
+    schema = pa.schema([RUN_SCHEMA.field(c) for c in (columns or RUN_SCHEMA.names)])
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def ok_run_ids(uri: str) -> set[str]:
+    """Runs already finished with status ok: a resumed sweep skips exactly these."""
+    t = read_runs(uri, columns=["run_id", "status"])
+    return {r for r, s in zip(t["run_id"].to_pylist(), t["status"].to_pylist()) if s == "ok"}

@@ -1,0 +1,205 @@
+"""`python -m orchestrator.sweep [CONFIG] [--out URI] [--address ADDR] [--fresh]`
+
+build (validate, expand, check OUT) -> run (Ray Tune, one trial per replica) -> record -> reduce.
+Everything that can be wrong with the input is found before Ray starts (exit 2). Re-running the
+same command resumes: run_ids already `ok` under OUT are not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from orchestrator import store
+from orchestrator.spec import RunSpec, SpecError, SweepSpec, expand, load
+
+# Tune's per-trial JSON/CSV/TensorBoard loggers cost more than a small replica's training.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+OUT_ENTRIES = ("sweep.yaml", "runs", "weights", "datasets", "overhead", "tables", "tune", "progress.json")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.split("\n\n")[1])
+    p.add_argument("config", nargs="?", help="sweep YAML; omitted: the embedded default sweep")
+    p.add_argument("--out", help="results folder or s3://bucket/prefix (overrides the spec's out)")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--fresh", action="store_true", help="delete OUT's previous results first, even another sweep's")
+    p.add_argument("--wait-for-autoscaling", action="store_true",
+                   help="skip the pre-flight check and let pending runs wait for nodes the autoscaler adds")
+    return p.parse_args(argv)
+
+
+def prepare_out(spec: SweepSpec, out: str, fresh: bool) -> None:
+    """Refuse an OUT that is a file or holds another sweep's results; with --fresh, say what is
+    deleted. Then record the resolved spec as it runs."""
+    fs, root = store.resolve(out)
+    if store.is_local(fs) and Path(root).is_file():
+        raise SpecError(f"--out: {out} is a file; give a folder (or s3://bucket/prefix)")
+    spec_path = f"{root}/sweep.yaml"
+    if store.exists(fs, spec_path) and not fresh:
+        old = yaml.safe_load(store.read_bytes(fs, spec_path)) or {}
+        if (old.get("name"), old.get("base_seed")) != (spec.name, spec.base_seed):
+            raise SpecError(f"--out: {out} holds results of sweep {old.get('name')!r} (base_seed "
+                            f"{old.get('base_seed')}); choose another --out or pass --fresh to delete them")
+    if fresh:
+        for entry in OUT_ENTRIES:
+            info = fs.get_file_info(f"{root}/{entry}")
+            if info.type == store.pafs.FileType.Directory:
+                print(f"--fresh: deleting {root}/{entry}/", file=sys.stderr)
+                fs.delete_dir(info.path)
+            elif info.is_file:
+                fs.delete_file(info.path)
+    store.write_bytes(fs, spec_path, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).encode())
+
+
+def resources(run: RunSpec) -> dict[str, float]:
+    """Ray resources of one run. A named accelerator adds a sliver of the `accelerator_type:X`
+    resource that only nodes with that GPU advertise, which is how the run is pinned to them."""
+    req = {"cpu": run.cpus, "gpu": run.gpus}
+    if run.accelerator != "any":
+        req[f"accelerator_type:{run.accelerator}"] = 0.001
+    return req
+
+
+def preflight(runs: list[RunSpec]) -> None:
+    """A run no node can ever hold would stay PENDING forever; fail now and name what exists."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    offered = sorted({k.split(":", 1)[1] for n in nodes for k in n if k.startswith("accelerator_type:")})
+    for run in {r.accelerator: r for r in runs}.values():
+        need = {"CPU": run.cpus, "GPU": run.gpus} | {k: v for k, v in resources(run).items() if ":" in k}
+        if not any(all(n.get(k, 0) >= v for k, v in need.items() if v) for n in nodes):
+            raise SpecError(f"accelerators: no node offers {run.accelerator} with {run.cpus:g} CPU and "
+                            f"{run.gpus:g} GPU (accelerator types here: {', '.join(offered) or 'none'}); "
+                            f"fix accelerators/resources or pass --wait-for-autoscaling")
+
+
+def _trial(config: dict) -> None:
+    """One Tune trial = one replica. The worker writes its own row and weights under OUT."""
+    from ray import tune
+
+    from orchestrator import runner
+
+    row = runner.run(RunSpec.model_validate(config["run"]), config["out"])
+    tune.report({"status": row["status"], "test_accuracy": row.get("test_accuracy"), "error": row.get("error")})
+
+
+def make_progress(total: int, out: str, failure_row):
+    """A Tune callback that prints done/total, failed, elapsed and ETA and mirrors the counts to
+    OUT/progress.json, and records a run whose worker died for good (Tune gave up retrying)."""
+    from ray.tune import Callback
+
+    fs, root = store.resolve(out)
+
+    class Progress(Callback):
+        def __init__(self):
+            self.t0, self.done, self.failed = time.time(), 0, 0
+
+        def _update(self, failed: bool) -> None:
+            self.done, self.failed = self.done + 1, self.failed + failed
+            elapsed = time.time() - self.t0
+            eta = elapsed / self.done * (total - self.done)
+            print(f"[{self.done}/{total}] failed {self.failed}  elapsed {elapsed:.0f}s  eta {eta:.0f}s", flush=True)
+            state = {"done": self.done, "total": total, "failed": self.failed, "elapsed_s": round(elapsed, 1),
+                     "eta_s": round(eta, 1), "updated": time.time()}
+            store.write_bytes(fs, f"{root}/progress.json", json.dumps(state).encode())
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._update((trial.last_result or {}).get("status") != "ok")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            failure_row(RunSpec.model_validate(trial.config["run"]), str(trial.get_error() or ""))
+            self._update(True)
+
+    return Progress()
+
+
+def record_worker_death(out: str):
+    fs, root = store.resolve(out)
+
+    def write(run: RunSpec, error: str) -> None:
+        from orchestrator.runner import base_row
+
+        last = error.strip().splitlines()[-1] if error.strip() else "worker died"
+        store.write_run(fs, root, base_row(run) | {"status": "failed", "error": f"worker died: {last}"})
+
+    return write
+
+
+def schedule(runs: list[RunSpec], spec: SweepSpec, out: str) -> None:
+    """Fan the runs out as Tune trials, one per replica."""
+    from ray import tune
+
+    fs, root = store.resolve(out)
+    by_id = {r.run_id: r for r in runs}
+    # A reused actor keeps the cuBLAS workspace setting of its first CUDA run, so GPU runs of
+    # different impl modes each get a fresh process; CPU runs share actors (seconds per trial).
+    reuse = all(r.gpus == 0 for r in runs)
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, resources=lambda config: resources(by_id[config["run"]["run_id"]])),
+        param_space={"run": tune.grid_search([r.model_dump(mode="json") for r in runs]), "out": out},
+        tune_config=tune.TuneConfig(reuse_actors=reuse, trial_dirname_creator=lambda t: t.config["run"]["run_id"]),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=f"{out}/tune" if "://" in out else f"{root}/tune",
+            failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+            callbacks=[make_progress(len(runs), out, record_worker_death(out))], verbose=0))
+    tuner.fit()  # trial outcomes are in OUT/runs; Tune's own result grid is not needed
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster given by --address or RAY_ADDRESS (as inside `ray job submit`), or start
+    a local one on this machine's cores."""
+    import ray
+
+    if ray.is_initialized():  # already connected (tests, notebooks): use that cluster
+        return
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+             logging_level="WARNING")
+    # Tune's result grid would warn once per trial that the disabled loggers wrote no metrics.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = load(args.config)
+        out = args.out or spec.out_uri
+        runs = expand(spec)
+        prepare_out(spec, out, args.fresh)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    todo = [r for r in runs if r.run_id not in store.ok_run_ids(out)]
+    print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already ok in {out}, {len(todo)} to run")
+    if todo:
+        connect(args.address)
+        try:
+            if not args.wait_for_autoscaling:
+                preflight(todo)
+        except SpecError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        schedule(todo, spec, out)
+    from orchestrator.reduce import format_markdown, reduce
+
+    tables = reduce(out)
+    print(format_markdown(tables["variance"]))
+    failed = store.read_runs(out, columns=["run_id", "status", "error"]).to_pandas()
+    failed = failed[failed.run_id.isin({r.run_id for r in runs}) & (failed.status != "ok")]
+    for r in failed.itertuples():
+        print(f"failed: {r.run_id}: {r.error}", file=sys.stderr)
+    print(f"results: {out}  (tables in {out}/tables)")
+    return 1 if len(failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One real local Ray cluster per test module: start-up costs seconds, trials reuse it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def write_spec(path: Path, **fields) -> Path:
+    """A sweep YAML with small, fast defaults (digits, small_cnn, 2 epochs) overridden by fields."""
+    doc = {"name": "t", "base_seed": 0, "replicas": 2, "noise": ["control"],
+           "workloads": [{"arch": "small_cnn", "dataset": "digits", "epochs": 2, "batch_size": 64,
+                          "lr": 0.002, "optimizer": "adam"}]}
+    doc.update(fields)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 600):
+    """Run `python -m orchestrator.sweep ...` as a user would, in a fresh process."""
+    import os
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "orchestrator.sweep", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
