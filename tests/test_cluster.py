@@ -1,0 +1,101 @@
+"""Heterogeneous clusters: accelerator pinning on a simulated 4-node cluster, the pre-flight
+error, and a real `ray job submit` against `ray start --head` on 127.0.0.1."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import store, sweep
+from tests.conftest import ROOT, write_spec
+
+pytestmark = pytest.mark.integration
+ACCELERATORS = ("T4", "V100", "A100")
+TINY = [{"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}]
+
+
+@pytest.fixture(scope="module")
+def hetero():
+    """A head (no GPU) and three workers advertising T4, V100 and A100 with one logical GPU each."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for acc in ACCELERATORS:
+        cluster.add_node(num_cpus=1, num_gpus=1, resources={f"accelerator_type:{acc}": 1})
+    ray.init(address=cluster.address, logging_level="WARNING")
+    cluster.wait_for_nodes()
+    node_of = {k.split(":", 1)[1]: n["NodeID"] for n in ray.nodes() for k in n["Resources"]
+               if k.startswith("accelerator_type:")}
+    yield node_of
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_every_run_lands_on_a_node_with_its_accelerator(hetero, tmp_path):
+    spec = write_spec(tmp_path / "s.yaml", name="pin", replicas=2, accelerators=list(ACCELERATORS),
+                      resources={"cpus": 1, "gpus": 0.5}, workloads=TINY)
+    assert sweep.main([str(spec), "--out", str(tmp_path / "out")]) == 0
+    df = store.read_runs(str(tmp_path / "out")).to_pandas()
+    assert len(df) == 6
+    for r in df.itertuples():
+        assert r.ray_node_id == hetero[r.accelerator_requested], r.run_id
+        # a logical GPU that torch cannot see: the run fell back to the CPU and says so
+        assert r.accelerator == "cpu" and r.gpu_count == 0
+        assert "CUDA_VISIBLE_DEVICES" in json.loads(r.env)
+
+
+def test_preflight_names_the_missing_type_fast(hetero, tmp_path, capsys):
+    spec = write_spec(tmp_path / "s.yaml", name="h100", accelerators=["H100"], resources={"gpus": 1},
+                      workloads=TINY)
+    t0 = time.perf_counter()
+    assert sweep.main([str(spec), "--out", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "H100" in err[0] and "A100, T4, V100" in err[0]
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """`ray start --head` on 127.0.0.1 with token auth on, HOME isolated so the token is ours.
+    `ray start` turns auth on when a token exists, so one is generated first, as a user would."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env["HOME"] = str(tmp_path / "home")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # as with the venv activated
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    env["RAY_AUTH_MODE"] = "token"
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=8299",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield ray_bin, env
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_a_sweep(head_node, tmp_path):
+    ray_bin, env = head_node
+    token = (tmp_path / "home" / ".ray" / "auth_token").read_text().strip()
+    unauthenticated = subprocess.run([ray_bin, "job", "list", "--address", "http://127.0.0.1:8299"], capture_output=True,
+                                     env={**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}, timeout=120)
+    assert unauthenticated.returncode != 0  # auth is really on: no token, no access
+    spec = write_spec(tmp_path / "s.yaml", name="job", replicas=2, workloads=TINY)
+    work = tmp_path / "src"  # the repo as a user would upload it: sources only
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", "*.egg-info"))
+    out = tmp_path / "out"
+    address = ["--address", "http://127.0.0.1:8299"]
+    r = subprocess.run([ray_bin, "job", "submit", *address, "--submission-id", "sweep-1", "--working-dir", str(work),
+                        "--", "python", "-m", "orchestrator.sweep", str(spec), "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    status = subprocess.run([ray_bin, "job", "status", *address, "sweep-1"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert "Job 'sweep-1' succeeded" in status.stdout  # the CLI's wording of status SUCCEEDED
+    df = store.read_runs(str(out)).to_pandas()
+    assert len(df) == 2 and (df.status == "ok").all()

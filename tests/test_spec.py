@@ -1,0 +1,103 @@
+"""Spec validation, expansion and stable ids; noise seeds and switches. No Ray needed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from orchestrator import noise, spec
+from orchestrator.spec import SpecError
+
+
+def doc(**fields):
+    d = {"name": "s", "workloads": [{"arch": "small_cnn", "dataset": "digits"}]}
+    return d | fields
+
+
+def test_expand_counts_every_axis():
+    s = spec.parse(doc(replicas=3, noise=["control", "algo"], tooling={"num_threads": [1, 2]},
+                       accelerators=["T4", "A100"], resources={"gpus": 0.5},
+                       workloads=[{"arch": "small_cnn", "dataset": "digits"},
+                                  {"arch": "mlp", "dataset": "digits", "replicas": 1}]))
+    runs = spec.expand(s)
+    assert len(runs) == 2 * 2 * 2 * (3 + 1)
+    assert len({r.run_id for r in runs}) == len(runs)
+    two = next(r for r in runs if r.num_threads == 2)
+    assert two.cpus == 2 and two.gpus == 0.5  # a run asks Ray for at least as many CPUs as threads
+
+
+def test_run_ids_are_stable_across_processes():
+    """Same spec, same ids on any machine: no salted hash(), no dict-order dependence."""
+    code = ("from orchestrator import spec;"
+            "print(','.join(r.run_id for r in spec.expand(spec.load(None))))")
+    a, b = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2"))
+    assert a == b and a.count(",") == 19
+    assert a.split(",")[0] == "small_cnn-digits-control-r0-" + a.split(",")[0].rsplit("-", 1)[1]
+
+
+def test_defaults_do_not_enter_the_id():
+    """A field added later with a default must keep existing results' ids valid."""
+    a = spec.expand(spec.parse(doc()))[0].run_id
+    b = spec.expand(spec.parse(doc(workloads=[{"arch": "small_cnn", "dataset": "digits", "weight_decay": 0.0}])))[0].run_id
+    c = spec.expand(spec.parse(doc(workloads=[{"arch": "small_cnn", "dataset": "digits", "weight_decay": 0.1}])))[0].run_id
+    assert a == b != c
+
+
+def test_fixed_sources_share_seeds_varying_ones_do_not():
+    runs = spec.expand(spec.parse(doc(replicas=3, noise=["init"])))
+    assert len({r.seeds.init for r in runs}) == 3
+    assert len({r.seeds.order for r in runs}) == len({r.seeds.augment for r in runs}) == 1
+    assert runs[0].seeds.order != runs[0].seeds.augment  # fixed sources still get distinct streams
+
+
+def test_explicit_source_sets():
+    runs = spec.expand(spec.parse(doc(replicas=2, noise=[{"name": "order+impl", "vary": ["order", "impl"]}])))
+    assert runs[0].noise == "order+impl" and runs[0].vary == {"order", "impl"}
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"workloads": []}, "workloads"),
+    ({"workloads": [{"arch": "small_cnn", "dataset": "mnist9"}]}, "workloads.0.dataset"),
+    ({"workloads": [{"arch": "small_cnn", "dataset": "digits", "epochs": "many"}]}, "workloads.0.epochs"),
+    ({"accelerators": ["A100"]}, "resources.gpus"),
+    ({"resources": {"cpus": 0}}, "resources.cpus"),
+    ({"name": "../etc"}, "name"),
+])
+def test_errors_name_the_field(fields, field):
+    with pytest.raises(SpecError) as e:
+        spec.parse(doc(**fields), "x.yaml")
+    assert str(e.value).startswith(f"x.yaml: {field}")
+
+
+def test_every_error_is_reported_at_once():
+    with pytest.raises(SpecError) as e:
+        spec.parse(doc(replicas=0, colour="blue"), "x.yaml")
+    assert len(str(e.value).splitlines()) == 2
+
+
+def test_derive_seed_is_a_pure_function_of_its_inputs():
+    assert noise.derive_seed(0, "init", 3) == noise.derive_seed(0, "init", 3)
+    assert len({noise.derive_seed(b, s, r) for b in (0, 1) for s in noise.ALGO for r in (None, 0, 1)}) == 18
+    assert 0 <= noise.derive_seed(7, "order", 1) < 2**63
+
+
+def test_apply_impl_sets_and_reports_the_switches():
+    try:
+        det = noise.apply_impl(True)
+        assert det == {"use_deterministic_algorithms": True, "cudnn_deterministic": True,
+                       "cudnn_benchmark": False, "cublas_workspace_config": ":4096:8"}
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        free = noise.apply_impl(False)
+        assert free["use_deterministic_algorithms"] is False and free["cudnn_benchmark"] is True
+        assert free["cublas_workspace_config"] is None
+    finally:
+        noise.apply_impl(False)
+
+
+def test_default_sweep_ships_in_the_package():
+    s = spec.load(None)
+    assert s.name == "digits-demo" and len(spec.expand(s)) == 20

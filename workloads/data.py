@@ -1,0 +1,302 @@
+"""Datasets as tensors that fit in memory, so the training loop can keep them on the device.
+
+Every loader returns an `ArrayDataset` with images in NCHW float32 (normalised with the train
+split's per-channel mean/std) and int64 labels. No DataLoader and no worker processes: their seeding
+would be one more noise source that no sweep setting controls.
+
+Loaders take `(root, **options)`. Nothing is ever downloaded: a real dataset must already be on disk
+in the layout its loader documents, else the loader raises FileNotFoundError naming that layout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """A train/test split held as tensors. `subgroups` (test set only) ids are optional."""
+
+    train_x: torch.Tensor  # (N, C, H, W) float32, normalised
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    subgroups: torch.Tensor | None = None  # (N_test,) int64 subgroup id per test example
+    subgroup_names: tuple[str, ...] = ()  # index = subgroup id
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+
+def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale both splits (NCHW, any numeric dtype) with the train split's per-channel mean/std.
+
+    Works one channel at a time in float64 and writes float32, so the float64 working copy is one
+    channel of one split, not the whole dataset (CIFAR-10 as one float64 array is 1.2 GB, and the
+    arithmetic on it needs two more).
+    """
+    stats = [(train[:, c].mean(dtype=np.float64), train[:, c].std(dtype=np.float64) + 1e-8)
+             for c in range(train.shape[1])]
+    scaled = []
+    for split in (train, test):
+        out = np.empty(split.shape, dtype=np.float32)
+        for c, (mean, std) in enumerate(stats):
+            out[:, c] = (split[:, c].astype(np.float64) - mean) / std
+        scaled.append(torch.from_numpy(out))
+    return scaled[0], scaled[1]
+
+
+def from_arrays(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                num_classes: int, **extra) -> ArrayDataset:
+    """Build an ArrayDataset from NCHW arrays of any numeric dtype."""
+    tx, vx = _normalise(train_x, test_x)
+    return ArrayDataset(tx, torch.as_tensor(train_y, dtype=torch.int64), vx,
+                        torch.as_tensor(test_y, dtype=torch.int64), num_classes, **extra)
+
+
+def _require(root: str | Path | None, name: str, layout: str, entries: Sequence[str]) -> Path:
+    """`Path(root)`, once every entry (file or folder, relative to root) is known to exist.
+
+    Lists every missing entry at once, with the expected layout, because the fix is always the same:
+    put the files there (no loader downloads anything).
+    """
+    if root is None:
+        raise FileNotFoundError(f"dataset {name!r} needs a root directory laid out as: {layout}")
+    base = Path(root)
+    missing = [e for e in entries if not (base / e).exists()]
+    if missing:
+        raise FileNotFoundError(f"dataset {name!r}: missing {', '.join(missing)} under {base}; "
+                                f"expected layout: {layout}. Nothing is downloaded: place the files there.")
+    return base
+
+
+def digits(root: str | None = None) -> ArrayDataset:
+    """scikit-learn's bundled 8×8 digits (1,797 images, ships in the wheel: no download).
+
+    The split is fixed (stratified, 25% test, split seed 0) so that every replica and every
+    machine sees the same test set; only the sweep's noise sources may differ between runs.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = x.reshape(-1, 1, 8, 8)
+    tx, vx, ty, vy = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
+    return from_arrays(tx, ty, vx, vy, num_classes=10)
+
+
+def synthetic(root: str | None = None, n_train: int = 512, n_test: int = 256, image_size: int = 32,
+              channels: int = 3, num_classes: int = 10, noise: float = 1.0, seed: int = 0) -> ArrayDataset:
+    """Generated images: a fixed random template per class plus Gaussian noise.
+
+    Learnable but not trivially so; `seed` fixes the data itself (not a noise source of the sweep).
+    """
+    g = np.random.default_rng(seed)
+    templates = g.normal(size=(num_classes, channels, image_size, image_size))
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % num_classes
+        return templates[y] + noise * g.normal(size=(n, channels, image_size, image_size)), y
+
+    (tx, ty), (vx, vy) = draw(n_train), draw(n_test)
+    return from_arrays(tx, ty, vx, vy, num_classes=num_classes)
+
+
+# --- CIFAR -----------------------------------------------------------------------------------------
+
+def _unpickle(path: Path) -> dict:
+    """One file of the CIFAR "python version" (pickled by Python 2, hence latin1, as torchvision reads it)."""
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _read_cifar_batches(base: Path, files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate batches: each holds `data` (N, 3072) uint8, row = R, G, B planes of 32×32, which
+    reshapes straight to NCHW; labels are `labels` (CIFAR-10) or `fine_labels` (CIFAR-100)."""
+    entries = [_unpickle(base / f) for f in files]
+    x = np.concatenate([e["data"] for e in entries]).reshape(-1, 3, 32, 32)
+    y = np.concatenate([e["labels"] if "labels" in e else e["fine_labels"] for e in entries])
+    return x, y
+
+
+def _cifar(root: str | None, name: str, tv_class: type) -> ArrayDataset:
+    """Read the pickle batches at exactly the paths torchvision's `tv_class` reads.
+
+    Not `tv_class(root, download=False)` itself: it md5-checks every batch even when not downloading,
+    so only the original archive's bytes would load — no re-packed subset, no test fixture. The file
+    list and meta key come from `tv_class`, so the layout cannot drift from torchvision's.
+    """
+    train = [f for f, _md5 in tv_class.train_list]
+    test = [f for f, _md5 in tv_class.test_list]
+    meta = tv_class.meta["filename"]
+    folder = tv_class.base_folder
+    layout = f"ROOT/{folder}/{{{','.join(train + test + [meta])}}} (the extracted {tv_class.filename})"
+    base = _require(root, name, layout, [f"{folder}/{f}" for f in train + test + [meta]]) / folder
+    (tx, ty), (vx, vy) = _read_cifar_batches(base, train), _read_cifar_batches(base, test)
+    num_classes = len(_unpickle(base / meta)[tv_class.meta["key"]])
+    return from_arrays(tx, ty, vx, vy, num_classes=num_classes)
+
+
+def cifar10(root: str | None) -> ArrayDataset:
+    """CIFAR-10: 50,000 train / 10,000 test 32×32 RGB images, 10 classes."""
+    from torchvision.datasets import CIFAR10
+
+    return _cifar(root, "cifar10", CIFAR10)
+
+
+def cifar100(root: str | None) -> ArrayDataset:
+    """CIFAR-100 with its 100 fine labels: 50,000 train / 10,000 test 32×32 RGB images."""
+    from torchvision.datasets import CIFAR100
+
+    return _cifar(root, "cifar100", CIFAR100)
+
+
+# --- image files (ImageNet, CelebA) ----------------------------------------------------------------
+
+def _read_images(paths: Sequence[str | Path], image_size: int) -> np.ndarray:
+    """Decode to RGB, resize the shorter side to `image_size`, centre-crop a square: (N, 3, S, S) uint8.
+
+    Preallocated, so peak memory is the uint8 array plus one decoded image.
+    """
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        with Image.open(path) as img:
+            img = TF.center_crop(TF.resize(img.convert("RGB"), image_size), image_size)
+        out[i] = np.asarray(img).transpose(2, 0, 1)
+    return out
+
+
+def _cap_per_class(samples: list[tuple[str, int]], cap: int | None) -> list[tuple[str, int]]:
+    """The first `cap` samples of each class, in the (sorted) order the folder scan returned them."""
+    if cap is None:
+        return samples
+    seen: Counter[int] = Counter()
+    kept = []
+    for path, label in samples:
+        if seen[label] < cap:
+            kept.append((path, label))
+            seen[label] += 1
+    return kept
+
+
+def _read_samples(samples: list[tuple[str, int]], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) for a list of (path, label) pairs."""
+    return _read_images([p for p, _ in samples], image_size), np.array([y for _, y in samples])
+
+
+IMAGENET_LAYOUT = ("ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG (ImageFolder trees with the "
+                   "same class folder names; the official flat val/ folder must first be sorted into "
+                   "class folders, e.g. with the usual valprep.sh)")
+
+
+def imagenet(root: str | None, image_size: int = 64, max_per_class: int | None = None) -> ArrayDataset:
+    """ImageNet, or any ImageFolder pair of train/ and val/ trees, resized and centre-cropped to
+    `image_size` (test split = val/).
+
+    The whole split lives in memory, which full-resolution ImageNet cannot: at 224×224 the train set
+    is ~190 GB of uint8 (and 4× that as float32). Hence the small default; `image_size` exists for
+    downscaled ImageNet variants (32×32, 64×64) and `max_per_class` (applied to both splits, first
+    files in sorted order) for subsets. Class indices follow train/'s sorted folder names; val/
+    folders absent from train/ are ignored.
+    """
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    base = _require(root, "imagenet", IMAGENET_LAYOUT, ["train", "val"])
+    train = ImageFolder(base / "train")
+    test = ImageFolder.make_dataset(base / "val", train.class_to_idx, extensions=IMG_EXTENSIONS)
+    tx, ty = _read_samples(_cap_per_class(train.samples, max_per_class), image_size)
+    vx, vy = _read_samples(_cap_per_class(test, max_per_class), image_size)
+    return from_arrays(tx, ty, vx, vy, num_classes=len(train.classes))
+
+
+CELEBA_FILES = ("celeba/list_attr_celeba.txt", "celeba/list_eval_partition.txt", "celeba/img_align_celeba")
+CELEBA_LAYOUT = ("ROOT/celeba/list_attr_celeba.txt, ROOT/celeba/list_eval_partition.txt and "
+                 "ROOT/celeba/img_align_celeba/<image>.jpg (torchvision's CelebA layout)")
+CELEBA_TRAIN, CELEBA_TEST = 0, 2  # partition ids in list_eval_partition.txt (1 = valid, unused)
+
+
+def _read_celeba_attrs(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """list_attr_celeba.txt: a count line, a line of attribute names, then `<image> v1 … v40` rows
+    (space-padded, v in {-1, 1}). Returns (attribute names, image names, (N, 40) int64 in {0, 1})."""
+    lines = path.read_text().splitlines()
+    rows = [line.split() for line in lines[2:] if line.strip()]
+    values = np.array([row[1:] for row in rows], dtype=np.int64)
+    return lines[1].split(), [row[0] for row in rows], (values + 1) // 2
+
+
+def _read_celeba_partition(path: Path) -> dict[str, int]:
+    """list_eval_partition.txt: `<image> <partition>` rows, partition 0 train, 1 valid, 2 test."""
+    return {name: int(part) for name, part in (line.split() for line in path.read_text().splitlines()
+                                               if line.strip())}
+
+
+def _attr_columns(names: list[str], attrs: Sequence[str]) -> list[int]:
+    """Column of each attribute; every unknown or repeated name reported at once."""
+    unknown = [a for a in attrs if a not in names]
+    if unknown or len(set(attrs)) != len(attrs):
+        raise ValueError(f"celeba: attributes {list(attrs)} must be distinct names among {names}; "
+                         f"unknown: {unknown}")
+    return [names.index(a) for a in attrs]
+
+
+def _subgroups(values: np.ndarray, attrs: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Subgroup id = the binary attribute values read as a number, first attribute most significant;
+    names spell each combination out, e.g. ids 0..3 = "Blond_Hair=0,Male=0" … "Blond_Hair=1,Male=1"."""
+    weights = 2 ** np.arange(len(attrs) - 1, -1, -1)
+    names = tuple(",".join(f"{a}={v}" for a, v in zip(attrs, combo))
+                  for combo in itertools.product((0, 1), repeat=len(attrs)))
+    return values @ weights, names
+
+
+def celeba(root: str | None, target: str = "Blond_Hair", subgroup_attrs: Sequence[str] = ("Male",),
+           image_size: int = 64) -> ArrayDataset:
+    """CelebA as binary classification of `target`, with test subgroups = every combination of the
+    target and `subgroup_attrs` (the default Blond_Hair × Male gives 4), so the reducer can report
+    per-subgroup false positive/negative rates. Train = partition 0, test = partition 2.
+
+    Reads the files torchvision's CelebA reads, but not through it: it md5-checks the annotation
+    files even with download=False, so no subset or fixture could load. Only the attribute and
+    partition lists are needed; identity, bbox and landmark files are not read.
+    """
+    base = _require(root, "celeba", CELEBA_LAYOUT, CELEBA_FILES) / "celeba"
+    attrs = (target, *subgroup_attrs)
+    names, images, values = _read_celeba_attrs(base / "list_attr_celeba.txt")
+    values = values[:, _attr_columns(names, attrs)]  # (N, 1 + len(subgroup_attrs)), target first
+    partition = _read_celeba_partition(base / "list_eval_partition.txt")
+    split = np.array([partition[name] for name in images])
+    paths = np.array([base / "img_align_celeba" / name for name in images], dtype=object)
+    train, test = split == CELEBA_TRAIN, split == CELEBA_TEST
+    subgroups, subgroup_names = _subgroups(values[test], attrs)
+    return from_arrays(_read_images(paths[train], image_size), values[train, 0],
+                       _read_images(paths[test], image_size), values[test, 0], num_classes=2,
+                       subgroups=torch.as_tensor(subgroups, dtype=torch.int64),
+                       subgroup_names=subgroup_names)
+
+
+DATASETS: dict[str, Callable[..., ArrayDataset]] = {
+    "digits": digits,
+    "synthetic": synthetic,
+    "cifar10": cifar10,
+    "cifar100": cifar100,
+    "imagenet": imagenet,
+    "celeba": celeba,
+}
+
+
+def load(name: str, root: str | None = None, **options) -> ArrayDataset:
+    """Load a registered dataset by name; `options` are the loader's keyword arguments."""
+    return DATASETS[name](root, **options)
