@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from orchestrator.noise import PRESETS, Seeds, seeds_for
 from workloads.data import DATASETS
-from workloads.models import MODELS
+from workloads.models import MODELS, builder
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=64)]
 
@@ -48,8 +49,11 @@ class Workload(Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown arch {v!r}; choose one of {', '.join(sorted(MODELS))}")
+        try:
+            builder(v)
+        except (KeyError, ImportError, AttributeError, ValueError):
+            raise ValueError(f"unknown arch {v!r}; choose one of {', '.join(sorted(MODELS))} "
+                             "or give package.module:function") from None
         return v
 
     @field_validator("dataset")
@@ -67,10 +71,26 @@ class NoiseSet(Strict):
     vary: list[Literal["init", "order", "augment", "impl"]]
 
 
+Precision = Literal["fp32", "tf32", "bf16"]
+TOOLING_DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False}  # left out of run ids
+
+
 class Tooling(Strict):
     """Settings that are not random but change bits; every combination is its own group."""
 
     num_threads: list[PositiveInt] = [1]  # torch intra-op threads; the run asks Ray for at least as many CPUs
+    precision: list[Precision] = ["fp32"]  # fp32: IEEE fp32, TF32 off; tf32: TF32 matmul+conv (Ampere+ GPUs; no-op on a CPU); bf16: bfloat16 autocast
+    channels_last: list[bool] = [False]  # NHWC memory format for model and inputs
+    compile: list[bool] = [False]  # torch.compile the model; compile time lands in epoch 1 (CPU needs a C++ compiler)
+
+
+class Overhead(Strict):
+    """The determinism-cost probe: per (workload, accelerator), one trial on a whole device that
+    alternates blocks of deterministic and non-deterministic training steps on the same data."""
+
+    steps: PositiveInt = 50  # timed steps per block
+    warmup: Annotated[int, Field(ge=0)] = 5  # untimed steps per block before the timed ones (autotuning, caches)
+    repeats: PositiveInt = 5  # det/nondet block pairs; the bootstrap interval resamples blocks
 
 
 class Resources(Strict):
@@ -88,6 +108,7 @@ class SweepSpec(Strict):
     tooling: Tooling = Tooling()
     resources: Resources = Resources()
     max_retries: Annotated[int, Field(ge=0)] = 1  # retries after a worker process dies
+    overhead: Overhead | None = None  # determinism-cost probes, one per (workload, accelerator); absent = none
     workloads: Annotated[list[Workload], Field(min_length=1)]
 
     @field_validator("noise")
@@ -124,19 +145,26 @@ class RunSpec(Strict):
     cpus: float
     gpus: float
     max_retries: int
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    compile: bool = False
 
 
 def _noise_sets(spec: SweepSpec) -> list[tuple[str, frozenset[str]]]:
     return [(n, PRESETS[n]) if isinstance(n, str) else (n.name, frozenset(n.vary)) for n in spec.noise]
 
 
-def run_id(spec: SweepSpec, workload: Workload, noise: str, num_threads: int, accelerator: str, replica: int) -> str:
+def run_id(spec: SweepSpec, workload: Workload, noise: str, num_threads: int, accelerator: str, replica: int,
+           tooling: dict | None = None) -> str:
     """Readable prefix + hash of what defines the run. Defaults are left out of the hash so that a
-    field added later with a default keeps old ids valid."""
-    key = json.dumps({"sweep": spec.name, "base_seed": spec.base_seed,
-                      "workload": workload.model_dump(mode="json", exclude_defaults=True),
-                      "noise": noise, "num_threads": num_threads, "accelerator": accelerator,
-                      "replica": replica}, sort_keys=True)
+    field added later with a default keeps old ids valid (`tooling`: precision, channels_last, compile)."""
+    key = {"sweep": spec.name, "base_seed": spec.base_seed,
+           "workload": workload.model_dump(mode="json", exclude_defaults=True),
+           "noise": noise, "num_threads": num_threads, "accelerator": accelerator, "replica": replica}
+    extra = {k: v for k, v in (tooling or {}).items() if v != TOOLING_DEFAULTS[k]}
+    if extra:
+        key["tooling"] = extra
+    key = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return f"{workload.arch}-{workload.dataset}-{noise}-r{replica}-{digest}"
 
@@ -144,15 +172,61 @@ def run_id(spec: SweepSpec, workload: Workload, noise: str, num_threads: int, ac
 def expand(spec: SweepSpec) -> list[RunSpec]:
     """Every (workload, noise, tooling, accelerator, replica) as a RunSpec, in a stable order."""
     runs = []
-    for w, (noise, vary), threads, acc in itertools.product(
-            spec.workloads, _noise_sets(spec), spec.tooling.num_threads, spec.accelerators):
+    t = spec.tooling
+    for w, (noise, vary), threads, prec, cl, comp, acc in itertools.product(
+            spec.workloads, _noise_sets(spec), t.num_threads, t.precision, t.channels_last, t.compile,
+            spec.accelerators):
+        tooling = {"precision": prec, "channels_last": cl, "compile": comp}
         for r in range(w.replicas or spec.replicas):
             runs.append(RunSpec(
-                run_id=run_id(spec, w, noise, threads, acc, r), sweep=spec.name, workload=w,
+                run_id=run_id(spec, w, noise, threads, acc, r, tooling), sweep=spec.name, workload=w,
                 noise=noise, vary=vary, replica=r, seeds=seeds_for(spec.base_seed, vary, r),
                 accelerator=acc, num_threads=threads, cpus=max(spec.resources.cpus, threads),
-                gpus=spec.resources.gpus, max_retries=spec.max_retries))
+                gpus=spec.resources.gpus, max_retries=spec.max_retries, **tooling))
     return runs
+
+
+class ProbeSpec(Strict):
+    """One determinism-overhead probe (see orchestrator/probe.py): a workload timed with and without
+    deterministic kernels, side by side, on one whole device."""
+
+    probe_id: str
+    sweep: str
+    workload: Workload
+    accelerator: str
+    overhead: Overhead
+    seeds: Seeds  # the control seeds: every probe of a sweep starts from the same weights and batches
+    num_threads: int
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    cpus: float
+    gpus: float  # 0 or 1: a probe never shares a GPU, another trial's kernels would land in its timings
+    max_retries: int
+
+
+def expand_probes(spec: SweepSpec) -> list[ProbeSpec]:
+    """One probe per (workload, accelerator) when the sweep has an `overhead` section, with the first
+    value of every tooling axis. Ids hash like run ids, with their own prefix."""
+    if spec.overhead is None:
+        return []
+    t = spec.tooling
+    tooling = {"precision": t.precision[0], "channels_last": t.channels_last[0], "compile": t.compile[0]}
+    probes = []
+    for w, acc in itertools.product(spec.workloads, spec.accelerators):
+        key = json.dumps({"kind": "probe", "sweep": spec.name, "base_seed": spec.base_seed,
+                          "workload": w.model_dump(mode="json", exclude_defaults=True), "accelerator": acc,
+                          "overhead": spec.overhead.model_dump(mode="json"), "num_threads": t.num_threads[0],
+                          "tooling": {k: v for k, v in tooling.items() if v != TOOLING_DEFAULTS[k]}},
+                         sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+        arch = re.sub(r"[^A-Za-z0-9_.+-]", "_", w.arch)  # a module:function arch must not put ':' in a file name
+        probes.append(ProbeSpec(
+            probe_id=f"probe-{arch}-{w.dataset}-{acc}-{digest}", sweep=spec.name, workload=w,
+            accelerator=acc, overhead=spec.overhead, seeds=seeds_for(spec.base_seed, frozenset(), 0),
+            num_threads=t.num_threads[0], cpus=max(spec.resources.cpus, t.num_threads[0]),
+            gpus=1 if spec.resources.gpus > 0 else 0, max_retries=spec.max_retries, **tooling))
+    return probes
 
 
 class SpecError(ValueError):
@@ -162,11 +236,11 @@ class SpecError(ValueError):
 def _format(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = e["msg"].removeprefix("Value error, ")  # cross-field checks name their field themselves
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or fix its spelling"
-        lines.append(f"{source}: {field}: {msg}")
+        field = ".".join(str(p) if isinstance(p, int) or p.isidentifier() else repr(p) for p in e["loc"])
+        lines.append(f"{source}: {field}: {msg}" if field else f"{source}: {msg}")
     return "\n".join(lines)
 
 

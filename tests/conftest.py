@@ -12,7 +12,9 @@ def ray_local():
     """One real local Ray cluster per test module: start-up costs seconds, trials reuse it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # workers import tests.faulty (fault-injecting model builders) through PYTHONPATH
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
     ray.shutdown()
 

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator import noise, spec
 from orchestrator.spec import SpecError
@@ -101,3 +103,28 @@ def test_apply_impl_sets_and_reports_the_switches():
 def test_default_sweep_ships_in_the_package():
     s = spec.load(None)
     assert s.name == "digits-demo" and len(spec.expand(s)) == 20
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=20)
+FIELDS = ["name", "base_seed", "out", "replicas", "noise", "accelerators", "tooling", "resources",
+          "max_retries", "workloads"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    json_values,
+    st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),  # right keys, random values
+    st.fixed_dictionaries({"name": st.text(max_size=10), "workloads": st.lists(
+        st.dictionaries(st.sampled_from(["arch", "dataset", "epochs", "lr", "arch_args", "replicas"]),
+                        json_values), max_size=2)}),
+))
+def test_any_document_gives_a_spec_or_a_spec_error(document):
+    try:
+        s = spec.parse(document)
+    except SpecError as e:
+        assert str(e) and all(line.startswith("spec: ") for line in str(e).splitlines())
+    else:
+        assert spec.expand(s)

@@ -6,6 +6,7 @@ A builder draws every initial weight from torch's global RNG, which the runner s
 
 from __future__ import annotations
 
+import importlib
 from collections import OrderedDict
 from typing import Callable
 
@@ -167,6 +168,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def builder(arch: str) -> Callable[..., nn.Module]:
+    """A registered name, or `package.module:function` for a model of the user's own, built with
+    the same (image_shape, num_classes, **options) call. Raises KeyError/ImportError/AttributeError."""
+    if ":" not in arch:
+        return MODELS[arch]
+    module, _, name = arch.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def build(arch: str, image_shape: tuple[int, int, int], num_classes: int, **options) -> nn.Module:
-    """Build a registered model; `options` are the builder's keyword arguments."""
-    return MODELS[arch](image_shape, num_classes, **options)
+    """Build a model; `options` are the builder's keyword arguments."""
+    return builder(arch)(image_shape, num_classes, **options)

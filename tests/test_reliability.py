@@ -1,0 +1,96 @@
+"""Nothing lost, nothing counted twice: worker deaths, divergence, a killed driver, foreign OUTs
+and secrets, on a real local Ray cluster."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from orchestrator import store, sweep
+from tests.conftest import ROOT, cli, write_spec
+
+pytestmark = pytest.mark.integration
+SECRET = "sk-planted-secret-7f3a9c"
+
+
+def tiny(**extra):
+    return {"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128} | extra
+
+
+def test_failures_are_retried_recorded_and_the_sweep_carries_on(ray_local, tmp_path, capsys):
+    always, once = tmp_path / "always", tmp_path / "once"
+    spec = write_spec(tmp_path / "s.yaml", name="faults", replicas=1, max_retries=2, workloads=[
+        tiny(arch="tests.faulty:exit_on_build", arch_args={"marker": str(always)}),
+        tiny(arch="tests.faulty:exit_once", arch_args={"marker": str(once)}),
+        tiny(optimizer="sgd", lr=1e12),  # overflows within the first epoch
+        tiny(),
+    ])
+    assert sweep.main([str(spec), "--out", str(tmp_path / "out")]) == 1
+    df = store.read_runs(str(tmp_path / "out")).to_pandas().set_index("arch")
+    assert always.read_text().count("attempt") == 3  # first try + max_retries
+    died = df.loc["tests.faulty:exit_on_build"]
+    assert died.status == "failed" and died.error.startswith("worker died")
+    assert df.loc["tests.faulty:exit_once"].status == "ok"  # a retry that succeeds counts once
+    diverged = df[df.status == "failed"].drop(index="tests.faulty:exit_on_build")
+    assert len(diverged) == 1 and diverged.error.iloc[0] == "Diverged: diverged at epoch 1"
+    assert (df.status == "ok").sum() == 2 and len(df) == 4
+    err = capsys.readouterr().err
+    assert err.count("failed: ") == 2
+
+
+def test_foreign_out_is_refused_then_replaced_with_fresh(ray_local, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump({"name": "someone-elses", "base_seed": 0}))
+    (out / "runs" / "theirs.parquet").write_bytes(b"not ours")
+    spec = write_spec(tmp_path / "s.yaml", name="mine", replicas=1, workloads=[tiny()])
+    assert sweep.main([str(spec), "--out", str(out)]) == 2
+    assert "holds results of sweep 'someone-elses'" in capsys.readouterr().err
+    assert (out / "runs" / "theirs.parquet").exists()  # refused means untouched
+    assert sweep.main([str(spec), "--out", str(out), "--fresh"]) == 0
+    assert f"--fresh: deleting {out}/runs/" in capsys.readouterr().err
+    assert not (out / "runs" / "theirs.parquet").exists()
+    assert yaml.safe_load((out / "sweep.yaml").read_text())["name"] == "mine"
+
+
+def test_sigkill_of_the_driver_then_resume(tmp_path):
+    """Kill -9 mid-sweep; the same command then runs only what is missing, and OUT holds exactly
+    one ok row per run, every file whole. A planted secret appears in no file under OUT."""
+    spec = write_spec(tmp_path / "s.yaml", name="kill", replicas=8, noise=["algo"],
+                      workloads=[{"arch": "small_cnn", "dataset": "digits", "epochs": 4, "batch_size": 32}])
+    out = tmp_path / "out"
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": SECRET, "MY_SERVICE_TOKEN": SECRET, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(spec), "--out", str(out)], cwd=ROOT,
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while len(list((out / "runs").glob("*.parquet"))) < 2 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    time.sleep(2)
+    os.killpg(p.pid, signal.SIGKILL)  # the killed driver's local Ray processes, so none write later
+    before = {f.name: f.stat().st_mtime_ns for f in (out / "runs").glob("*.parquet")}
+    assert 2 <= len(before) < 8
+
+    r = cli(str(spec), "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{len(before)} already ok" in r.stdout and f"{8 - len(before)} to run" in r.stdout
+    assert {f: (out / "runs" / f).stat().st_mtime_ns for f in before} == before  # not run again
+    runs = sorted((out / "runs").glob("*.parquet"))
+    assert len(runs) == 8
+    ids = []
+    for f in runs:  # every file whole: Parquet footer readable, weights loadable
+        t = pq.read_table(f)
+        assert t.num_rows == 1 and t["status"][0].as_py() == "ok"
+        ids.append(t["run_id"][0].as_py())
+        assert load_file(str(store.weights_path(str(out), ids[-1])))
+    assert len(set(ids)) == 8 == len(store.read_runs(str(out)))
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
