@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -40,6 +42,7 @@ RUN_SCHEMA = pa.schema([
     ("test_accuracy", pa.float64()), ("test_loss", pa.float64()),
     ("per_class_accuracy", pa.list_(pa.float64())), ("predictions", pa.list_(pa.int32())),
     ("weights_sha256", pa.string()), ("weights_norm", pa.float64()),
+    ("precision", pa.string()), ("channels_last", pa.bool_()), ("compiled", pa.bool_()),  # tooling options
 ])
 
 LABELS_SCHEMA = pa.schema([("label", pa.int32()), ("subgroup", pa.int32())])
@@ -108,28 +111,40 @@ def write_run(fs: pafs.FileSystem, root: str, row: dict) -> None:
     write_table(fs, run_path(root, row["run_id"]), table)
 
 
-def _listing(fs: pafs.FileSystem, folder: str, suffix: str) -> list[str]:
+def list_files(fs: pafs.FileSystem, folder: str, suffix: str) -> list[str]:
+    """Finished files under `folder` (temp names of writes in flight or interrupted are not)."""
     infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     return sorted(i.path for i in infos if i.is_file and i.path.endswith(suffix)
                   and not i.base_name.startswith(TMP_PREFIX))
 
 
+def _read(fs: pafs.FileSystem, paths: list[str], columns: list[str]) -> pa.Table:
+    """Read run files against RUN_SCHEMA: columns added since a file was written come back null."""
+    return ds.dataset(paths, format="parquet", filesystem=fs, schema=RUN_SCHEMA).to_table(columns=columns)
+
+
 def read_runs(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """All run rows under OUT/runs. Unreadable or foreign files are skipped with one warning that
-    counts them: one bad file must not hide a thousand good ones."""
+    """All run rows under OUT/runs, read in one multi-file scan. Unreadable or foreign files
+    (no run_id) are skipped with one warning that counts them: one bad file must not hide a
+    thousand good ones."""
     fs, root = resolve(uri)
-    tables, skipped = [], 0
-    for path in _listing(fs, f"{root}/runs", ".parquet"):
-        try:
-            t = pq.read_table(path, filesystem=fs, columns=columns)
-            tables.append(t.select(columns or RUN_SCHEMA.names).cast(
-                pa.schema([RUN_SCHEMA.field(c) for c in (columns or RUN_SCHEMA.names)])))
-        except (pa.ArrowException, KeyError, OSError):
-            skipped += 1
+    paths, cols = list_files(fs, f"{root}/runs", ".parquet"), columns or RUN_SCHEMA.names
+    scan = list(dict.fromkeys([*cols, "run_id"]))
+    try:
+        tables = [_read(fs, paths, scan)] if paths else []
+    except (pa.ArrowException, OSError):  # some file is bad: find it, keep the rest
+        tables = []
+        for path in paths:
+            try:
+                tables.append(_read(fs, [path], scan))
+            except (pa.ArrowException, OSError):
+                pass
+    table = pa.concat_tables(tables) if tables else RUN_SCHEMA.empty_table().select(scan)
+    ours = table.filter(pc.is_valid(table["run_id"]))
+    skipped = len(paths) - ours.num_rows
     if skipped:
         warnings.warn(f"skipped {skipped} unreadable or foreign Parquet file(s) under {root}/runs", stacklevel=2)
-    schema = pa.schema([RUN_SCHEMA.field(c) for c in (columns or RUN_SCHEMA.names)])
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    return ours.select(cols)
 
 
 def ok_run_ids(uri: str) -> set[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator import store
-from orchestrator.spec import RunSpec, SpecError, SweepSpec, expand, load
+from orchestrator.spec import ProbeSpec, RunSpec, SpecError, SweepSpec, expand, expand_probes, load
 
 # Tune's per-trial JSON/CSV/TensorBoard loggers cost more than a small replica's training.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -83,12 +83,16 @@ def preflight(runs: list[RunSpec]) -> None:
 
 
 def _trial(config: dict) -> None:
-    """One Tune trial = one replica. The worker writes its own row and weights under OUT."""
+    """One Tune trial = one replica, or one overhead probe. The worker writes its own files under OUT."""
     from ray import tune
 
-    from orchestrator import runner
+    from orchestrator import probe, runner
 
-    row = runner.run(RunSpec.model_validate(config["run"]), config["out"])
+    item = config["run"]
+    if "probe_id" in item:
+        row = probe.run(ProbeSpec.model_validate(item), config["out"])
+    else:
+        row = runner.run(RunSpec.model_validate(item), config["out"])
     tune.report({"status": row["status"], "test_accuracy": row.get("test_accuracy"), "error": row.get("error")})
 
 
@@ -116,7 +120,8 @@ def make_progress(total: int, out: str, failure_row):
             self._update((trial.last_result or {}).get("status") != "ok")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            failure_row(RunSpec.model_validate(trial.config["run"]), str(trial.get_error() or ""))
+            if "run_id" in trial.config["run"]:  # a dead probe leaves no file: main reports it missing
+                failure_row(RunSpec.model_validate(trial.config["run"]), str(trial.get_error() or ""))
             self._update(True)
 
     return Progress()
@@ -134,19 +139,25 @@ def record_worker_death(out: str):
     return write
 
 
-def schedule(runs: list[RunSpec], spec: SweepSpec, out: str) -> None:
-    """Fan the runs out as Tune trials, one per replica."""
+def _trial_id(item: dict) -> str:
+    return item.get("run_id") or item["probe_id"]
+
+
+def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str) -> None:
+    """Fan the runs out as Tune trials, one per replica or overhead probe."""
     from ray import tune
 
     fs, root = store.resolve(out)
-    by_id = {r.run_id: r for r in runs}
+    by_id = {_trial_id(r.model_dump()): r for r in runs}
+    # Tune's result grid would warn once per trial that the disabled loggers wrote no metrics.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # A reused actor keeps the cuBLAS workspace setting of its first CUDA run, so GPU runs of
     # different impl modes each get a fresh process; CPU runs share actors (seconds per trial).
     reuse = all(r.gpus == 0 for r in runs)
     tuner = tune.Tuner(
-        tune.with_resources(_trial, resources=lambda config: resources(by_id[config["run"]["run_id"]])),
+        tune.with_resources(_trial, resources=lambda config: resources(by_id[_trial_id(config["run"])])),
         param_space={"run": tune.grid_search([r.model_dump(mode="json") for r in runs]), "out": out},
-        tune_config=tune.TuneConfig(reuse_actors=reuse, trial_dirname_creator=lambda t: t.config["run"]["run_id"]),
+        tune_config=tune.TuneConfig(reuse_actors=reuse, trial_dirname_creator=lambda t: _trial_id(t.config["run"])),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=f"{out}/tune" if "://" in out else f"{root}/tune",
@@ -164,8 +175,18 @@ def connect(address: str | None) -> None:
         return
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
              logging_level="WARNING")
-    # Tune's result grid would warn once per trial that the disabled loggers wrote no metrics.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+
+SUMMARY = ["n_runs", "n_failed", "acc_mean", "acc_std", "acc_std_lo", "acc_std_hi", "churn", "l2",
+           "identical_fraction"]
+
+
+def summary(variance):
+    """The variance table cut to what fits a terminal: the grouping columns that differ between
+    rows (always noise), then the headline statistics. The full table is in OUT/tables."""
+    keys = [c for c in ("arch", "dataset", "accelerator_requested", "num_threads", "precision", "noise")
+            if c in variance and (c == "noise" or variance[c].nunique() > 1)]
+    return variance[keys + [c for c in SUMMARY if c in variance]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,31 +195,42 @@ def main(argv: list[str] | None = None) -> int:
         spec = load(args.config)
         out = args.out or spec.out_uri
         runs = expand(spec)
+        probes = expand_probes(spec)
         prepare_out(spec, out, args.fresh)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     todo = [r for r in runs if r.run_id not in store.ok_run_ids(out)]
-    print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already ok in {out}, {len(todo)} to run")
-    if todo:
+    from orchestrator.probe import done_probe_ids
+
+    todo_probes = [p for p in probes if p.probe_id not in done_probe_ids(out)]
+    print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already ok in {out}, {len(todo)} to run"
+          + (f"; {len(probes)} overhead probes, {len(todo_probes)} to run" if probes else ""))
+    if todo or todo_probes:
         connect(args.address)
         try:
             if not args.wait_for_autoscaling:
-                preflight(todo)
+                preflight(todo + todo_probes)
         except SpecError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        schedule(todo, spec, out)
+        schedule(todo + todo_probes, spec, out)
     from orchestrator.reduce import format_markdown, reduce
 
     tables = reduce(out)
-    print(format_markdown(tables["variance"]))
+    print(format_markdown(summary(tables["variance"])))
+    if probes:
+        print(format_markdown(tables["overhead"]))
+    missing = [p.probe_id for p in probes if p.probe_id not in done_probe_ids(out)]
+    for probe_id in missing:
+        print(f"failed: {probe_id}: the overhead probe wrote no result (its error is in the log above)",
+              file=sys.stderr)
     failed = store.read_runs(out, columns=["run_id", "status", "error"]).to_pandas()
     failed = failed[failed.run_id.isin({r.run_id for r in runs}) & (failed.status != "ok")]
     for r in failed.itertuples():
         print(f"failed: {r.run_id}: {r.error}", file=sys.stderr)
     print(f"results: {out}  (tables in {out}/tables)")
-    return 1 if len(failed) else 0
+    return 1 if len(failed) or missing else 0
 
 
 if __name__ == "__main__":

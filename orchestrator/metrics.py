@@ -1,0 +1,200 @@
+"""Pure metric functions: numpy arrays in, numbers out. No I/O, no pandas; `reduce.py` feeds them.
+
+Shapes: R replicas (runs), N test examples, C classes. Every function returns NaN rather than
+raising when the statistic is undefined (fewer than two runs, an empty test set), so one thin
+group never stops a table.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+EPS = np.finfo(np.float64).eps
+
+
+def churn(preds: np.ndarray) -> float:
+    """Mean over all replica pairs of the fraction of test examples whose predictions differ.
+
+    This is *disagreement*: 0 when every replica predicts the same class everywhere, 1 when no
+    two replicas ever agree. (The reference study's code calls its agreement rate "churn"; ours is
+    one minus that.) preds: (R, N) int.
+
+    Vectorised without visiting pairs: sort each example's R predictions, so equal labels form
+    runs; a run of length L holds L(L-1)/2 agreeing pairs. O(N·R·log R) whatever the number of
+    classes, instead of O(N·R²) for a loop over pairs or O(N·C) memory for per-class counts.
+    """
+    p = np.asarray(preds)
+    r, n = p.shape
+    if r < 2 or n == 0:
+        return math.nan
+    s = np.sort(p.T, axis=1)  # (N, R), each example's predictions in order
+    run_start = np.empty(s.shape, dtype=bool)
+    run_start[:, 0] = True
+    np.not_equal(s[:, 1:], s[:, :-1], out=run_start[:, 1:])
+    lengths = np.diff(np.append(np.flatnonzero(run_start), s.size))  # runs never cross rows
+    pairs = n * r * (r - 1) // 2
+    return (pairs - int((lengths * (lengths - 1)).sum() // 2)) / pairs  # one rounding: exact 0 and 1
+
+
+def pairwise_disagreement(preds: np.ndarray) -> np.ndarray:
+    """(R, R) fraction of test examples on which replicas i and j predict differently; zero
+    diagonal. Use `churn` for the mean: this one is O(N·R²), for when the pairs themselves matter
+    (cross-stack comparisons). preds: (R, N) int."""
+    p = np.asarray(preds)
+    r, n = p.shape
+    d = np.zeros((r, r))
+    if n == 0:
+        return np.full((r, r), math.nan)
+    for i in range(r - 1):
+        d[i, i + 1:] = np.count_nonzero(p[i + 1:] != p[i], axis=1) / n
+    return d + d.T
+
+
+def sq_dists(x: np.ndarray) -> np.ndarray:
+    """(R, R) squared Euclidean distances between the rows of x (R, n), in float64.
+
+    Gram-matrix trick: ||a - b||² = a·a + b·b - 2 a·b, one BLAS matmul for all pairs. Rows are
+    first centred on their mean (distances do not move) so that the cancellation is relative to
+    the spread between replicas, not to the weight norm. A pair whose Gram result lies within
+    the rounding bound of the dot products (n·eps·(a·a + b·b), with a factor of 4 to spare) is
+    recomputed directly from the original rows: equal rows give exactly 0, and distinct rows
+    (float32 or narrower, so their squared differences cannot underflow) never do.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    c = x - x.mean(axis=0)
+    g = c @ c.T
+    sq = np.diag(g)
+    norms = sq[:, None] + sq[None, :]
+    d = norms - 2.0 * g
+    for i, j in zip(*np.nonzero(np.triu(d <= 4.0 * max(x.shape[1], 1) * EPS * norms, k=1))):
+        diff = x[i] - x[j]
+        d[i, j] = diff @ diff
+    d = np.maximum(np.triu(d, k=1), 0.0)
+    return d + d.T
+
+
+def mean_over_pairs(d: np.ndarray) -> float:
+    """Mean of a symmetric pair matrix (R, R) over its R(R-1)/2 pairs; the diagonal is ignored.
+    NaN with fewer than two runs."""
+    d = np.asarray(d, dtype=np.float64)
+    return float(d[np.triu_indices(len(d), k=1)].mean()) if len(d) >= 2 else math.nan
+
+
+def _std(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Sample std (ddof=1) along `axis`, exactly 0 for equal values: np.std of 50 copies of 0.8856
+    is 2e-16 (the mean rounds), which would read as noise in a control group. Shifting by the
+    first value first changes nothing else, since the std is shift-invariant."""
+    return np.std(x - np.take(x, [0], axis=axis), axis=axis, ddof=1)
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """Sample standard deviation (ddof=1), NaN below two values. Values are sorted first so the
+    result is bit-for-bit independent of the order runs were listed in."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    return float(_std(v)) if len(v) >= 2 else math.nan
+
+
+def bootstrap_std_ci(values: Sequence[float], seed: int, n_boot: int = 2000,
+                     level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the sample std (ddof=1), from a seeded generator.
+
+    Values are sorted first, so the interval depends on the runs, not on their listing order.
+    With few replicas the interval is wide and sits low (a resample repeats values, which
+    shrinks its spread): read it beside n_runs, as a measure of how little 5 runs can say.
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if len(v) < 2:
+        return math.nan, math.nan
+    res = stats.bootstrap((v,), lambda s, axis: _std(s, axis=axis), n_resamples=n_boot,
+                          confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def sampling_std(p: float, n: int) -> float:
+    """The accuracy std that a finite test set alone would give: a binomial proportion's
+    sqrt(p(1-p)/N). Run-to-run std well above it is the training's own noise."""
+    return math.sqrt(p * (1.0 - p) / n) if n > 0 and 0.0 <= p <= 1.0 else math.nan
+
+
+def per_class_spread(per_class: np.ndarray) -> tuple[float, float, int | None]:
+    """From (R, C) per-class accuracies: the largest and the mean across-replica std (ddof=1)
+    of a class, and the index of the class with the largest (lowest index on ties; None when no
+    class moves at all). Top-1 accuracy averages these swings away; the worst class shows where
+    the noise lands."""
+    a = np.sort(np.asarray(per_class, dtype=np.float64), axis=0)
+    if a.ndim != 2 or a.shape[0] < 2 or a.shape[1] == 0:
+        return math.nan, math.nan, None
+    s = _std(a, axis=0)
+    return float(s.max()), float(s.mean()), int(np.argmax(s)) if s.max() > 0 else None
+
+
+def binary_rates(preds: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per replica, the false-positive and false-negative rates of a binary task (positive class
+    1) on the given examples: (R,) each, NaN where there are no negatives / positives."""
+    p, y = np.asarray(preds), np.asarray(labels)
+    neg, pos = y == 0, y == 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fpr = np.count_nonzero((p == 1) & neg, axis=1) / np.count_nonzero(neg)
+        fnr = np.count_nonzero((p != 1) & pos, axis=1) / np.count_nonzero(pos)
+    return fpr, fnr
+
+
+def brown_forsythe_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """p-value that two groups' accuracy variances differ: Levene's test centred on the median
+    (Brown–Forsythe), robust to the skewed, heavy-tailed accuracy distributions that a few
+    diverging replicas produce. NaN below two values per group; 1.0 when both groups have zero
+    spread (their variances are equal and the F ratio would be 0/0)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.levene(a, b, center="median").pvalue)
+
+
+def median_ratio_ci(num_units: Sequence[np.ndarray], den_units: Sequence[np.ndarray], seed: int,
+                    n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """median(num) / median(den) and a seeded percentile bootstrap interval of it.
+
+    Each side is a list of units (arrays of step times); the bootstrap resamples whole units,
+    independently per side. Pass blocks of consecutive steps as units: steps within a block
+    share clocks and caches, and resampling them one by one would count correlated steps as
+    independent evidence and give too narrow an interval. NaN interval below two units a side.
+    """
+    num, den = _Units(num_units), _Units(den_units)
+    if not num.n or not den.n:
+        return math.nan, math.nan, math.nan
+    ratio = float(np.median(num.values) / np.median(den.values))
+    if num.n < 2 or den.n < 2:
+        return ratio, math.nan, math.nan
+    res = stats.bootstrap((np.arange(num.n), np.arange(den.n)),
+                          lambda i, j: np.median(num.take(i)) / np.median(den.take(j)), vectorized=False,
+                          n_resamples=n_boot, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return ratio, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+class _Units:
+    """Variable-length units packed in one array, so that a resample of unit ids is gathered in a
+    few numpy calls rather than a Python loop over units."""
+
+    def __init__(self, units: Sequence[np.ndarray]):
+        arrays = [np.asarray(u, dtype=np.float64).ravel() for u in units]
+        self.n = len(arrays)
+        self.values = np.concatenate(arrays) if arrays else np.empty(0)
+        self.lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        self.starts = np.cumsum(self.lengths) - self.lengths
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """The values of units `ids`, concatenated in that order."""
+        lengths = self.lengths[ids]
+        ends = np.cumsum(lengths)
+        offset = np.repeat(self.starts[ids] - (ends - lengths), lengths)
+        return self.values[np.arange(ends[-1] if len(ends) else 0) + offset]

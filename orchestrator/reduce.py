@@ -1,0 +1,529 @@
+"""The tables: run-to-run variance per group (with subgroups and significance), cross-stack pairs,
+and the cost of determinism.
+
+    python -m orchestrator.reduce OUT [--by COLS] [--format md,csv,parquet]
+
+Reads OUT/runs/*.parquet, OUT/weights/*.safetensors, OUT/datasets/*.parquet and
+OUT/overhead/*.parquet; prints Markdown and writes OUT/tables/<table>.{md,csv,parquet}. Failed runs
+are counted (n_failed) and left out of every statistic, so `n_runs` is the number of ok runs a
+statistic stands on. A statistic a group has too few runs for is NaN with a `note`, never an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from safetensors import SafetensorError, safe_open
+
+from orchestrator import metrics, store
+
+# Tooling axes are grouping keys: a thread count or a precision is not noise, it changes the bits.
+# Run columns and the RunSpec fields they come from, for the axes the run schema has.
+TOOLING = {c: f for c, f in (("num_threads", "num_threads"), ("precision", "precision"),
+                             ("channels_last", "channels_last"), ("compiled", "compile"))
+           if c in store.RUN_SCHEMA.names}
+# `workload` hashes the training settings, so two learning rates never pool into one std.
+DEFAULT_BY = ("arch", "dataset", "accelerator_requested", "noise", *TOOLING, "workload")
+# Cross-stack: runs equal in everything a seed or a setting controls ...
+MATCH = ("arch", "dataset", "workload", "noise", "replica", "seed_init", "seed_order", "seed_augment")
+# ... but run on a different stack: another device, tooling setting or software stack.
+STACK = ("accelerator", *TOOLING, "fingerprint_id")
+FORMATS = ("md", "csv", "parquet")
+N_BOOT = 2000
+CHUNK = 1 << 23  # float64 weight values held at once, across all runs of a group (64 MiB)
+SCALARS = ["run_id", "arch", "dataset", "noise", "replica", "seed_init", "seed_order", "seed_augment",
+           "accelerator_requested", "accelerator", "fingerprint_id", *TOOLING, "spec_json",
+           "status", "test_accuracy", "weights_sha256", "weights_norm"]
+LISTS = ["predictions", "per_class_accuracy"]
+NUMPY_FLOATS = {"F16", "F32", "F64"}  # safetensors dtypes numpy reads; BF16 and F8_* go via torch
+
+VARIANCE = ["accelerator", "n_fingerprints", "n_runs", "n_failed", "n_test", "acc_mean", "acc_std",
+            "acc_std_lo", "acc_std_hi", "acc_std_sampling", "churn", "l2", "l2_rel",
+            "identical_fraction", "per_class_std_max", "per_class_std_mean", "worst_class",
+            "subgroup_acc_std_max", "p_vs_control", "p_vs_algo", "note"]
+SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mean", "fpr_std",
+             "fnr_mean", "fnr_std"]
+CROSS_STACK = ["arch", "dataset", "workload", "noise", *(f"{c}_a" for c in STACK), *(f"{c}_b" for c in STACK),
+               "n_pairs", "identical_fraction", "churn", "l2", "l2_rel", "acc_diff_mean"]
+OVERHEAD = ["arch", "accelerator", "accelerator_requested", "n_probes", "n_fingerprints", "step_ms_nondet",
+            "step_ms_det", "overhead_pct", "overhead_lo", "overhead_hi", "n_steps", "n_steps_det",
+            "n_steps_nondet", "nondeterministic_ops", "note"]
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Run rows: scalar columns as a DataFrame (index = row position), list columns kept in Arrow
+    so that 400 × 50,000 predictions never become Python objects."""
+
+    meta: pd.DataFrame
+    lists: pa.Table
+
+    def matrix(self, column: str, rows) -> np.ndarray | None:
+        """(len(rows), L) array of a list column; None if a value is missing or lengths differ."""
+        arr = self.lists[column].take(pa.array(np.asarray(rows, dtype=np.int64))).combine_chunks()
+        if len(arr) == 0 or arr.null_count:
+            return None
+        lengths = pc.list_value_length(arr).to_numpy()
+        if (lengths != lengths[0]).any():
+            return None
+        return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1)
+
+
+class WeightsUnavailable(ValueError):
+    """A group's weight files are missing or do not describe the same model."""
+
+
+class UsageError(ValueError):
+    """A request the tables cannot answer, such as grouping on a column runs do not have."""
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def _spec(spec_json: str | None) -> dict:
+    try:
+        return json.loads(spec_json) if spec_json else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def workload_id(spec: dict) -> str:
+    """Short hash of the training settings of a run (lr, epochs, batch size, arch_args, ...).
+    `replicas` only says how many runs there are, so it is left out."""
+    w = {k: v for k, v in spec.get("workload", {}).items() if k != "replicas"}
+    return hashlib.sha256(json.dumps(w, sort_keys=True).encode()).hexdigest()[:8] if w else ""
+
+
+def load_runs(out_uri: str, by: list[str]) -> Runs:
+    """Every run row, plus the derived `workload` column. A row written for a worker that died
+    has no fingerprint; its tooling values are taken from its spec so it lands in its group."""
+    columns = [c for c in dict.fromkeys(SCALARS + LISTS + by) if c != "workload"]
+    table = store.read_runs(out_uri, columns=columns).combine_chunks()  # 1 chunk, not 1 per file: fast take()
+    ints = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
+    meta = table.drop_columns(LISTS).to_pandas(types_mapper=ints.get)
+    specs = [_spec(s) for s in meta["spec_json"]]
+    meta["workload"] = [workload_id(s) for s in specs]
+    for column, field in TOOLING.items():
+        meta[column] = meta[column].fillna(
+            pd.Series([s.get(field) for s in specs], index=meta.index, dtype=meta[column].dtype))
+    return Runs(meta, table.select(LISTS))
+
+
+def _labels(fs: pafs.FileSystem, root: str, dataset: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, subgroup ids) of a dataset's test set, or None if the runs never wrote them."""
+    path = store.labels_path(root, dataset)
+    if not store.exists(fs, path):
+        return None
+    t = pq.read_table(path, filesystem=fs)
+    return t["label"].to_numpy(), t["subgroup"].to_numpy()
+
+
+class _Weights:
+    """One run's safetensors file, read a slice at a time through a memory map. numpy has no
+    bfloat16 or float8, so tensors of those types go through torch, imported only then."""
+
+    def __init__(self, path: str):
+        self.path, self.np, self._pt = path, safe_open(path, framework="numpy"), None
+
+    def float_tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name -> (dtype, shape) of the floating-point tensors (what weights_norm covers)."""
+        out = {}
+        for name in self.np.keys():
+            s = self.np.get_slice(name)
+            if s.get_dtype().startswith(("F", "BF")):
+                out[name] = (s.get_dtype(), tuple(s.get_shape()))
+        return out
+
+    def rows(self, name: str, dtype: str, shape: tuple[int, ...], start: int, stop: int) -> np.ndarray:
+        """Leading-dimension rows [start, stop) of a tensor, flattened to float64."""
+        if dtype in NUMPY_FLOATS:
+            x = self.np.get_slice(name)[start:stop] if shape else self.np.get_tensor(name)
+            return np.asarray(x, dtype=np.float64).reshape(-1)
+        import torch
+
+        self._pt = self._pt or safe_open(self.path, framework="pt")
+        x = self._pt.get_slice(name)[start:stop] if shape else self._pt.get_tensor(name)
+        return x.to(torch.float64).numpy().reshape(-1)
+
+
+def _weights_sq_dists(paths: list[str]) -> np.ndarray:
+    """(R, R) squared L2 distances between the runs' final weights, over all floating-point
+    tensors. Streamed: one tensor at a time, in slices of leading rows, so only about CHUNK values
+    of all R runs together are in memory, however large the model."""
+    files = [_Weights(p) for p in paths]
+    tensors = files[0].float_tensors()
+    if any(f.float_tensors() != tensors for f in files[1:]):
+        raise WeightsUnavailable("weight files differ in tensor names, shapes or dtypes")
+    d2 = np.zeros((len(files), len(files)))
+    for name, (dtype, shape) in sorted(tensors.items()):
+        row = math.prod(shape[1:]) if shape else 1
+        step = max(1, CHUNK // (len(files) * max(row, 1)))
+        for start in range(0, shape[0] if shape else 1, step):
+            stop = min(start + step, shape[0] if shape else 1)
+            d2 += metrics.sq_dists(np.stack([f.rows(name, dtype, shape, start, stop) for f in files]))
+    return d2
+
+
+def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> np.ndarray:
+    """(R, R) L2 distances between the final weights of `runs`. Runs with equal weights_sha256
+    are bitwise equal: each distinct digest is read once and equal ones are 0 without looking
+    (a control group on one machine costs one file, not R). Remote files are copied to a local
+    temp folder first, since safetensors reads through mmap."""
+    digest = runs["weights_sha256"].fillna(runs["run_id"]).to_numpy(dtype=object)
+    firsts, inverse = np.unique(digest, return_index=True, return_inverse=True)[1:]
+    ids = runs["run_id"].to_numpy(dtype=object)[firsts]
+    if len(ids) == 1:
+        return np.zeros((len(runs), len(runs)))
+    paths = [store.weights_path(root, r) for r in ids]
+    missing = [r for r, p in zip(ids, paths) if not store.exists(fs, p)]
+    if missing:
+        raise WeightsUnavailable(f"no weights file for {len(missing)} run(s), e.g. {missing[0]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if not store.is_local(fs):
+            local = [f"{tmp}/{r}.safetensors" for r in ids]
+            for src, dst in zip(paths, local):
+                pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            paths = local
+        try:
+            d2 = _weights_sq_dists(paths)
+        except SafetensorError as e:
+            raise WeightsUnavailable(f"unreadable weights file: {e}") from None
+    return np.sqrt(d2)[np.ix_(inverse, inverse)]
+
+
+# --- variance ---------------------------------------------------------------------------------
+
+def _seed(seed: int, key: dict) -> int:
+    """A bootstrap seed per group from the sweep seed and the group's key: each group's interval
+    is reproducible whatever other groups the results tree holds."""
+    text = json.dumps([seed, [str(v) for v in key.values()]])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def _accuracy_stats(acc: np.ndarray, n_test: int, seed: int) -> dict:
+    lo, hi = metrics.bootstrap_std_ci(acc, seed, n_boot=N_BOOT)
+    mean = float(acc.mean()) if len(acc) else math.nan
+    return {"acc_mean": mean, "acc_std": metrics.sample_std(acc), "acc_std_lo": lo, "acc_std_hi": hi,
+            "acc_std_sampling": metrics.sampling_std(mean, n_test)}
+
+
+def _weight_stats(fs: pafs.FileSystem, root: str, ok: pd.DataFrame, notes: list[str]) -> dict:
+    """l2, l2_rel and identical_fraction over a group's ok runs; a run without a digest counts as
+    equal to no other."""
+    digest = ok["weights_sha256"].fillna(ok["run_id"]).to_numpy(dtype=object)
+    out = {"identical_fraction": metrics.mean_over_pairs(digest[:, None] == digest[None, :]),
+           "l2": math.nan, "l2_rel": math.nan}
+    if len(ok) < 2:
+        return out
+    try:
+        out["l2"] = metrics.mean_over_pairs(l2_matrix(fs, root, ok))
+    except WeightsUnavailable as e:
+        notes.append(f"l2: {e}")
+    out["l2_rel"] = out["l2"] / ok["weights_norm"].mean()
+    return out
+
+
+def _subgroup_rows(preds: np.ndarray, labels: np.ndarray, subgroups: np.ndarray, key: dict) -> list[dict]:
+    """Per subgroup id >= 0: accuracy mean/std across runs and, on a binary task, the false-
+    positive and false-negative rates (fairness metrics move more than top-1 accuracy)."""
+    binary = labels.max() <= 1
+    rows = []
+    for s in np.unique(subgroups[subgroups >= 0]):
+        m = subgroups == s
+        acc = (preds[:, m] == labels[m]).mean(axis=1)
+        fpr, fnr = (metrics.binary_rates(preds[:, m], labels[m]) if binary
+                    else (np.full(len(preds), np.nan),) * 2)
+        rows.append({**key, "subgroup": int(s), "n_examples": int(m.sum()), "n_runs": len(preds),
+                     "acc_mean": float(acc.mean()), "acc_std": metrics.sample_std(acc),
+                     "fpr_mean": float(fpr.mean()), "fpr_std": metrics.sample_std(fpr),
+                     "fnr_mean": float(fnr.mean()), "fnr_std": metrics.sample_std(fnr)})
+    return rows
+
+
+def _distinct(df: pd.DataFrame, column: str) -> str:
+    """The distinct non-empty values of a column, sorted and joined; "" if there is no such column."""
+    return ", ".join(sorted(str(v) for v in df[column].dropna().unique() if v != "")) if column in df else ""
+
+
+def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels, seed: int) -> tuple[dict, list[dict]]:
+    """One variance row and its subgroup rows."""
+    ok = g[g["status"] == "ok"]
+    notes = [] if len(ok) >= 2 else [f"{len(ok)} ok run(s): spreads need 2"]
+    if ok["fingerprint_id"].nunique() > 1:
+        notes.append("runs span several stacks (n_fingerprints): the spread includes their differences")
+    preds = runs.matrix("predictions", ok.index)
+    if len(ok) and preds is None:
+        notes.append("predictions missing or of unequal length")
+    n_test = preds.shape[1] if preds is not None else 0
+    row = {"accelerator": _distinct(ok, "accelerator"), "n_fingerprints": ok["fingerprint_id"].nunique(),
+           "n_runs": len(ok), "n_failed": len(g) - len(ok), "n_test": n_test,
+           **_accuracy_stats(ok["test_accuracy"].dropna().to_numpy(float), n_test, seed),
+           "churn": metrics.churn(preds) if preds is not None else math.nan,
+           **_weight_stats(fs, root, ok, notes)}
+    per_class = runs.matrix("per_class_accuracy", ok.index)
+    row["per_class_std_max"], row["per_class_std_mean"], row["worst_class"] = (
+        metrics.per_class_spread(per_class) if per_class is not None else (math.nan, math.nan, None))
+    subs = []
+    if labels is not None and preds is not None and len(ok) >= 2:
+        if len(labels[0]) == n_test:
+            subs = _subgroup_rows(preds, *labels, key)
+        else:
+            notes.append(f"labels file has {len(labels[0])} examples, predictions {n_test}: no subgroups")
+    row["subgroup_acc_std_max"] = max((s["acc_std"] for s in subs), default=math.nan)
+    row["note"] = "; ".join(notes)
+    return row | key, subs
+
+
+def _significance(table: pd.DataFrame, accs: list[np.ndarray], by: list[str]) -> None:
+    """p_vs_control / p_vs_algo: Brown–Forsythe p-value of a group's accuracy variance against
+    the group with the same key but noise control / algo. NaN when there is no such group, the
+    group is that group, or either has fewer than 2 ok runs."""
+    table["p_vs_control"] = table["p_vs_algo"] = math.nan
+    if "noise" not in by:
+        return
+    rest = [tuple(str(v) for v in vals) for vals in table[[c for c in by if c != "noise"]].itertuples(index=False)]
+    where = {(r, n): i for i, (r, n) in enumerate(zip(rest, table["noise"]))}
+    for col, ref in (("p_vs_control", "control"), ("p_vs_algo", "algo")):
+        table[col] = [metrics.brown_forsythe_p(accs[i], accs[where[(r, ref)]])
+                      if n != ref and (r, ref) in where else math.nan
+                      for i, (r, n) in enumerate(zip(rest, table["noise"]))]
+
+
+def variance_tables(runs: Runs, fs: pafs.FileSystem, root: str, by: list[str], seed: int = 0
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The variance table (one row per group of `by`) and the subgroups table (one row per group
+    and subgroup id, for datasets whose labels file defines subgroups)."""
+    rows, subs, accs, labels = [], [], [], {}
+    for vals, g in runs.meta.groupby(by, dropna=False, sort=True):
+        key = dict(zip(by, vals))
+        datasets = g["dataset"].unique()
+        if len(datasets) == 1 and datasets[0] not in labels:
+            labels[datasets[0]] = _labels(fs, root, datasets[0])
+        row, sub = _group(runs, key, g, fs, root, labels.get(datasets[0]) if len(datasets) == 1 else None,
+                          _seed(seed, key))
+        rows.append(row)
+        subs += sub
+        accs.append(g.loc[g["status"] == "ok", "test_accuracy"].dropna().to_numpy(float))
+    extra = [c for c in VARIANCE if c not in by]
+    variance = pd.DataFrame(rows, columns=by + extra)
+    _significance(variance, accs, by)
+    variance["worst_class"] = variance["worst_class"].astype("Int64")
+    variance.attrs["message"] = "no runs under OUT/runs"
+    subgroups = pd.DataFrame(subs, columns=by + SUBGROUPS)
+    subgroups.attrs["message"] = "no dataset under OUT/datasets defines subgroups (subgroup id >= 0)"
+    return variance, subgroups
+
+
+# --- cross-stack ------------------------------------------------------------------------------
+
+def _stack_pairs(runs: Runs, fs: pafs.FileSystem, root: str, g: pd.DataFrame, stack: np.ndarray) -> list[dict]:
+    """Every pair of runs in a matched set `g` that ran on different stacks (`stack`: a code per
+    run, ordered like the stacks, so that side a is always the lower one)."""
+    preds = runs.matrix("predictions", g.index)
+    churn = metrics.pairwise_disagreement(preds) if preds is not None else np.full((len(g), len(g)), np.nan)
+    try:
+        l2 = l2_matrix(fs, root, g)
+    except WeightsUnavailable:
+        l2 = np.full((len(g), len(g)), np.nan)
+    col = {c: g[c].to_numpy(dtype=object)
+           for c in ("arch", "dataset", "workload", "noise", *STACK, "weights_sha256")}
+    norm, acc = g["weights_norm"].to_numpy(float), g["test_accuracy"].to_numpy(float)
+    pairs = []
+    for i, j in itertools.combinations(range(len(g)), 2):
+        if stack[i] != stack[j]:
+            a, b = (i, j) if stack[i] < stack[j] else (j, i)
+            pairs.append({**{c: col[c][a] for c in ("arch", "dataset", "workload", "noise")},
+                          **{f"{c}_a": col[c][a] for c in STACK}, **{f"{c}_b": col[c][b] for c in STACK},
+                          "identical": pd.notna(col["weights_sha256"][a])
+                          and col["weights_sha256"][a] == col["weights_sha256"][b],
+                          "churn": churn[a, b], "l2": l2[a, b], "norm": (norm[a] + norm[b]) / 2,
+                          "acc_diff": abs(acc[a] - acc[b])})
+    return pairs
+
+
+def cross_stack_table(runs: Runs, fs: pafs.FileSystem, root: str) -> pd.DataFrame:
+    """Runs with the same seeds and settings that differ only in accelerator or tooling (thread
+    count, fingerprint), compared pair by pair: the noise no seed removes. One row per
+    (workload, noise, stack a, stack b) with the pair means."""
+    ok = runs.meta[runs.meta["status"] == "ok"]
+    stack = ok.groupby(list(STACK), dropna=False, sort=True).ngroup().to_numpy()
+    pairs = []
+    for rows in ok.groupby(list(MATCH), dropna=False, sort=True).indices.values():
+        if len(set(stack[rows])) > 1:
+            pairs += _stack_pairs(runs, fs, root, ok.iloc[rows], stack[rows])
+    keys = CROSS_STACK[:CROSS_STACK.index("n_pairs")]
+    if pairs:
+        df = pd.DataFrame(pairs).groupby(keys, dropna=False, sort=True).agg(
+            n_pairs=("churn", "size"), identical_fraction=("identical", "mean"), churn=("churn", "mean"),
+            l2=("l2", "mean"), norm=("norm", "mean"), acc_diff_mean=("acc_diff", "mean")).reset_index()
+        df["l2_rel"] = df["l2"] / df["norm"]
+        table = df[CROSS_STACK]
+    else:
+        table = pd.DataFrame(columns=CROSS_STACK)
+    table.attrs["message"] = ("no matched runs on different stacks (same seeds and settings, different "
+                              "accelerator or num_threads); sweep a tooling axis to fill this table")
+    return table
+
+
+# --- overhead ---------------------------------------------------------------------------------
+
+def _read_probes(fs: pafs.FileSystem, root: str) -> pd.DataFrame | None:
+    """All determinism-overhead probe rows; files without the needed columns are skipped with a
+    warning that counts them."""
+    frames, skipped = [], 0
+    for path in store.list_files(fs, f"{root}/overhead", ".parquet"):
+        try:
+            df = pq.read_table(path, filesystem=fs).to_pandas()
+        except (pa.ArrowException, OSError):
+            skipped += 1
+            continue
+        if not {"arch", "accelerator", "mode", "step_ms"} <= set(df.columns):
+            skipped += 1
+            continue
+        if "probe_id" not in df:
+            df["probe_id"] = path.rsplit("/", 1)[-1]
+        frames.append(df)
+    if skipped:
+        warnings.warn(f"skipped {skipped} unreadable or foreign Parquet file(s) under {root}/overhead",
+                      stacklevel=2)
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _units(steps: pd.DataFrame) -> list[np.ndarray]:
+    """Bootstrap units: a probe's blocks of consecutive steps when a mode has at least two, else
+    single steps."""
+    if "block" in steps and steps.groupby(["probe_id", "block"]).ngroups >= 2:
+        return [b["step_ms"].to_numpy(float) for _, b in steps.groupby(["probe_id", "block"], sort=True)]
+    return [np.array([v]) for v in steps["step_ms"].to_numpy(float)]
+
+
+def overhead_table(fs: pafs.FileSystem, root: str, seed: int = 0) -> pd.DataFrame:
+    """One row per (arch, accelerator): median step time with and without deterministic kernels,
+    the overhead in percent and a seeded block-bootstrap interval of it."""
+    probes = _read_probes(fs, root)
+    rows = []
+    for (arch, acc), g in (probes.groupby(["arch", "accelerator"], sort=True) if probes is not None else ()):
+        det, nondet = g[g["mode"] == "det"], g[g["mode"] == "nondet"]
+        key = {"arch": arch, "accelerator": acc}
+        ratio, lo, hi = metrics.median_ratio_ci(_units(det), _units(nondet), _seed(seed, key), n_boot=N_BOOT)
+        rows.append({**key, "accelerator_requested": _distinct(g, "accelerator_requested"),
+                     "n_probes": g["probe_id"].nunique(),
+                     "n_fingerprints": g["fingerprint_id"].nunique() if "fingerprint_id" in g else 0,
+                     "step_ms_nondet": nondet["step_ms"].median(), "step_ms_det": det["step_ms"].median(),
+                     "overhead_pct": (ratio - 1) * 100,
+                     "overhead_lo": (lo - 1) * 100, "overhead_hi": (hi - 1) * 100,
+                     "n_steps": len(det) + len(nondet), "n_steps_det": len(det), "n_steps_nondet": len(nondet),
+                     "nondeterministic_ops": _distinct(g, "nondeterministic_ops"),
+                     "note": "; ".join(f"no {m} steps" for m, d in (("det", det), ("nondet", nondet)) if d.empty)})
+    table = pd.DataFrame(rows, columns=OVERHEAD)
+    table.attrs["message"] = ("no determinism-overhead probes under OUT/overhead; "
+                              "run the overhead probe to fill this table")
+    return table
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def _cell(v: object, numeric: bool) -> str:
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return "nan" if numeric else ""
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|")  # a pipe in a note would split the cell
+
+
+def format_markdown(df: pd.DataFrame) -> str:
+    """An aligned GitHub Markdown table: numbers right-aligned at 4 significant digits, missing
+    numbers as nan. An empty table gives the reason it is empty (df.attrs['message']) instead."""
+    if df.empty:
+        return df.attrs.get("message", "(no rows)")
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df]
+    cols = [[str(c)] + [_cell(v, num) for v in df[c].tolist()] for c, num in zip(df.columns, numeric)]
+    widths = [max(3, *map(len, col)) for col in cols]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(s.rjust(w) if num else s.ljust(w)
+                                 for s, w, num in zip(cells, widths, numeric)) + " |"
+    rule = "|" + "|".join("-" * (w + 1) + ":" if num else ":" + "-" * (w + 1) for w, num in zip(widths, numeric))
+    return "\n".join([line([c[0] for c in cols]), rule + "|"]
+                     + [line([c[i] for c in cols]) for i in range(1, len(df) + 1)])
+
+
+def write_tables(fs: pafs.FileSystem, root: str, tables: dict[str, pd.DataFrame], fmt=FORMATS) -> None:
+    """OUT/tables/<name>.<fmt>, each written atomically (a local rename or one object PUT)."""
+    for name, df in tables.items():
+        base = f"{root}/tables/{name}"
+        if "parquet" in fmt:
+            store.write_table(fs, f"{base}.parquet", pa.Table.from_pandas(df, preserve_index=False))
+        if "csv" in fmt:
+            store.write_bytes(fs, f"{base}.csv", df.to_csv(index=False).encode())
+        if "md" in fmt:
+            store.write_bytes(fs, f"{base}.md", (format_markdown(df) + "\n").encode())
+
+
+def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Every table of the results tree at `out_uri`, written to OUT/tables in the formats `fmt`
+    and returned by name: variance, subgroups, cross_stack, overhead. `by` overrides the variance
+    grouping (default DEFAULT_BY); `seed` seeds the bootstrap intervals."""
+    asked = list(dict.fromkeys(by or DEFAULT_BY))
+    unknown = [c for c in asked if c not in store.RUN_SCHEMA.names and c != "workload"]
+    if unknown or any(c in LISTS for c in asked):
+        raise UsageError(f"--by: cannot group on {', '.join(unknown) or 'a list column'}; "
+                         f"use run columns such as {', '.join(DEFAULT_BY)}")
+    fs, root = store.resolve(out_uri)
+    runs = load_runs(out_uri, asked)
+    # by default, a tooling axis no run recorded (results older than the axis) is not a column
+    by = asked if by else [c for c in asked if c not in TOOLING or runs.meta[c].notna().any()]
+    variance, subgroups = variance_tables(runs, fs, root, by, seed)
+    tables = {"variance": variance, "subgroups": subgroups,
+              "cross_stack": cross_stack_table(runs, fs, root), "overhead": overhead_table(fs, root, seed)}
+    write_tables(fs, root, tables, fmt)
+    return tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 tables written, 2 bad usage or no results tree (nothing written)."""
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.reduce",
+                                     description="Variance, cross-stack and overhead tables of a results tree.")
+    parser.add_argument("out", help="results tree: local path, s3://bucket/prefix or gs://bucket/prefix")
+    parser.add_argument("--by", help=f"comma-separated grouping columns (default {','.join(DEFAULT_BY)})")
+    parser.add_argument("--format", default=",".join(FORMATS),
+                        help="files to write under OUT/tables, comma-separated")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    args = parser.parse_args(argv)
+    fmt = tuple(f for f in args.format.split(",") if f)
+    if not set(fmt) <= set(FORMATS):
+        parser.error(f"--format: choose from {', '.join(FORMATS)}")
+    fs, root = store.resolve(args.out)
+    if not store.exists(fs, root):
+        print(f"error: {args.out}: no such results tree", file=sys.stderr)
+        return 2
+    with warnings.catch_warnings(record=True) as caught:  # skipped files: one line each, no source echo
+        warnings.simplefilter("default")
+        try:
+            tables = reduce(args.out, by=args.by.split(",") if args.by else None, fmt=fmt, seed=args.seed)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    for name, df in tables.items():
+        print(f"## {name}\n\n{format_markdown(df)}\n")
+    print(f"tables written to {root}/tables ({', '.join(fmt)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""The reducer on real results trees written with store.write_run and safetensors, end to end."""
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from safetensors.numpy import save_file
+from scipy import stats
+
+from orchestrator import reduce, store
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = np.array([0, 1, 0, 1, 0, 1, 0, 1], dtype=np.int32)
+SUBGROUPS = np.array([0, 0, 0, 0, 1, 1, 1, 1], dtype=np.int32)
+BASE = np.zeros((2, 3), dtype=np.float32)
+
+
+def weights(dw: dict[tuple[int, int], float] | None = None) -> dict[str, np.ndarray]:
+    """A tiny model: w (2, 3) = BASE plus the given entries, a bias, and an integer buffer that
+    no distance may count."""
+    w = BASE.copy()
+    for ij, v in (dw or {}).items():
+        w[ij] += v
+    return {"w": w, "b": np.full(2, 0.5, dtype=np.float32), "steps": np.array(7, dtype=np.int64)}
+
+
+def write_run(root: Path, run_id: str, preds=None, tensors=None, *, noise="algo", replica=0, num_threads=1,
+              status="ok", seeds=(1, 2, 3), lr=0.01) -> None:
+    """One run as the runner writes it: weights file first, then its row (RUN_SCHEMA names)."""
+    row = {"run_id": run_id, "sweep": "t", "arch": "mlp", "dataset": "toy", "noise": noise, "replica": replica,
+           "seed_init": seeds[0], "seed_order": seeds[1], "seed_augment": seeds[2],
+           "accelerator_requested": "any", "accelerator": "cpu", "fingerprint_id": "fp0",
+           "num_threads": num_threads, "precision": "fp32", "channels_last": False, "compiled": False,
+           "status": status, "epochs": 1,
+           "spec_json": json.dumps({"workload": {"arch": "mlp", "dataset": "toy", "lr": lr, "replicas": 3},
+                                    "num_threads": num_threads, "precision": "fp32"})}
+    if status == "ok":
+        preds = np.asarray(preds, dtype=np.int32)
+        correct = preds == LABELS
+        raw = b"".join(t.tobytes() for _, t in sorted(tensors.items()))
+        row |= {"test_accuracy": float(correct.mean()), "predictions": preds.tolist(),
+                "per_class_accuracy": [float(correct[LABELS == c].mean()) for c in (0, 1)],
+                "weights_sha256": hashlib.sha256(raw).hexdigest(),
+                "weights_norm": math.sqrt(sum(float((t.astype(np.float64) ** 2).sum())
+                                              for t in tensors.values() if t.dtype.kind == "f"))}
+        (root / "weights").mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(root / "weights" / f"{run_id}.safetensors"))
+    else:
+        row["error"] = "Diverged: diverged at epoch 1"
+    fs, r = store.resolve(str(root))
+    store.write_run(fs, r, row)
+
+
+P0 = [0, 1, 0, 1, 0, 1, 0, 1]  # all correct
+P1 = [1, 1, 0, 1, 0, 1, 0, 1]  # differs from P0 at example 0 (subgroup 0, a false positive)
+P2 = [0, 1, 0, 1, 0, 1, 0, 0]  # differs from P0 at 7, from P1 at 0 and 7 (subgroup 1, a false negative)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """control: 3 identical runs on 1 thread and 3 more on 2 threads (same seeds, other bits);
+    algo: 3 runs with weights on a 3-4-5 triangle plus one failed run; init: a single run; a
+    foreign Parquet file; labels with two subgroups; and one determinism-overhead probe."""
+    for r in range(3):
+        write_run(tmp_path, f"c1-{r}", P0, weights(), noise="control", replica=r)
+        write_run(tmp_path, f"c2-{r}", P1, weights({(0, 0): 1.0}), noise="control", replica=r, num_threads=2)
+    write_run(tmp_path, "a-0", P0, weights(), replica=0, seeds=(10, 20, 30))
+    write_run(tmp_path, "a-1", P1, weights({(0, 0): 3.0}), replica=1, seeds=(11, 21, 31))
+    write_run(tmp_path, "a-2", P2, weights({(1, 2): 4.0}), replica=2, seeds=(12, 22, 32))
+    write_run(tmp_path, "a-3", status="failed", replica=3, seeds=(13, 23, 33))
+    write_run(tmp_path, "i-0", P0, weights(), noise="init")
+    pq.write_table(pa.table({"something": [1, 2]}), tmp_path / "runs" / "foreign.parquet")
+    (tmp_path / "datasets").mkdir()
+    pq.write_table(pa.table({"label": LABELS, "subgroup": SUBGROUPS}, schema=store.LABELS_SCHEMA),
+                   tmp_path / "datasets" / "toy.parquet")
+    (tmp_path / "overhead").mkdir()
+    n = 4  # steps per block; det steps take 15 ms, non-det 10 ms: +50%
+    pq.write_table(pa.table({
+        "probe_id": ["p0"] * 4 * n, "arch": ["mlp"] * 4 * n, "accelerator_requested": ["any"] * 4 * n,
+        "accelerator": ["cpu"] * 4 * n, "fingerprint_id": ["fp0"] * 4 * n,
+        "mode": (["det"] * n + ["nondet"] * n) * 2, "step_ms": ([15.0] * n + [10.0] * n) * 2,
+        "block": [0] * n + [1] * n + [2] * n + [3] * n}), tmp_path / "overhead" / "p0.parquet")
+    return tmp_path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.reduce", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def by_noise(df: pd.DataFrame, noise: str, num_threads: int = 1) -> pd.Series:
+    rows = df[(df["noise"] == noise) & (df["num_threads"] == num_threads)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_cli_end_to_end(tree: Path):
+    res = cli(str(tree))
+    assert res.returncode == 0, res.stderr
+    assert "skipped 1 unreadable or foreign Parquet file" in res.stderr
+    assert "## variance" in res.stdout and "## cross_stack" in res.stdout and "## overhead" in res.stdout
+    for name in ("variance", "subgroups", "cross_stack", "overhead"):
+        for ext in ("md", "csv", "parquet"):
+            assert (tree / "tables" / f"{name}.{ext}").is_file()
+    v = pd.read_parquet(tree / "tables" / "variance.parquet")
+    csv = pd.read_csv(tree / "tables" / "variance.csv").fillna({"note": ""})
+    pd.testing.assert_frame_equal(v, csv, check_dtype=False)
+    assert len(v) == 4  # control×1 thread, control×2 threads, algo, init
+    assert (tree / "tables" / "variance.md").read_text().strip() in res.stdout
+
+    ctrl = by_noise(v, "control")
+    assert (ctrl["n_runs"], ctrl["n_failed"], ctrl["acc_std"], ctrl["churn"], ctrl["l2"]) == (3, 0, 0.0, 0.0, 0.0)
+    assert ctrl["identical_fraction"] == 1.0 and ctrl["acc_std_lo"] == ctrl["acc_std_hi"] == 0.0
+    assert ctrl["per_class_std_max"] == 0.0 and pd.isna(ctrl["worst_class"])  # no class moves
+
+    algo = by_noise(v, "algo")
+    assert (algo["n_runs"], algo["n_failed"], algo["n_test"]) == (3, 1, 8)
+    assert algo["churn"] == pytest.approx((1 / 8 + 1 / 8 + 2 / 8) / 3)
+    assert algo["l2"] == pytest.approx((3 + 4 + 5) / 3)
+    norms = [math.sqrt(0.5 + a ** 2) for a in (0, 3, 4)]  # b = (0.5, 0.5) and one entry of w
+    assert algo["l2_rel"] == pytest.approx(4 / np.mean(norms))
+    assert algo["identical_fraction"] == 0.0
+    acc = [1.0, 7 / 8, 7 / 8]
+    assert algo["acc_mean"] == pytest.approx(np.mean(acc)) and algo["acc_std"] == pytest.approx(np.std(acc, ddof=1))
+    assert algo["acc_std_sampling"] == pytest.approx(math.sqrt(np.mean(acc) * (1 - np.mean(acc)) / 8))
+    assert algo["acc_std_lo"] <= algo["acc_std"] <= algo["acc_std_hi"]
+    # class 0 accuracy per run 1, 3/4, 1; class 1: 1, 1, 3/4 -> equal spreads, lowest index wins
+    assert algo["per_class_std_max"] == pytest.approx(np.std([1, 0.75, 1], ddof=1)) and algo["worst_class"] == 0
+    assert algo["subgroup_acc_std_max"] == pytest.approx(np.std([1, 0.75, 1], ddof=1))
+    # Brown–Forsythe by hand: deviations from the median, algo (1/8, 0, 0), control (0, 0, 0);
+    # group means 1/24 and 0, grand mean 1/48: between 6/48² over 1 df, within 6/24² over 4 df: F = 1
+    assert algo["p_vs_control"] == pytest.approx(stats.f.sf(1.0, 1, 4))
+    assert math.isnan(algo["p_vs_algo"])
+
+    single = by_noise(v, "init")
+    assert single["n_runs"] == 1 and single["acc_mean"] == 1.0
+    assert all(math.isnan(single[c]) for c in ("acc_std", "acc_std_lo", "churn", "l2", "p_vs_control"))
+    assert "1 ok run(s)" in single["note"]
+
+    subs = pd.read_parquet(tree / "tables" / "subgroups.parquet")
+    s0 = subs[(subs["noise"] == "algo") & (subs["subgroup"] == 0)].iloc[0]
+    s1 = subs[(subs["noise"] == "algo") & (subs["subgroup"] == 1)].iloc[0]
+    assert s0["n_examples"] == 4 and s0["fpr_mean"] == pytest.approx(1 / 6) and s0["fnr_mean"] == 0.0
+    assert s1["fpr_mean"] == 0.0 and s1["fnr_mean"] == pytest.approx(1 / 6)
+    assert s0["fpr_std"] == pytest.approx(np.std([0, 0.5, 0], ddof=1))
+
+    x = pd.read_parquet(tree / "tables" / "cross_stack.parquet")
+    assert len(x) == 1  # only the control runs share seeds across thread counts
+    row = x.iloc[0]
+    assert (row["noise"], row["num_threads_a"], row["num_threads_b"], row["n_pairs"]) == ("control", 1, 2, 3)
+    assert (row["identical_fraction"], row["churn"], row["l2"]) == (0.0, 1 / 8, 1.0)
+
+    o = pd.read_parquet(tree / "tables" / "overhead.parquet").iloc[0]
+    assert (o["arch"], o["accelerator"], o["step_ms_det"], o["step_ms_nondet"]) == ("mlp", "cpu", 15.0, 10.0)
+    assert (o["overhead_pct"], o["overhead_lo"], o["overhead_hi"], o["n_steps"]) == (50.0, 50.0, 50.0, 16)
+
+
+def test_group_with_one_run_is_nan_not_a_crash(tmp_path: Path):
+    write_run(tmp_path, "only", P0, weights())
+    with pytest.warns(UserWarning, match="skipped 1"):
+        pq.write_table(pa.table({"x": [1]}), tmp_path / "runs" / "foreign.parquet")
+        tables = reduce.reduce(str(tmp_path))
+    row = tables["variance"].iloc[0]
+    assert row["n_runs"] == 1 and math.isnan(row["acc_std"]) and math.isnan(row["l2"]) and row["note"]
+    assert pd.isna(row["worst_class"])
+    assert tables["overhead"].empty and "no determinism-overhead probes" in reduce.format_markdown(tables["overhead"])
+    assert (tmp_path / "tables" / "overhead.md").read_text().startswith("no determinism-overhead probes")
+
+
+def test_all_failed_group_counts_failures(tmp_path: Path):
+    write_run(tmp_path, "f0", status="failed")
+    write_run(tmp_path, "f1", status="failed", replica=1)
+    row = reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0]
+    assert (row["n_runs"], row["n_failed"]) == (0, 2) and math.isnan(row["acc_mean"])
+
+
+def test_worker_death_row_lands_in_its_group(tmp_path: Path):
+    # runner.base_row for a worker that died: no fingerprint, so num_threads comes from its spec
+    write_run(tmp_path, "ok0", P0, weights(), num_threads=2)
+    write_run(tmp_path, "ok1", P1, weights({(0, 0): 1.0}), num_threads=2, replica=1)
+    fs, root = store.resolve(str(tmp_path))
+    spec = {"workload": {"arch": "mlp", "dataset": "toy", "lr": 0.01}, "num_threads": 2, "precision": "fp32",
+            "channels_last": False, "compile": False}
+    store.write_run(fs, root, {"run_id": "dead", "arch": "mlp", "dataset": "toy", "noise": "algo", "replica": 2,
+                               "accelerator_requested": "any", "status": "failed", "error": "worker died",
+                               "spec_json": json.dumps(spec)})
+    v = reduce.reduce(str(tmp_path), fmt=())["variance"]
+    assert len(v) == 1 and (v.iloc[0]["n_runs"], v.iloc[0]["n_failed"], v.iloc[0]["num_threads"]) == (2, 1, 2)
+
+
+def test_different_learning_rates_never_pool(tmp_path: Path):
+    write_run(tmp_path, "lr1", P0, weights(), lr=0.1)
+    write_run(tmp_path, "lr2", P1, weights(), lr=0.2)
+    v = reduce.reduce(str(tmp_path), fmt=())["variance"]
+    assert len(v) == 2 and v["workload"].nunique() == 2
+    pooled = reduce.reduce(str(tmp_path), by=["arch", "noise"], fmt=())["variance"]
+    assert len(pooled) == 1 and pooled.iloc[0]["churn"] == 1 / 8
+
+
+@pytest.mark.filterwarnings("ignore:skipped 1")
+def test_l2_streams_in_chunks(tree: Path, monkeypatch):
+    fs, root = store.resolve(str(tree))
+    runs = reduce.load_runs(str(tree), list(reduce.DEFAULT_BY))
+    algo = runs.meta[(runs.meta["noise"] == "algo") & (runs.meta["status"] == "ok")]
+    whole = reduce.l2_matrix(fs, root, algo)
+    monkeypatch.setattr(reduce, "CHUNK", 2)  # one row of w per slice
+    np.testing.assert_allclose(reduce.l2_matrix(fs, root, algo), whole, rtol=1e-12)
+    np.testing.assert_allclose(whole, [[0, 3, 4], [3, 0, 5], [4, 5, 0]], rtol=1e-12)
+
+
+def test_bfloat16_weights(tmp_path: Path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as save_torch
+
+    write_run(tmp_path, "a", P0, weights(), seeds=(1, 2, 3))
+    write_run(tmp_path, "b", P1, weights({(0, 0): 3.0}), seeds=(4, 5, 6))
+    for r, v in (("a", 0.0), ("b", 3.0)):  # the same values, stored as bfloat16
+        w = torch.zeros(2, 3, dtype=torch.bfloat16)
+        w[0, 0] = v
+        save_torch({"w": w, "b": torch.full((2,), 0.5, dtype=torch.bfloat16)}, str(tmp_path / "weights" / f"{r}.safetensors"))
+    assert reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0]["l2"] == pytest.approx(3.0)
+
+
+def test_missing_weights_file_is_a_note(tmp_path: Path):
+    write_run(tmp_path, "a", P0, weights())
+    write_run(tmp_path, "b", P1, weights({(0, 0): 3.0}), replica=1)
+    (tmp_path / "weights" / "b.safetensors").unlink()
+    row = reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0]
+    assert math.isnan(row["l2"]) and "no weights file for 1 run(s)" in row["note"] and row["churn"] == 1 / 8
+
+
+def test_format_markdown_aligned():
+    df = pd.DataFrame({"noise": ["algo", "control"], "n_runs": [10, 2], "acc_std": [0.0123456, math.nan]})
+    lines = reduce.format_markdown(df).splitlines()
+    assert lines[0] == "| noise   | n_runs | acc_std |"
+    assert lines[1] == "|:--------|-------:|--------:|"
+    assert lines[2] == "| algo    |     10 | 0.01235 |"
+    assert lines[3] == "| control |      2 |     nan |"
+    assert len({len(line) for line in lines}) == 1
+
+
+def test_cli_usage_errors(tmp_path: Path, capsys):
+    assert reduce.main([str(tmp_path / "nowhere")]) == 2
+    write_run(tmp_path, "a", P0, weights())
+    assert reduce.main([str(tmp_path), "--by", "arch,colour"]) == 2
+    assert "colour" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        reduce.main([str(tmp_path), "--format", "xlsx"])
+    assert e.value.code == 2
+    assert reduce.main([str(tmp_path), "--format", "md", "--by", "arch,noise"]) == 0
+    assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == [
+        "cross_stack.md", "overhead.md", "subgroups.md", "variance.md"]
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:skipped 1")
+def test_reduce_on_s3(tree: Path, monkeypatch):
+    """The same tree on object storage (a local moto S3 server): read, weights copied to a temp
+    folder for mmap, tables written back with single PUTs."""
+    moto_server = pytest.importorskip("moto.server")
+    import pyarrow.fs as pafs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                     "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        s3 = pafs.S3FileSystem(endpoint_override=f"http://{host}:{port}", allow_bucket_creation=True)
+        s3.create_dir("bucket")
+        fs, _ = store.resolve("s3://bucket/out")
+        pafs.copy_files(str(tree), "bucket/out", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+        tables = reduce.reduce("s3://bucket/out", fmt=("csv",))
+        local = reduce.reduce(str(tree), fmt=())
+        pd.testing.assert_frame_equal(tables["variance"], local["variance"])
+        assert by_noise(tables["variance"], "algo")["l2"] == pytest.approx(4.0)
+        assert store.exists(fs, "bucket/out/tables/variance.csv")
+    finally:
+        server.stop()
+
+
+def test_precision_is_a_stack_axis(tmp_path: Path):
+    if "precision" not in reduce.TOOLING:
+        pytest.skip("the run schema has no precision column")
+    write_run(tmp_path, "fp32", P0, weights())
+    write_run(tmp_path, "bf16", P0, weights({(1, 1): 0.5}))
+    fs, root = store.resolve(str(tmp_path))
+    row = pq.read_table(store.run_path(root, "bf16")).to_pylist()[0] | {"precision": "bf16"}
+    store.write_run(fs, root, row)
+    tables = reduce.reduce(str(tmp_path), fmt=())
+    assert sorted(tables["variance"]["precision"]) == ["bf16", "fp32"]
+    x = tables["cross_stack"].iloc[0]
+    assert (x["precision_a"], x["precision_b"], x["churn"], x["l2"]) == ("bf16", "fp32", 0.0, 0.5)
