@@ -502,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default=",".join(FORMATS),
                         help="files to write under OUT/tables, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    parser.add_argument("--report", action="store_true", help="also write OUT/tables/report.html (figures and tables)")
     args = parser.parse_args(argv)
     fmt = tuple(f for f in args.format.split(",") if f)
     if not set(fmt) <= set(FORMATS):
@@ -522,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, df in tables.items():
         print(f"## {name}\n\n{format_markdown(df)}\n")
     print(f"tables written to {root}/tables ({', '.join(fmt)})")
+    if args.report:
+        from orchestrator import report
+
+        print(f"report written to {report.write_report(args.out, tables)}")
     return 0
 
 

@@ -74,6 +74,10 @@ def head_node(tmp_path):
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=8299",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
     try:
+        deadline = time.time() + 90  # the job agent comes up some seconds after `ray start` returns
+        while subprocess.run([ray_bin, "job", "list", "--address", "http://127.0.0.1:8299"], env=env,
+                             capture_output=True, timeout=60).returncode != 0 and time.time() < deadline:
+            time.sleep(1)
         yield ray_bin, env
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
@@ -81,7 +85,7 @@ def head_node(tmp_path):
 
 def test_ray_job_submit_runs_a_sweep(head_node, tmp_path):
     ray_bin, env = head_node
-    token = (tmp_path / "home" / ".ray" / "auth_token").read_text().strip()
+    assert (tmp_path / "home" / ".ray" / "auth_token").read_text().strip()  # the token the client uses
     unauthenticated = subprocess.run([ray_bin, "job", "list", "--address", "http://127.0.0.1:8299"], capture_output=True,
                                      env={**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}, timeout=120)
     assert unauthenticated.returncode != 0  # auth is really on: no token, no access

@@ -1,0 +1,484 @@
+"""Figures and an HTML report of a results tree: the same plots the notebook shows, readable without Jupyter.
+
+    python -m orchestrator.reduce OUT --report   # the tables, then OUT/tables/report.html
+
+Each plotting function takes DataFrames (run rows or a reducer table) and returns a matplotlib
+Figure built with the object-oriented API (no pyplot, so no global figure state and no backend
+switch in a notebook kernel; PNGs are rendered by Agg). A figure whose data is absent says so in the
+figure itself instead of raising, so a notebook cell or report section always has an image.
+`notebooks/inspect_results.ipynb` imports these functions: one source of truth for every plot.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from orchestrator import reduce, store
+from orchestrator.noise import PRESETS
+
+NONE = "none in this results tree"
+# Grouping keys of the variance table; a figure names a group by the keys that differ between groups.
+KEYS = list(reduce.DEFAULT_BY)
+PANEL = ["arch", "dataset"]  # one panel per workload family: class counts and accuracy scales differ
+FINGERPRINT = ["fingerprint_id", "accelerator", "gpu_name", "gpu_count", "gpu_capability", "gpu_driver",
+               "cuda_version", "cudnn_version", "torch_version", "torchvision_version", "ray_version",
+               "python_version", "cpu_model", "instance_type"]
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+          "#bcbd22", "#17becf"]
+N_WORST = 3  # classes named per group in the per-class figure
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+def load_runs(out_uri: str) -> pd.DataFrame:
+    """Every run row of OUT except the per-example predictions (the tables hold what they give),
+    with the `workload` id the reducer groups by. Tooling values a dead worker never recorded are
+    taken from the run's spec, as the reducer does."""
+    columns = [c for c in store.RUN_SCHEMA.names if c != "predictions"]
+    runs = store.read_runs(out_uri, columns=columns).to_pandas()
+    specs = [_spec(s) for s in runs["spec_json"]]
+    runs["workload"] = [reduce.workload_id(s) for s in specs]
+    for column, field in reduce.TOOLING.items():
+        runs[column] = runs[column].astype(object).where(runs[column].notna(),
+                                                         pd.Series([s.get(field) for s in specs], index=runs.index))
+    return runs
+
+
+def _spec(spec_json: str | None) -> dict:
+    try:
+        return json.loads(spec_json) if spec_json else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def load_tables(out_uri: str, by: list[str] | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """The reducer's tables computed afresh and in memory (nothing is written under OUT/tables)."""
+    return reduce.reduce(out_uri, by=by, fmt=(), seed=seed)
+
+
+def load_progress(out_uri: str) -> dict | None:
+    """OUT/progress.json as the sweep last wrote it, or None."""
+    fs, root = store.resolve(out_uri)
+    path = f"{root}/progress.json"
+    if not store.exists(fs, path):
+        return None
+    try:
+        return json.loads(store.read_bytes(fs, path))
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _noise_order(values) -> list[str]:
+    """Presets in the study's order (control, algo, impl, algo+impl, ...), then custom sets by name."""
+    present = {str(v) for v in values}
+    return [p for p in PRESETS if p in present] + sorted(present - set(PRESETS))
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _labels(df: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """A short name per row from the keys whose values differ between rows ("" when none do)."""
+    varying = [k for k in keys if k in df and df[k].astype(str).nunique() > 1]
+
+    def name(row: pd.Series) -> str:
+        return ", ".join(_fmt(v) if k in PANEL + ["noise"] else f"{k}={_fmt(v)}" for k, v in row.items())
+    return df[varying].apply(name, axis=1) if varying else pd.Series("", index=df.index)
+
+
+def _panels(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    if df.empty:
+        return []
+    return [(f"{a} · {d}", g) for (a, d), g in df.groupby(PANEL, sort=True, dropna=False)]
+
+
+def _empty(title: str, message: str, size=(8, 1.4)) -> Figure:
+    """A figure that says why there is nothing to plot."""
+    fig = Figure(figsize=size, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    ax.set_title(title, loc="left")
+    ax.text(0.5, 0.45, message, ha="center", va="center", wrap=True, fontsize=12, color="#555",
+            transform=ax.transAxes)
+    return fig
+
+
+def _grid(n: int, width: float = 6.0, height: float = 4.0, ncols: int = 2) -> tuple[Figure, list]:
+    cols = min(n, ncols)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(max(width * cols, 8), height * rows), layout="constrained")
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+
+
+def _slots(n_series: int, width: float = 0.8) -> np.ndarray:
+    """x offsets of n side-by-side series within one category slot of the given width."""
+    return (np.arange(n_series) - (n_series - 1) / 2) * (width / max(n_series, 1))
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+def accuracy_by_noise(runs: pd.DataFrame) -> Figure:
+    """Test accuracy of every ok replica (one dot each) per noise preset, one colour per tooling
+    group, with the group mean (bar) and sample std printed under it. One panel per arch · dataset."""
+    title = "Test accuracy per replica"
+    ok = runs[runs["status"] == "ok"].dropna(subset=["test_accuracy"]) if len(runs) else runs
+    if ok.empty:
+        return _empty(title, f"no ok runs: {NONE}")
+    panels = _panels(ok)
+    fig, axes = _grid(len(panels))
+    for ax, (name, g) in zip(axes, panels):
+        series = _labels(g, [k for k in KEYS if k not in PANEL + ["noise"]])
+        names, noises = sorted(series.unique()), _noise_order(g["noise"].unique())
+        offsets, w = _slots(len(names)), 0.8 / max(len(names), 1)
+        labelled = set()
+        for si, s in enumerate(names):
+            for ni, noise in enumerate(noises):
+                acc = g.loc[(series == s) & (g["noise"] == noise)].sort_values("replica")["test_accuracy"]
+                if acc.empty:
+                    continue
+                x0 = ni + offsets[si]
+                # deterministic spread by replica rank: identical accuracies show as a flat row of dots
+                xs = x0 + (np.linspace(-0.3, 0.3, len(acc)) if len(acc) > 1 else np.zeros(1)) * w
+                ax.scatter(xs, acc, s=22, color=COLORS[si % len(COLORS)], alpha=0.8, zorder=3,
+                           label=None if s in labelled else s or None)
+                labelled.add(s)
+                ax.hlines(acc.mean(), x0 - 0.4 * w, x0 + 0.4 * w, color="black", lw=1.5, zorder=4)
+                sd = f"{acc.std(ddof=1):.3g}" if len(acc) > 1 else "n/a"
+                ax.annotate(f"n={len(acc)}\nsd={sd}", (x0, 0), xycoords=("data", "axes fraction"),
+                            xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                            color="#444")
+        ax.set_xticks(range(len(noises)), noises)
+        ax.set_xlim(-0.6, len(noises) - 0.4)
+        lo, hi = g["test_accuracy"].min(), g["test_accuracy"].max()
+        pad = max(hi - lo, 0.01)
+        ax.set_ylim(lo - 0.45 * pad, hi + 0.15 * pad)  # room at the bottom for the n / sd labels
+        ax.set_xlabel("noise preset")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{title}: {name}", loc="left")
+        ax.grid(axis="y", alpha=0.3)
+        if any(names):
+            ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def _bars(ax, table: pd.DataFrame, value: str, series: pd.Series, noises: list[str], fmt: str) -> None:
+    names = sorted(series.unique())
+    offsets, w = _slots(len(names)), 0.8 / max(len(names), 1)
+    labelled = set()
+    for si, s in enumerate(names):
+        for ni, noise in enumerate(noises):
+            v = table.loc[(series == s) & (table["noise"] == noise), value]
+            if v.empty:
+                continue
+            y = float(v.iloc[0])
+            x = ni + offsets[si]
+            ax.bar(x, 0 if math.isnan(y) else y, w * 0.9, color=COLORS[si % len(COLORS)],
+                   label=None if s in labelled else s or None)
+            labelled.add(s)
+            ax.annotate("n/a" if math.isnan(y) else format(y, fmt), (x, 0 if math.isnan(y) else y),
+                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(noises)), noises)
+    ax.set_xlabel("noise preset")
+    ax.grid(axis="y", alpha=0.3)
+    ax.margins(y=0.15)
+
+
+def churn_l2_by_noise(variance: pd.DataFrame) -> Figure:
+    """Churn (share of test examples on which two replicas disagree, mean over pairs) and the mean
+    pairwise L2 distance of final weights, per noise preset and group, from the variance table."""
+    title = "Prediction churn and weight distance between replicas"
+    if variance.empty:
+        return _empty(title, variance.attrs.get("message", NONE) + f" ({NONE})")
+    if "noise" not in variance:
+        return _empty(title, "the variance table is not grouped by noise (--by without noise)")
+    series = _labels(variance, [k for k in variance.columns if k in KEYS and k != "noise"])
+    noises = _noise_order(variance["noise"].unique())
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    _bars(axes[0], variance, "churn", series, noises, ".3f")
+    axes[0].set_ylabel("churn (fraction of test examples)")
+    axes[0].set_title("churn: predictions that differ", loc="left")
+    _bars(axes[1], variance, "l2", series, noises, ".3g")
+    axes[1].set_ylabel("L2 distance of final weights")
+    axes[1].set_title("L2: how far apart the weights end", loc="left")
+    if any(series):
+        axes[1].legend(fontsize=8, loc="upper left")
+    fig.suptitle(title, x=0.01, ha="left")
+    return fig
+
+
+def _std0(a: np.ndarray) -> np.ndarray:
+    """Sample std (ddof=1) per column, exactly 0 for equal values (as the reducer computes it)."""
+    a = np.sort(a, axis=0)
+    return np.std(a - a[:1], axis=0, ddof=1)
+
+
+def class_std_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Across-replica std of each class's accuracy per group (the variance table's grouping), one
+    row per (group, class): the numbers behind per_class_std_max / worst_class."""
+    ok = runs[(runs["status"] == "ok") & runs["per_class_accuracy"].notna()] if len(runs) else runs
+    keys = [k for k in KEYS if k in ok]
+    rows = []
+    for vals, g in (ok.groupby(keys, sort=True, dropna=False) if len(ok) else ()):
+        lengths = g["per_class_accuracy"].map(len)
+        if len(g) < 2 or lengths.nunique() != 1:
+            continue
+        std = _std0(np.stack(g["per_class_accuracy"].map(np.asarray).to_list()).astype(float))
+        rows += [{**dict(zip(keys, vals)), "n_runs": len(g), "class": c, "std": s} for c, s in enumerate(std)]
+    return pd.DataFrame(rows, columns=[*keys, "n_runs", "class", "std"])
+
+
+def per_class_std(runs: pd.DataFrame) -> Figure:
+    """Bars of each class's across-replica accuracy std, one colour per group (noise preset and
+    tooling); the legend names each group's worst classes. Top-1 accuracy averages these swings away."""
+    title = "Per-class accuracy std across replicas"
+    table = class_std_table(runs)
+    if table.empty:
+        return _empty(title, f"no group has 2 ok runs with per-class accuracies: {NONE}")
+    panels = _panels(table)
+    fig, axes = _grid(len(panels), width=12, height=4.2, ncols=1)
+    for ax, (name, t) in zip(axes, panels):
+        others = _labels(t, [k for k in KEYS if k in t and k not in PANEL + ["noise"]])
+        t = t.assign(_s=t["noise"].astype(str) + others.map(lambda o: f", {o}" if o else ""))
+        t["_n"] = t["noise"].map({n: i for i, n in enumerate(_noise_order(t["noise"].unique()))})
+        groups = [g for _, g in sorted(t.groupby("_s"), key=lambda kv: (kv[1]["_n"].iloc[0], kv[0]))]
+        n_classes = int(t["class"].max()) + 1
+        offsets, w = _slots(len(groups)), 0.8 / len(groups)
+        tops = {}  # worst class of any group -> height of its tallest bar, labelled once
+        for i, g in enumerate(groups):
+            g = g.sort_values("class")
+            worst = g[g["std"] > 0].nlargest(N_WORST, "std")
+            named = ", ".join(f"{int(c)} ({s:.2f})" for c, s in zip(worst["class"], worst["std"]))
+            label = f"{g['_s'].iloc[0]} (n={g['n_runs'].iloc[0]}): " + (
+                f"worst {named}" if named else "every class identical")
+            ax.bar(g["class"] + offsets[i], g["std"], w * 0.9, color=COLORS[i % len(COLORS)], label=label)
+            if len(worst):
+                c = int(worst["class"].iloc[0])
+                tops[c] = max(tops.get(c, 0.0), float(worst["std"].iloc[0]))
+        for c, top in tops.items():
+            ax.annotate(f"class {c}", (c, top), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=8, fontweight="bold")
+        if n_classes <= 30:  # beyond that (CIFAR-100) matplotlib's own ticks stay readable
+            ax.set_xticks(range(n_classes))
+        ax.set_xlabel("class")
+        ax.set_ylabel("std of class accuracy")
+        ax.set_title(f"{title}: {name}", loc="left")
+        ax.grid(axis="y", alpha=0.3)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def overhead_bars(overhead: pd.DataFrame) -> Figure:
+    """Cost of deterministic kernels per accelerator and arch: median step time with them over
+    without, minus 1, in percent, with the bootstrap interval (overhead_lo..overhead_hi) as error bars."""
+    title = "Cost of determinism: step-time overhead of deterministic kernels"
+    ok = overhead.dropna(subset=["overhead_pct"]) if len(overhead) and "overhead_pct" in overhead else overhead
+    if ok.empty:
+        return _empty(title, f"no overhead probes: {NONE} (add an `overhead:` section to the sweep)")
+    accels = sorted(ok["accelerator"].astype(str).unique())
+    archs = sorted(ok["arch"].astype(str).unique())
+    slot = min(0.8, 0.3 * len(archs))  # a lone bar stays narrow
+    offsets, w = _slots(len(archs), slot), slot / len(archs)
+    fig = Figure(figsize=(min(14, 5 + 1.5 * len(accels) * len(archs) ** 0.5), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for i, arch in enumerate(archs):
+        g = ok[ok["arch"].astype(str) == arch]
+        x = np.array([accels.index(a) for a in g["accelerator"].astype(str)]) + offsets[i]
+        pct = g["overhead_pct"].to_numpy(float)
+        lo = np.nan_to_num(pct - g["overhead_lo"].to_numpy(float), nan=0).clip(min=0)
+        hi = np.nan_to_num(g["overhead_hi"].to_numpy(float) - pct, nan=0).clip(min=0)
+        ax.bar(x, pct, w * 0.9, yerr=[lo, hi], capsize=4, color=COLORS[i % len(COLORS)], label=arch)
+        for xi, p, l, h in zip(x, pct, g["overhead_lo"].to_numpy(float), g["overhead_hi"].to_numpy(float)):
+            ci = f"[{l:+.0f}, {h:+.0f}]" if np.isfinite([l, h]).all() else "no interval"
+            ax.annotate(f"{p:+.0f}%\n{ci}", (xi, max(p, 0 if math.isnan(h) else h)),
+                        xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(accels)), accels)
+    ax.set_xlim(-0.6, len(accels) - 0.4)
+    ax.set_xlabel("accelerator")
+    ax.set_ylabel("overhead of deterministic kernels (%)")
+    ax.set_title(title, loc="left")
+    ax.grid(axis="y", alpha=0.3)
+    ax.margins(y=0.2)
+    ax.legend(fontsize=8, title="arch")
+    return fig
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+def fingerprints(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per hardware + software stack the runs used, with how many runs and which thread
+    counts ran on it; columns nothing filled in (no GPU on any host) are left out."""
+    ok = runs.dropna(subset=["fingerprint_id"]) if len(runs) else runs
+    cols = [c for c in FINGERPRINT if c in ok]
+    if ok.empty:
+        out = pd.DataFrame(columns=[*cols, "n_runs", "num_threads", "hosts"])
+    else:
+        out = ok.groupby("fingerprint_id", sort=True).agg(
+            **{c: (c, "first") for c in cols if c != "fingerprint_id"},
+            n_runs=("run_id", "size"),
+            num_threads=("num_threads", lambda s: ", ".join(sorted({_fmt(v) for v in s.dropna()}))),
+            hosts=("hostname", "nunique")).reset_index()
+        out = out[[c for c in out if out[c].notna().any() and (out[c].astype(str) != "").any()]]
+    out.attrs["message"] = "no run recorded a fingerprint"
+    return out
+
+
+def compact(df: pd.DataFrame) -> pd.DataFrame:
+    """The table without grouping columns that hold one value in every row and without columns
+    with no value at all; what was left out is in attrs['constant'] and attrs['empty']."""
+    if df.empty:
+        return df
+    keys = set(KEYS) | {c for c in df if c.endswith(("_a", "_b"))}
+    constant = {c: _fmt(df[c].iloc[0]) for c in df if c in keys and len(df) > 1
+                and df[c].astype(str).nunique() == 1}
+    empty = [c for c in df if c not in constant and (df[c].isna() | (df[c].astype(str) == "")).all()]
+    out = df.drop(columns=[*constant, *empty])
+    out.attrs = {**df.attrs, "constant": constant, "empty": empty}
+    return out
+
+
+def table_html(df: pd.DataFrame, message: str | None = None) -> str:
+    """A table as HTML (4 significant digits, compacted), or a note saying why it is empty."""
+    if df.empty:
+        why = message or df.attrs.get("message", "")
+        return f'<p class="none">{NONE}{": " + html.escape(why) if why else ""}</p>'
+    c = compact(df)
+    notes = []
+    if c.attrs.get("constant"):
+        notes.append("same in every row: " + ", ".join(f"{k}={v}" for k, v in c.attrs["constant"].items()))
+    if c.attrs.get("empty"):
+        notes.append("no values: " + ", ".join(c.attrs["empty"]))
+    body = c.to_html(index=False, na_rep="", border=0, classes="t",
+                     float_format=lambda v: f"{v:.4g}", justify="left")
+    note = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
+    return f'{note}<div class="scroll">{body}</div>'
+
+
+# --- the report -------------------------------------------------------------------------------
+
+GUIDE = {
+    "accuracy": "One dot per replica. A flat row of dots at one height means the replicas are bitwise "
+                "the same model (expected for control on a CPU); the spread of algo is the run-to-run "
+                "variance a single reported number hides. The black bar is the mean; n and the sample "
+                "std are printed under each group.",
+    "churn": "Churn is the share of test examples on which two replicas predict different classes "
+             "(mean over replica pairs; disagreement, not the reference code's agreement). L2 is the "
+             "mean pairwise distance of the final weights. Both can be large while top-1 accuracy barely moves.",
+    "per_class": "The std across replicas of each class's accuracy. Top-1 accuracy averages these swings "
+                 "away; the legend names each group's worst classes with their std, and each group's "
+                 "worst class is labelled above its bars.",
+    "cross_stack": "Runs with the same seeds and settings that ran on a different stack (thread count, "
+                   "accelerator, software fingerprint), compared pair by pair. identical_fraction < 1 or "
+                   "churn > 0 here is noise that no seed removes.",
+    "overhead": "Median training-step time with deterministic kernels over without, minus 1, per "
+                "accelerator; error bars are the 95% block-bootstrap interval. Measured side by side in "
+                "one probe per (workload, accelerator).",
+    "variance": "The full variance table: one row per group. Columns that are the same in every row "
+                "are listed above it rather than repeated.",
+    "subgroups": "Accuracy, false-positive and false-negative rates per subgroup, for datasets that define them.",
+    "fingerprints": "Every hardware and software stack that ran a replica.",
+}
+
+CSS = """
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;
+     color:#222;line-height:1.45;padding:0 16px;background:#fff}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd}
+.meta{color:#555;font-size:.9em} .guide{color:#333;max-width:900px}
+.none{background:#f6f6f6;border-left:4px solid #bbb;padding:8px 12px;color:#555}
+.note{color:#555;font-size:.85em;margin:.2em 0} .scroll{overflow-x:auto}
+table.t{border-collapse:collapse;font-size:.8em;margin:.5em 0}
+table.t th,table.t td{padding:3px 8px;border-bottom:1px solid #e5e5e5;text-align:right;white-space:nowrap}
+table.t th{background:#f3f5f8} img{max-width:100%;height:auto}
+"""
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)  # Agg renders PNG whatever the session's backend
+    return buf.getvalue()
+
+
+def _img(fig: Figure, alt: str) -> str:
+    data = base64.b64encode(figure_png(fig)).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _section(title: str, guide: str, body: str) -> str:
+    return f'<h2>{html.escape(title)}</h2>\n<p class="guide">{html.escape(guide)}</p>\n{body}\n'
+
+
+def _header(out_uri: str, runs: pd.DataFrame, progress: dict | None) -> str:
+    sweeps = ", ".join(sorted(runs["sweep"].dropna().unique())) if len(runs) else ""
+    n_ok = int((runs["status"] == "ok").sum()) if len(runs) else 0
+    lines = [f"results tree: <code>{html.escape(out_uri)}</code>",
+             f"runs: {n_ok} ok, {len(runs) - n_ok} failed",
+             f"generated {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"]
+    if progress:
+        lines.append("sweep progress: {done}/{total} done, {failed} failed, {elapsed_s:.0f}s elapsed".format(
+            **{"done": "?", "total": "?", "failed": "?", "elapsed_s": math.nan, **progress}))
+    return (f"<h1>Tooling noise report{': ' + html.escape(sweeps) if sweeps else ''}</h1>\n"
+            + "".join(f'<div class="meta">{line}</div>' for line in lines))
+
+
+def _failed(runs: pd.DataFrame) -> str:
+    bad = runs[runs["status"] != "ok"] if len(runs) else runs
+    if bad.empty:
+        return ""
+    return _section("Failed runs", "Left out of every statistic; re-running the sweep retries them.",
+                    table_html(bad[["run_id", "noise", "replica", "error"]].sort_values("run_id")))
+
+
+def render_html(out_uri: str, runs: pd.DataFrame, tables: dict[str, pd.DataFrame],
+                progress: dict | None = None) -> str:
+    """The whole report as one self-contained HTML page (figures inlined as base64 PNG)."""
+    def table(name: str) -> pd.DataFrame:
+        return tables.get(name, pd.DataFrame())
+
+    parts = [
+        _header(out_uri, runs, progress),
+        _section("Accuracy per replica", GUIDE["accuracy"], _img(accuracy_by_noise(runs), "accuracy per replica")),
+        _section("Churn and L2 per noise preset", GUIDE["churn"],
+                 _img(churn_l2_by_noise(table("variance")), "churn and L2")),
+        _section("Per-class accuracy std", GUIDE["per_class"], _img(per_class_std(runs), "per-class std")),
+        _section("Cross-stack pairs", GUIDE["cross_stack"], table_html(table("cross_stack"))),
+        _section("Overhead of determinism", GUIDE["overhead"],
+                 _img(overhead_bars(table("overhead")), "overhead")
+                 + (table_html(table("overhead")) if len(table("overhead")) else "")),
+        _section("Variance table", GUIDE["variance"], table_html(table("variance"))),
+        _section("Subgroups", GUIDE["subgroups"], table_html(table("subgroups"))),
+        _section("Fingerprints", GUIDE["fingerprints"], table_html(fingerprints(runs))),
+        _failed(runs),
+    ]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>Tooling noise report</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+
+
+def write_report(out_uri: str, tables: dict[str, pd.DataFrame] | None = None) -> str:
+    """Write OUT/tables/report.html (atomically) and return its path. `tables` are the reducer's
+    tables when the caller has them already (`reduce --report`); otherwise they are computed."""
+    if tables is None:
+        tables = load_tables(out_uri)
+    page = render_html(out_uri, load_runs(out_uri), tables, load_progress(out_uri))
+    fs, root = store.resolve(out_uri)
+    path = f"{root}/tables/report.html"
+    store.write_bytes(fs, path, page.encode())
+    return path if store.is_local(fs) else f"{out_uri.rstrip('/')}/tables/report.html"

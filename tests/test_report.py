@@ -1,0 +1,164 @@
+"""Looking at results on a real small sweep's output: the notebook runs top to bottom and draws
+every figure, the HTML report renders in headless Chromium, and absent data gives a note, not a crash."""
+
+import base64
+import io
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.container
+import matplotlib.image
+import matplotlib.text
+import nbclient
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+
+from orchestrator import report, store, sweep
+from tests.conftest import write_spec
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "inspect_results.ipynb"
+FIGURES = ("accuracy_by_noise", "churn_l2_by_noise", "per_class_std", "overhead_bars")
+
+
+@pytest.fixture(scope="module")
+def out(ray_local, tmp_path_factory) -> Path:
+    """control + algo, 3 replicas, 1 and 2 threads (so cross-stack pairs exist), one overhead probe."""
+    tmp = tmp_path_factory.mktemp("report")
+    spec = write_spec(tmp / "s.yaml", name="report", replicas=3, noise=["control", "algo"],
+                      tooling={"num_threads": [1, 2]}, overhead={"steps": 5, "warmup": 1, "repeats": 2})
+    out = tmp / "out"
+    assert sweep.main([str(spec), "--out", str(out)]) == 0
+    return out
+
+
+def texts(fig) -> str:
+    return " ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+
+
+def test_notebook_on_disk_has_no_outputs():
+    """Stored outputs stay empty so that diffs of the notebook are its code and prose only."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+def test_notebook_runs_top_to_bottom_and_every_figure_cell_draws(out, monkeypatch):
+    monkeypatch.setenv("RESULTS", str(out))  # the kernel inherits it: the parameter cell reads it
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
+                            resources={"metadata": {"path": str(ROOT)}}).execute()  # raises on any cell error
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    figure_cells = [c for c in code if "figure" in c.metadata.get("tags", [])]
+    # every plotting function of the report has a tagged cell, and every such cell drew a PNG
+    assert {f for f in FIGURES if any(f"report.{f}(" in c.source for c in figure_cells)} == set(FIGURES)
+    assert not [c for c in code if any(f"report.{f}(" in c.source for f in FIGURES) and c not in figure_cells]
+    for c in figure_cells:
+        pngs = [o.data["image/png"] for o in c.outputs if "image/png" in o.get("data", {})]
+        assert pngs, f"no image from cell: {c.source}"
+        img = matplotlib.image.imread(io.BytesIO(base64.b64decode(pngs[0])), format="png")
+        assert img.shape[0] > 100 and img.shape[1] > 300
+    # each figure cell follows a Markdown cell that says how to read it
+    for i, c in enumerate(nb.cells):
+        if c in figure_cells:
+            assert nb.cells[i - 1].cell_type == "markdown" and len(nb.cells[i - 1].source) > 80
+    printed = "".join(o.get("text", "") for c in code for o in c.outputs)
+    assert f"{out}: 12 runs, 12 ok" in printed and "'done': 13" in printed  # 12 runs + 1 probe
+    html = "".join(o.data.get("text/html", "") for c in code for o in c.outputs if "data" in o)
+    assert "num_threads" in html and "identical_fraction" in html  # cross-stack pairs shown
+
+
+def _blank(png: Path) -> tuple[float, float]:
+    """(pixel std, share of pixels that are not white) of a screenshot."""
+    img = matplotlib.image.imread(png)[..., :3].astype(float)
+    return float(img.std()), float((img.min(axis=-1) < 0.95).mean())
+
+
+def test_report_is_self_contained_and_renders_in_headless_chromium(out, tmp_path):
+    path = report.write_report(str(out))
+    assert path == f"{out}/tables/report.html"
+    page = Path(path).read_text()
+    assert page.count('src="data:image/png;base64,') == 4  # accuracy, churn/L2, per-class, overhead
+    for heading in ("Accuracy per replica", "Churn and L2", "Per-class accuracy std", "Cross-stack pairs",
+                    "Overhead of determinism", "Variance table", "Fingerprints"):
+        assert heading in page
+    assert "http://" not in page and "https://" not in page  # readable offline, nothing fetched
+    assert "12 ok, 0 failed" in page and "13/13 done" in page
+
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is missing: run `make test` (its set-up installs Debian's chromium package)"
+    shot = tmp_path / "report.png"
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
+         f"file://{path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
+    std, inked = _blank(shot)
+    assert std > 0.05 and inked > 0.02, f"screenshot looks blank: pixel std {std:.3f}, non-white {inked:.3f}"
+
+
+def test_reduce_report_flag(out):
+    (out / "tables" / "report.html").unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.reduce", str(out), "--report"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(f"report written to {out}/tables/report.html")
+    assert (out / "tables" / "report.html").read_text().count("data:image/png;base64,") >= 4
+    bad = subprocess.run([sys.executable, "-m", "orchestrator.reduce", str(out / "missing"), "--report"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "no such results tree" in bad.stderr
+
+
+def test_per_class_std_matches_the_reducer_and_names_worst_classes(out):
+    runs, tables = report.load_runs(str(out)), report.load_tables(str(out))
+    per_class = report.class_std_table(runs)
+    worst = per_class.groupby(["noise", "num_threads"])["std"].max()
+    var = tables["variance"].set_index(["noise", "num_threads"])["per_class_std_max"]
+    assert np.allclose(worst.sort_index(), var.sort_index())
+    legend = texts(report.per_class_std(runs))
+    assert "every class identical" in legend  # control on a CPU
+    v = tables["variance"]
+    for c in v.loc[v["noise"] == "algo", "worst_class"].dropna():
+        assert f"worst {int(c)} (" in legend and f"class {int(c)}" in legend
+
+
+def test_fingerprints_one_stack_two_thread_counts(out):
+    fp = report.fingerprints(report.load_runs(str(out)))
+    assert len(fp) == 1 and fp["n_runs"].iloc[0] == 12 and fp["num_threads"].iloc[0] == "1, 2"
+    assert {"fingerprint_id", "torch_version", "python_version", "cpu_model"} <= set(fp.columns)
+
+
+def test_overhead_bars_carry_their_intervals():
+    overhead = pd.DataFrame({"arch": ["cnn", "cnn", "resnet"], "accelerator": ["T4", "V100", "T4"],
+                             "overhead_pct": [40.0, 196.0, -3.0], "overhead_lo": [30.0, 150.0, -8.0],
+                             "overhead_hi": [55.0, 240.0, float("nan")]})
+    fig = report.overhead_bars(overhead)
+    bars = [c for c in fig.axes[0].containers if isinstance(c, matplotlib.container.BarContainer)]
+    assert [list(b.datavalues) for b in bars] == [[40.0, 196.0], [-3.0]]
+    assert all(b.errorbar is not None for b in bars)
+    segments = bars[0].errorbar.lines[2][0].get_segments()  # (lo, hi) of each cnn bar
+    assert [(s[0][1], s[1][1]) for s in segments] == [(30.0, 55.0), (150.0, 240.0)]
+    assert "T4" in texts(fig) and "V100" in texts(fig) and "+196%" in texts(fig)
+
+
+def test_absent_data_says_none_instead_of_crashing(tmp_path):
+    """An empty results tree: every figure says why it is empty, every table gives a note."""
+    empty = store.RUN_SCHEMA.empty_table().to_pandas().assign(workload=[])
+    tables = report.load_tables(str(tmp_path))
+    for fig in (report.accuracy_by_noise(empty), report.churn_l2_by_noise(tables["variance"]),
+                report.per_class_std(empty), report.overhead_bars(tables["overhead"])):
+        assert report.NONE in texts(fig)
+    assert "no overhead probes" in texts(report.overhead_bars(pd.DataFrame()))
+    assert report.NONE in report.table_html(tables["cross_stack"])
+    assert report.NONE in report.table_html(report.fingerprints(empty))
+    page = Path(report.write_report(str(tmp_path))).read_text()
+    assert page.count(report.NONE) == 4 and page.count("data:image/png;base64,") == 4  # 4 tables, 4 figures
