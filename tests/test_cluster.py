@@ -74,10 +74,6 @@ def head_node(tmp_path):
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=8299",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
     try:
-        deadline = time.time() + 90  # the job agent comes up some seconds after `ray start` returns
-        while subprocess.run([ray_bin, "job", "list", "--address", "http://127.0.0.1:8299"], env=env,
-                             capture_output=True, timeout=60).returncode != 0 and time.time() < deadline:
-            time.sleep(1)
         yield ray_bin, env
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
@@ -91,12 +87,17 @@ def test_ray_job_submit_runs_a_sweep(head_node, tmp_path):
     assert unauthenticated.returncode != 0  # auth is really on: no token, no access
     spec = write_spec(tmp_path / "s.yaml", name="job", replicas=2, workloads=TINY)
     work = tmp_path / "src"  # the repo as a user would upload it: sources only
-    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", "*.egg-info"))
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", "*.egg-info", ".hypothesis", ".pytest_cache"))
     out = tmp_path / "out"
     address = ["--address", "http://127.0.0.1:8299"]
-    r = subprocess.run([ray_bin, "job", "submit", *address, "--submission-id", "sweep-1", "--working-dir", str(work),
-                        "--", "python", "-m", "orchestrator.sweep", str(spec), "--out", str(out)],
-                       env=env, capture_output=True, text=True, timeout=600)
+    submit = [ray_bin, "job", "submit", *address, "--submission-id", "sweep-1", "--working-dir", str(work),
+              "--", "python", "-m", "orchestrator.sweep", str(spec), "--out", str(out)]
+    deadline = time.time() + 180
+    while True:  # the node's job agent comes up some seconds after `ray start` returns; Ray says "try again later"
+        r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in r.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     status = subprocess.run([ray_bin, "job", "status", *address, "sweep-1"], env=env, capture_output=True,
                             text=True, timeout=120)
