@@ -47,12 +47,13 @@ def seeds_for(base_seed: int, vary: frozenset[str], replica: int) -> Seeds:
     return Seeds(**{s: derive_seed(base_seed, s, replica if s in vary else None) for s in ALGO})
 
 
-def apply_impl(deterministic: bool) -> dict[str, object]:
+def apply_impl(deterministic: bool, warn_only: bool = False) -> dict[str, object]:
     """Set torch's kernel-selection switches and return exactly what was set.
 
     Must run before the model is built and before CUDA starts: cuBLAS reads
     CUBLAS_WORKSPACE_CONFIG once, when its handle is created. Ops with no deterministic kernel
-    raise under `use_deterministic_algorithms(True)`; that is the point (see the overhead probe).
+    raise under `use_deterministic_algorithms(True)`; that is the point. `warn_only` makes them
+    warn instead, which the overhead probe uses to record them by name and keep timing.
     """
     import torch
 
@@ -63,7 +64,7 @@ def apply_impl(deterministic: bool) -> dict[str, object]:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
     elif not torch.cuda.is_initialized():  # framework default: cuBLAS picks its own workspaces
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    torch.use_deterministic_algorithms(deterministic)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
     return {

@@ -16,8 +16,8 @@ import pyarrow as pa
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from orchestrator import fingerprint, noise, store
-from orchestrator.spec import RunSpec
+from orchestrator import fingerprint, malloc, noise, store
+from orchestrator.spec import ProbeSpec, RunSpec
 from workloads import data as datasets
 from workloads import models
 from workloads.train import TrainConfig, train
@@ -54,7 +54,8 @@ def base_row(spec: RunSpec) -> dict:
             "noise": spec.noise, **{f"vary_{s}": s in spec.vary for s in noise.SOURCES},
             "replica": spec.replica, "seed_init": spec.seeds.init, "seed_order": spec.seeds.order,
             "seed_augment": spec.seeds.augment, "accelerator_requested": spec.accelerator,
-            "spec_json": spec.model_dump_json(), "epochs": w.epochs}
+            "spec_json": spec.model_dump_json(), "epochs": w.epochs,
+            "precision": spec.precision, "channels_last": spec.channels_last, "compiled": spec.compile}
 
 
 def pick_device(spec: RunSpec) -> torch.device:
@@ -73,22 +74,31 @@ def _write_labels(fs, root: str, name: str, data: datasets.ArrayDataset) -> None
                                               schema=store.LABELS_SCHEMA))
 
 
-def train_one(spec: RunSpec, fs, root: str) -> dict:
-    """The successful path: returns the result columns and writes the weights file."""
-    torch.set_num_threads(spec.num_threads)
-    flags = noise.apply_impl(deterministic="impl" not in spec.vary)
-    device = pick_device(spec)
-    data = load_dataset(spec)
-    _write_labels(fs, root, spec.workload.dataset, data)
+def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset, torch.nn.Module, TrainConfig]:
+    """Dataset (cached per worker), model initialised from the init seed, and the training config:
+    shared by the replica runner and the overhead probe, so both time and train the same thing."""
     w = spec.workload
+    data = load_dataset(spec)
     with torch.random.fork_rng(devices=[]):  # init has its own stream, leaves global RNG alone
         torch.manual_seed(spec.seeds.init)
         model = models.build(w.arch, data.image_shape, data.num_classes, **w.arch_args)
+    cfg = TrainConfig(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr, optimizer=w.optimizer,
+                      momentum=w.momentum, weight_decay=w.weight_decay, augmentation=w.augmentation,
+                      precision=spec.precision, channels_last=spec.channels_last, compile=spec.compile)
+    return data, model, cfg
+
+
+def train_one(spec: RunSpec, fs, root: str) -> dict:
+    """The successful path: returns the result columns and writes the weights file."""
+    malloc.keep_freed_memory()  # no page-fault churn per step on a CPU; timing only, never bits
+    torch.set_num_threads(spec.num_threads)
+    flags = noise.apply_impl(deterministic="impl" not in spec.vary)
+    device = pick_device(spec)
+    data, model, cfg = build_workload(spec)
+    _write_labels(fs, root, spec.workload.dataset, data)
     torch.manual_seed(spec.seeds.augment)  # dropout and any other global-RNG op
     order = torch.Generator().manual_seed(spec.seeds.order)
     aug = torch.Generator(device).manual_seed(spec.seeds.augment)
-    cfg = TrainConfig(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr, optimizer=w.optimizer,
-                      momentum=w.momentum, weight_decay=w.weight_decay, augmentation=w.augmentation)
     result = train(model, data, cfg, order, aug, device)
     digest, norm = weights_digest(result.state_dict)
     store.write_bytes(fs, store.weights_path(root, spec.run_id), safetensors_bytes(result.state_dict))

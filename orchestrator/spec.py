@@ -79,7 +79,8 @@ class Tooling(Strict):
     """Settings that are not random but change bits; every combination is its own group."""
 
     num_threads: list[PositiveInt] = [1]  # torch intra-op threads; the run asks Ray for at least as many CPUs
-    precision: list[Precision] = ["fp32"]  # fp32: IEEE fp32, TF32 off; tf32: TF32 matmul+conv (Ampere+ GPUs; no-op on a CPU); bf16: bfloat16 autocast
+    # fp32: IEEE fp32, TF32 off; tf32: TF32 matmul+conv (Ampere+ GPUs; no-op on a CPU); bf16: bfloat16 autocast
+    precision: list[Precision] = ["fp32"]
     channels_last: list[bool] = [False]  # NHWC memory format for model and inputs
     compile: list[bool] = [False]  # torch.compile the model; compile time lands in epoch 1 (CPU needs a C++ compiler)
 
@@ -91,6 +92,9 @@ class Overhead(Strict):
     steps: PositiveInt = 50  # timed steps per block
     warmup: Annotated[int, Field(ge=0)] = 5  # untimed steps per block before the timed ones (autotuning, caches)
     repeats: PositiveInt = 5  # det/nondet block pairs; the bootstrap interval resamples blocks
+    # torch's deterministic mode also NaN-fills every new uninitialised tensor (a memset per
+    # allocation, a real cost even where kernels are the same); false leaves only kernel choice
+    fill_uninitialized_memory: bool = True
 
 
 class Resources(Strict):
@@ -123,6 +127,13 @@ class SweepSpec(Strict):
     def _pinned_runs_need_gpus(self) -> SweepSpec:
         if any(a != "any" for a in self.accelerators) and self.resources.gpus == 0:
             raise ValueError("resources.gpus: runs pinned to an accelerator need gpus > 0 (e.g. 1 or 0.5)")
+        return self
+
+    @model_validator(mode="after")
+    def _something_to_run(self) -> SweepSpec:
+        if not self.noise and self.overhead is None:
+            raise ValueError("noise: empty, so there are no replica runs; list presets, or add an "
+                             "overhead section for a sweep of probes only")
         return self
 
     @property
@@ -216,7 +227,8 @@ def expand_probes(spec: SweepSpec) -> list[ProbeSpec]:
     for w, acc in itertools.product(spec.workloads, spec.accelerators):
         key = json.dumps({"kind": "probe", "sweep": spec.name, "base_seed": spec.base_seed,
                           "workload": w.model_dump(mode="json", exclude_defaults=True), "accelerator": acc,
-                          "overhead": spec.overhead.model_dump(mode="json"), "num_threads": t.num_threads[0],
+                          "overhead": spec.overhead.model_dump(mode="json", exclude_defaults=True),
+                          "num_threads": t.num_threads[0],
                           "tooling": {k: v for k, v in tooling.items() if v != TOOLING_DEFAULTS[k]}},
                          sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:10]

@@ -1,0 +1,135 @@
+"""The training loop's options and guarantees: augmentation driven by its own generator, tooling
+options (precision, channels-last, compile) that run on a CPU and land in the run row, divergence
+caught, and run ids that stay put for default tooling."""
+
+import math
+
+import pytest
+import torch
+
+from orchestrator import runner, spec
+from workloads import data as datasets
+from workloads import models
+from workloads.train import Diverged, TrainConfig, augment, set_tf32, train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return datasets.load("digits")
+
+
+def batch(seed: int = 0, shape=(8, 3, 16, 16)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def fit(data, epochs=1, seed=0, **options):
+    """small_cnn on `data` with fixed seeds; options go to TrainConfig."""
+    torch.manual_seed(seed)
+    model = models.build("small_cnn", data.image_shape, data.num_classes)
+    cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.002, optimizer="adam", **options)
+    return train(model, data, cfg, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), CPU)
+
+
+# --- augmentation ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["crop", "flip", "crop+flip"])
+def test_augment_keeps_shape_and_follows_its_generator(mode):
+    x = batch()
+    a = augment(x, mode, torch.Generator().manual_seed(7))
+    b = augment(x, mode, torch.Generator().manual_seed(7))
+    c = augment(x, mode, torch.Generator().manual_seed(8))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, b)  # same seed, same crops and flips, bit for bit
+    assert not torch.equal(a, c)  # another seed, other crops or flips
+    assert not torch.equal(a, x)
+
+
+def test_crop_is_a_shift_of_the_zero_padded_image():
+    x = batch(shape=(64, 1, 8, 8))
+    out = augment(x, "crop", torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))  # pad = 8 // 8 = 1 pixel
+    for i in range(len(x)):
+        assert any(torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8]) for dy in range(3) for dx in range(3))
+
+
+def test_flip_mirrors_whole_images_only():
+    x = batch(shape=(64, 3, 4, 4))
+    out = augment(x, "flip", torch.Generator().manual_seed(0))
+    flipped = [torch.equal(o, xi.flip(2)) for o, xi in zip(out, x)]
+    kept = [torch.equal(o, xi) for o, xi in zip(out, x)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+# --- tooling options -----------------------------------------------------------------------------
+
+def test_tf32_switches_are_set_both_ways():
+    assert set_tf32(True) == {"cuda_matmul": "tf32", "cudnn": "tf32"}
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+    set_tf32(False)  # fp32 means IEEE fp32: cuDNN's TF32 default is switched off explicitly
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+
+
+def test_precision_and_layout_options_train_on_cpu(digits):
+    base = fit(digits)
+    digests = {}
+    for name, options in {"fp32": {}, "tf32": {"precision": "tf32"}, "bf16": {"precision": "bf16"},
+                          "channels_last": {"channels_last": True}}.items():
+        r = fit(digits, **options)
+        assert r.test_accuracy > 0.2 and math.isfinite(r.test_loss), name
+        assert list(r.state_dict) == list(base.state_dict), name  # plain keys, not the layout's
+        digests[name] = runner.weights_digest(r.state_dict)[0]
+    assert digests["tf32"] == digests["fp32"]  # TF32 is a CUDA switch: bit-identical on a CPU
+    assert digests["bf16"] != digests["fp32"]  # bf16 autocast changes the arithmetic
+    # NCHW-contiguous weights whatever the training layout: safetensors refuses strided tensors
+    assert all(t.is_contiguous() for t in fit(digits, channels_last=True).state_dict.values())
+
+
+@pytest.mark.integration
+def test_compile_trains_and_keeps_plain_weight_names(digits):
+    torch.manual_seed(0)
+    model = models.build("mlp", digits.image_shape, digits.num_classes)
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.002, optimizer="adam", compile=True)
+    r = train(model, digits, cfg, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), CPU)
+    assert r.test_accuracy > 0.5 and not any(k.startswith("_orig_mod") for k in r.state_dict)
+
+
+def test_tooling_options_are_recorded_in_the_row(tmp_path):
+    s = spec.parse({"name": "tool", "replicas": 1, "noise": ["control"],
+                    "tooling": {"precision": ["fp32", "bf16"], "channels_last": [False, True]},
+                    "workloads": [{"arch": "small_cnn", "dataset": "digits", "epochs": 1, "batch_size": 64,
+                                   "lr": 0.002, "optimizer": "adam"}]})
+    runs = spec.expand(s)
+    assert len(runs) == 4 and len({r.run_id for r in runs}) == 4
+    rows = [runner.run(r, str(tmp_path)) for r in runs]
+    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    got = {(r["precision"], r["channels_last"], r["compiled"]) for r in rows}
+    assert got == {("fp32", False, False), ("fp32", True, False), ("bf16", False, False), ("bf16", True, False)}
+    from orchestrator import store
+
+    df = store.read_runs(str(tmp_path)).to_pandas()
+    assert sorted(zip(df.precision, df.channels_last)) == [("bf16", False), ("bf16", True),
+                                                           ("fp32", False), ("fp32", True)]
+    assert df.compiled.eq(False).all()
+
+
+def test_default_tooling_keeps_run_ids():
+    doc = {"name": "ids", "replicas": 1, "noise": ["control"], "workloads": [{"arch": "mlp", "dataset": "digits"}]}
+    plain = spec.expand(spec.parse(doc))[0]
+    explicit = spec.expand(spec.parse(doc | {"tooling": {"num_threads": [1], "precision": ["fp32"],
+                                                         "channels_last": [False], "compile": [False]}}))[0]
+    w = spec.parse(doc).workloads[0]
+    assert plain.run_id == explicit.run_id == spec.run_id(spec.parse(doc), w, "control", 1, "any", 0)
+    bf16 = spec.expand(spec.parse(doc | {"tooling": {"precision": ["bf16"]}}))[0]
+    assert bf16.run_id != plain.run_id and bf16.precision == "bf16"
+
+
+# --- divergence -------------------------------------------------------------------------------
+
+def test_huge_learning_rate_raises_diverged(digits):
+    torch.manual_seed(0)
+    model = models.build("mlp", digits.image_shape, digits.num_classes)
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=1e12, optimizer="sgd")
+    with pytest.raises(Diverged, match="diverged at epoch"):
+        train(model, digits, cfg, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), CPU)
