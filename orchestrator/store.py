@@ -53,7 +53,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     from the usual environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pafs.LocalFileSystem(), absolute(uri)
+
+
+def absolute(uri: str) -> str:
+    """A local OUT as an absolute path: workers run in Tune's trial folders, not the caller's."""
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
 
 
 def is_local(fs: pafs.FileSystem) -> bool:

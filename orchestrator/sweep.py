@@ -147,7 +147,6 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str) -> None
     """Fan the runs out as Tune trials, one per replica or overhead probe."""
     from ray import tune
 
-    fs, root = store.resolve(out)
     by_id = {_trial_id(r.model_dump()): r for r in runs}
     # Tune's result grid would warn once per trial that the disabled loggers wrote no metrics.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -160,7 +159,7 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str) -> None
         tune_config=tune.TuneConfig(reuse_actors=reuse, trial_dirname_creator=lambda t: _trial_id(t.config["run"])),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=f"{out}/tune" if "://" in out else f"{root}/tune",
+            storage_path=f"{out}/tune",  # beside the results: shared storage on a multi-node cluster
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
             callbacks=[make_progress(len(runs), out, record_worker_death(out))], verbose=0))
     tuner.fit()  # trial outcomes are in OUT/runs; Tune's own result grid is not needed
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         spec = load(args.config)
-        out = args.out or spec.out_uri
+        out = store.absolute(args.out or spec.out_uri)
         runs = expand(spec)
         probes = expand_probes(spec)
         prepare_out(spec, out, args.fresh)

@@ -93,12 +93,14 @@ def test_rerun_runs_nothing_and_keeps_one_row_per_run(presets_out, capsys):
     assert len(ids) == len(set(ids)) == 12
 
 
-def test_thread_count_changes_the_bits(ray_local, tmp_path):
-    """Tooling noise that no seed removes: same seeds, 1 versus 2 intra-op threads."""
+def test_thread_count_changes_the_bits(ray_local, tmp_path, monkeypatch):
+    """Tooling noise that no seed removes: same seeds, 1 versus 2 intra-op threads. (OUT is given
+    relative to the caller's folder, as users do; workers run elsewhere and must write there.)"""
     spec = write_spec(tmp_path / "s.yaml", name="threads", replicas=1, tooling={"num_threads": [1, 2]},
                       workloads=[{"arch": "small_cnn", "dataset": "synthetic", "epochs": 1, "batch_size": 64,
                                   "lr": 0.01, "dataset_args": {"n_train": 256, "n_test": 64}}])
-    assert sweep.main([str(spec), "--out", str(tmp_path / "out")]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([str(spec), "--out", "out"]) == 0
     df = store.read_runs(str(tmp_path / "out")).to_pandas().sort_values("num_threads")
     assert df.num_threads.tolist() == [1, 2]
     assert df.seed_init.nunique() == df.seed_order.nunique() == 1
