@@ -1,18 +1,13 @@
-"""Heterogeneous clusters: accelerator pinning on a simulated 4-node cluster, the pre-flight
-error, and a real `ray job submit` against `ray start --head` on 127.0.0.1."""
+"""Heterogeneous clusters: accelerator pinning on a simulated 4-node cluster and the pre-flight
+error (the `ray job submit` test is in test_job_submit.py, away from this module's cluster)."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from orchestrator import store, sweep
-from tests.conftest import ROOT, write_spec
+from tests.conftest import write_spec
 
 pytestmark = pytest.mark.integration
 ACCELERATORS = ("T4", "V100", "A100")
@@ -58,49 +53,3 @@ def test_preflight_names_the_missing_type_fast(hetero, tmp_path, capsys):
     assert time.perf_counter() - t0 < 10
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "H100" in err[0] and "A100, T4, V100" in err[0]
-
-
-@pytest.fixture
-def head_node(tmp_path):
-    """`ray start --head` on 127.0.0.1 with token auth on, HOME isolated so the token is ours.
-    `ray start` turns auth on when a token exists, so one is generated first, as a user would."""
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    env["HOME"] = str(tmp_path / "home")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # as with the venv activated
-    subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
-    env["RAY_AUTH_MODE"] = "token"
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=8299",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
-    try:
-        yield ray_bin, env
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
-
-
-def test_ray_job_submit_runs_a_sweep(head_node, tmp_path):
-    ray_bin, env = head_node
-    assert (tmp_path / "home" / ".ray" / "auth_token").read_text().strip()  # the token the client uses
-    unauthenticated = subprocess.run([ray_bin, "job", "list", "--address", "http://127.0.0.1:8299"], capture_output=True,
-                                     env={**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}, timeout=120)
-    assert unauthenticated.returncode != 0  # auth is really on: no token, no access
-    spec = write_spec(tmp_path / "s.yaml", name="job", replicas=2, workloads=TINY)
-    work = tmp_path / "src"  # the repo as a user would upload it: sources only
-    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", ".git", "results", "__pycache__", "*.egg-info", ".hypothesis", ".pytest_cache"))
-    out = tmp_path / "out"
-    address = ["--address", "http://127.0.0.1:8299"]
-    submit = [ray_bin, "job", "submit", *address, "--submission-id", "sweep-1", "--working-dir", str(work),
-              "--", "python", "-m", "orchestrator.sweep", str(spec), "--out", str(out)]
-    deadline = time.time() + 180
-    while True:  # the node's job agent comes up some seconds after `ray start` returns; Ray says "try again later"
-        r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in r.stderr or time.time() > deadline:
-            break
-        time.sleep(2)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    status = subprocess.run([ray_bin, "job", "status", *address, "sweep-1"], env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert "Job 'sweep-1' succeeded" in status.stdout  # the CLI's wording of status SUCCEEDED
-    df = store.read_runs(str(out)).to_pandas()
-    assert len(df) == 2 and (df.status == "ok").all()
