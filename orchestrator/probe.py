@@ -82,18 +82,6 @@ PROBE_SCHEMA = pa.schema([
 _NONDET_ALERT = re.compile(r"^(.+?) does not have a deterministic implementation", re.S)
 
 
-def overhead_path(root: str, probe_id: str) -> str:
-    return f"{root}/overhead/{probe_id}.parquet"
-
-
-def done_probe_ids(out: str) -> set[str]:
-    """Probes whose file exists under OUT/overhead: a resumed sweep does not run them again."""
-    fs, root = store.resolve(out)
-    infos = fs.get_file_info(store.pafs.FileSelector(f"{root}/overhead", allow_not_found=True))
-    return {i.base_name.removesuffix(".parquet") for i in infos
-            if i.is_file and i.base_name.endswith(".parquet") and not i.base_name.startswith(store.TMP_PREFIX)}
-
-
 def nondeterministic_op(message: str) -> str | None:
     """The op named by torch's "X does not have a deterministic implementation" alert (raised as a
     RuntimeError, or warned under warn_only), else None."""
@@ -233,7 +221,7 @@ def run(spec: ProbeSpec, out: str) -> dict:
               "channels_last": spec.channels_last, "compiled": spec.compile, "spec_json": spec.model_dump_json(),
               **{k: v for k, v in fingerprint.collect().items() if k in FINGERPRINT_COLUMNS}}
     table = pa.Table.from_pylist([common | s for s in steps], schema=PROBE_SCHEMA)
-    store.write_table(fs, overhead_path(root, spec.probe_id), table)
+    store.write_table(fs, store.overhead_path(root, spec.probe_id), table)
     med = {m: statistics.median(s["step_ms"] for s in steps if s["mode"] == m) for m in MODES}
     return {"status": "ok", "error": None, "step_ms_det": med["det"], "step_ms_nondet": med["nondet"],
             "overhead_pct": (med["det"] / med["nondet"] - 1) * 100,

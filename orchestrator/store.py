@@ -106,6 +106,10 @@ def weights_path(root: str, run_id: str) -> str:
     return f"{root}/weights/{run_id}.safetensors"
 
 
+def overhead_path(root: str, probe_id: str) -> str:
+    return f"{root}/overhead/{probe_id}.parquet"
+
+
 def labels_path(root: str, dataset: str) -> str:
     return f"{root}/datasets/{dataset}.parquet"
 
@@ -156,3 +160,9 @@ def ok_run_ids(uri: str) -> set[str]:
     """Runs already finished with status ok: a resumed sweep skips exactly these."""
     t = read_runs(uri, columns=["run_id", "status"])
     return {r for r, s in zip(t["run_id"].to_pylist(), t["status"].to_pylist()) if s == "ok"}
+
+
+def done_probe_ids(uri: str) -> set[str]:
+    """Probes whose file exists under OUT/overhead: a resumed sweep does not run them again."""
+    fs, root = resolve(uri)
+    return {p.rsplit("/", 1)[1].removesuffix(".parquet") for p in list_files(fs, f"{root}/overhead", ".parquet")}

@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     todo = [r for r in runs if r.run_id not in store.ok_run_ids(out)]
-    from orchestrator.probe import done_probe_ids
-
-    todo_probes = [p for p in probes if p.probe_id not in done_probe_ids(out)]
+    todo_probes = [p for p in probes if p.probe_id not in store.done_probe_ids(out)]
     print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already ok in {out}, {len(todo)} to run"
           + (f"; {len(probes)} overhead probes, {len(todo_probes)} to run" if probes else ""))
     if todo or todo_probes:
@@ -220,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_markdown(summary(tables["variance"])))
     if probes:
         print(format_markdown(tables["overhead"]))
-    missing = [p.probe_id for p in probes if p.probe_id not in done_probe_ids(out)]
+    missing = [p.probe_id for p in probes if p.probe_id not in store.done_probe_ids(out)]
     for probe_id in missing:
         print(f"failed: {probe_id}: the overhead probe wrote no result (its error is in the log above)",
               file=sys.stderr)

@@ -43,7 +43,7 @@ def probe_spec(workload=WORKLOAD, **overhead) -> spec.ProbeSpec:
 
 
 def read(out, p):
-    return pq.read_table(probe.overhead_path(str(out), p.probe_id)).to_pandas()
+    return pq.read_table(store.overhead_path(str(out), p.probe_id)).to_pandas()
 
 
 def test_probe_writes_every_step_of_both_modes(tmp_path):
@@ -120,7 +120,7 @@ def test_a_failing_probe_is_returned_not_raised_and_writes_nothing(tmp_path):
     p = probe_spec({**WORKLOAD, "arch_args": {"no_such_option": 1}})
     result = probe.run(p, str(tmp_path))
     assert result["status"] == "failed" and "no_such_option" in result["error"]
-    assert probe.done_probe_ids(str(tmp_path)) == set()
+    assert store.done_probe_ids(str(tmp_path)) == set()
 
 
 def test_expand_probes_one_per_workload_and_accelerator_on_a_whole_device():
