@@ -165,6 +165,11 @@ def _noise_sets(spec: SweepSpec) -> list[tuple[str, frozenset[str]]]:
     return [(n, PRESETS[n]) if isinstance(n, str) else (n.name, frozenset(n.vary)) for n in spec.noise]
 
 
+def file_safe(text: str) -> str:
+    """Ids name files: a `module:function` arch must not put ':' or '/' in a path."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+
+
 def run_id(spec: SweepSpec, workload: Workload, noise: str, num_threads: int, accelerator: str, replica: int,
            tooling: dict | None = None) -> str:
     """Readable prefix + hash of what defines the run. Defaults are left out of the hash so that a
@@ -177,7 +182,7 @@ def run_id(spec: SweepSpec, workload: Workload, noise: str, num_threads: int, ac
         key["tooling"] = extra
     key = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return f"{workload.arch}-{workload.dataset}-{noise}-r{replica}-{digest}"
+    return f"{file_safe(f'{workload.arch}-{workload.dataset}-{noise}')}-r{replica}-{digest}"
 
 
 def expand(spec: SweepSpec) -> list[RunSpec]:
@@ -232,9 +237,8 @@ def expand_probes(spec: SweepSpec) -> list[ProbeSpec]:
                           "tooling": {k: v for k, v in tooling.items() if v != TOOLING_DEFAULTS[k]}},
                          sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-        arch = re.sub(r"[^A-Za-z0-9_.+-]", "_", w.arch)  # a module:function arch must not put ':' in a file name
         probes.append(ProbeSpec(
-            probe_id=f"probe-{arch}-{w.dataset}-{acc}-{digest}", sweep=spec.name, workload=w,
+            probe_id=f"probe-{file_safe(w.arch)}-{w.dataset}-{acc}-{digest}", sweep=spec.name, workload=w,
             accelerator=acc, overhead=spec.overhead, seeds=seeds_for(spec.base_seed, frozenset(), 0),
             num_threads=t.num_threads[0], cpus=max(spec.resources.cpus, t.num_threads[0]),
             gpus=1 if spec.resources.gpus > 0 else 0, max_retries=spec.max_retries, **tooling))
