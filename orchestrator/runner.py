@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import math
+import os
 
 import pyarrow as pa
 import torch
@@ -21,6 +23,10 @@ from orchestrator.spec import ProbeSpec, RunSpec
 from workloads import data as datasets
 from workloads import models
 from workloads.train import TrainConfig, train
+
+# Runs this worker process started before the current one: workers are reused (warm), so a row
+# says which process ran it and how warm it was.
+_RUNS_IN_PROCESS = itertools.count()
 
 
 @functools.lru_cache(maxsize=4)
@@ -114,7 +120,7 @@ def run(spec: RunSpec, out: str) -> dict:
     """Run one replica and write its row. A training error (including divergence) is recorded as
     status=failed with the error and returned, never raised: one bad replica must not stop a sweep."""
     fs, root = store.resolve(out)
-    row = base_row(spec)
+    row = base_row(spec) | {"worker_pid": os.getpid(), "worker_runs": next(_RUNS_IN_PROCESS)}
     try:
         row |= train_one(spec, fs, root)
     except Exception as e:  # recorded, not dropped: the row says what went wrong

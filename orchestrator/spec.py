@@ -112,6 +112,9 @@ class SweepSpec(Strict):
     tooling: Tooling = Tooling()
     resources: Resources = Resources()
     max_retries: Annotated[int, Field(ge=0)] = 1  # retries after a worker process dies
+    # a workload whose first fail_fast runs all fail with the same error is not run further (its
+    # other runs are recorded `skipped`); 0 = off
+    fail_fast: Annotated[int, Field(ge=0)] = 3
     overhead: Overhead | None = None  # determinism-cost probes, one per (workload, accelerator); absent = none
     workloads: Annotated[list[Workload], Field(min_length=1)]
 

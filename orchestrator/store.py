@@ -8,10 +8,12 @@ temp names, so a crash mid-write never shows up as a result.
 from __future__ import annotations
 
 import io
+import time
 import uuid
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -43,6 +45,7 @@ RUN_SCHEMA = pa.schema([
     ("per_class_accuracy", pa.list_(pa.float64())), ("predictions", pa.list_(pa.int32())),
     ("weights_sha256", pa.string()), ("weights_norm", pa.float64()),
     ("precision", pa.string()), ("channels_last", pa.bool_()), ("compiled", pa.bool_()),  # tooling options
+    ("worker_pid", pa.int64()), ("worker_runs", pa.int32()),  # the process that ran it, and its runs before
 ])
 
 LABELS_SCHEMA = pa.schema([("label", pa.int32()), ("subgroup", pa.int32())])
@@ -92,9 +95,9 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
-def write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+def write_table(fs: pafs.FileSystem, path: str, table: pa.Table, **options) -> None:
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, **options)
     write_bytes(fs, path, buf.getvalue())
 
 
@@ -122,38 +125,109 @@ def write_run(fs: pafs.FileSystem, root: str, row: dict) -> None:
 
 def list_files(fs: pafs.FileSystem, folder: str, suffix: str) -> list[str]:
     """Finished files under `folder` (temp names of writes in flight or interrupted are not)."""
+    return sorted(i.path for i in _finished(fs, folder, suffix))
+
+
+def _finished(fs: pafs.FileSystem, folder: str, suffix: str) -> list[pafs.FileInfo]:
     infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    return sorted(i.path for i in infos if i.is_file and i.path.endswith(suffix)
-                  and not i.base_name.startswith(TMP_PREFIX))
+    return [i for i in infos if i.is_file and i.path.endswith(suffix) and not i.base_name.startswith(TMP_PREFIX)]
+
+
+# runs/ holds one file per run and, after `compact`, a few compacted files of many runs each.
+COMPACTED_PREFIX = "compacted-"
+COMPACT_RUNS = 1000  # runs per compacted file: bounded memory while compacting, few requests when reading
+COMPACT_AT = 500  # per-run files at which a sweep compacts at its end; fewer read fast and stay easy to inspect
+COMPACT_ROW_GROUP = 64  # runs per row group: a reader streams a compacted file instead of loading it whole
+
+
+def _is_compacted(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)
+
+
+def _by_precedence(paths: list[str]) -> list[str]:
+    """Newest first: per-run files (written after any compaction that could hold the same run),
+    then compacted files newest first (their names start with a zero-padded time)."""
+    return [p for p in paths if not _is_compacted(p)] + sorted(filter(_is_compacted, paths), reverse=True)
 
 
 def _read(fs: pafs.FileSystem, paths: list[str], columns: list[str]) -> pa.Table:
-    """Read run files against RUN_SCHEMA: columns added since a file was written come back null."""
-    return ds.dataset(paths, format="parquet", filesystem=fs, schema=RUN_SCHEMA).to_table(columns=columns)
+    """Read run files against RUN_SCHEMA (columns added since a file was written come back null),
+    each row tagged with the file it came from (`__filename`)."""
+    return ds.dataset(paths, format="parquet", filesystem=fs, schema=RUN_SCHEMA).to_table(
+        columns=[*columns, "__filename"])
 
 
-def read_runs(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """All run rows under OUT/runs, read in one multi-file scan. Unreadable or foreign files
-    (no run_id) are skipped with one warning that counts them: one bad file must not hide a
-    thousand good ones."""
-    fs, root = resolve(uri)
-    paths, cols = list_files(fs, f"{root}/runs", ".parquet"), columns or RUN_SCHEMA.names
-    scan = list(dict.fromkeys([*cols, "run_id"]))
+def _read_ours(fs: pafs.FileSystem, paths: list[str], columns: list[str]) -> pa.Table:
+    """One multi-file scan; if some file is bad, find it and keep the rest. Rows without a
+    run_id (foreign Parquet files) are dropped."""
+    scan = list(dict.fromkeys([*columns, "run_id"]))
     try:
         tables = [_read(fs, paths, scan)] if paths else []
-    except (pa.ArrowException, OSError):  # some file is bad: find it, keep the rest
+    except (pa.ArrowException, OSError):
         tables = []
         for path in paths:
             try:
                 tables.append(_read(fs, [path], scan))
             except (pa.ArrowException, OSError):
                 pass
-    table = pa.concat_tables(tables) if tables else RUN_SCHEMA.empty_table().select(scan)
-    ours = table.filter(pc.is_valid(table["run_id"]))
-    skipped = len(paths) - ours.num_rows
+    schema = pa.schema([RUN_SCHEMA.field(c) for c in scan] + [pa.field("__filename", pa.string())])
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    return table.filter(pc.is_valid(table["run_id"]))
+
+
+def _newest_per_run(table: pa.Table, paths: list[str]) -> pa.Table:
+    """One row per run_id: the one from the file earliest in `paths` (newest first)."""
+    rank = {p: i for i, p in enumerate(paths)}
+    ranks = np.fromiter((rank[f] for f in table["__filename"].to_pylist()), int, table.num_rows)
+    ids = np.asarray(table["run_id"].to_pylist(), dtype=str)
+    order = np.lexsort((ranks, ids))
+    first = np.ones(len(order), bool)
+    first[1:] = ids[order][1:] != ids[order][:-1]
+    return table.take(np.sort(order[first]))
+
+
+def read_runs(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """All run rows under OUT/runs (per-run and compacted files) in one multi-file scan, one row
+    per run_id, the newest. Unreadable or foreign files (no run_id) are skipped with one warning
+    that counts them: one bad file must not hide a thousand good ones."""
+    fs, root = resolve(uri)
+    paths, cols = _by_precedence(list_files(fs, f"{root}/runs", ".parquet")), columns or RUN_SCHEMA.names
+    table = _read_ours(fs, paths, cols)
+    skipped = len(set(paths) - set(table["__filename"].to_pylist()))
     if skipped:
         warnings.warn(f"skipped {skipped} unreadable or foreign Parquet file(s) under {root}/runs", stacklevel=2)
-    return ours.select(cols)
+    return _newest_per_run(table, paths).select(cols)
+
+
+def compact(uri: str, runs_per_file: int = COMPACT_RUNS, at_least: int = 1) -> int:
+    """Merge the per-run files under OUT/runs into compacted files of up to `runs_per_file` runs,
+    so that reading 10,000 runs takes a few requests, not 10,000. Does nothing when there are
+    fewer than `at_least` per-run files. Returns how many per-run files were merged.
+
+    Safe while runs are still being written: each compacted file is written whole first, then
+    exactly the per-run files it holds are deleted, and only if unchanged since they were read (a
+    run rewritten meanwhile keeps its newer per-run file, which readers prefer). A crash in between
+    leaves a run in both places; readers keep one row per run_id.
+    """
+    fs, root = resolve(uri)
+    folder = f"{root}/runs"
+    infos = sorted((i for i in _finished(fs, folder, ".parquet") if not _is_compacted(i.path)), key=lambda i: i.path)
+    if len(infos) < at_least:
+        return 0
+    merged = 0
+    for start in range(0, len(infos), runs_per_file):
+        chunk = {i.path: i for i in infos[start:start + runs_per_file]}
+        table = _read_ours(fs, list(chunk), RUN_SCHEMA.names)
+        if not table.num_rows:
+            continue
+        name = f"{COMPACTED_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        write_table(fs, f"{folder}/{name}", table.drop_columns(["__filename"]), row_group_size=COMPACT_ROW_GROUP)
+        for path in set(table["__filename"].to_pylist()):
+            now = fs.get_file_info(path)
+            if (now.mtime, now.size) == (chunk[path].mtime, chunk[path].size):
+                fs.delete_file(path)
+                merged += 1
+    return merged
 
 
 def ok_run_ids(uri: str) -> set[str]:

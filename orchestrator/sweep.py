@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections import defaultdict, deque
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,8 @@ from orchestrator.spec import ProbeSpec, RunSpec, SpecError, SweepSpec, expand, 
 
 # Tune's per-trial JSON/CSV/TensorBoard loggers cost more than a small replica's training.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# Resume reads OUT, never Tune's experiment state, so its periodic snapshot is bookkeeping only.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "300")
 OUT_ENTRIES = ("sweep.yaml", "runs", "weights", "datasets", "overhead", "tables", "tune", "progress.json")
 
 
@@ -82,13 +85,15 @@ def preflight(runs: list[RunSpec]) -> None:
                             f"fix accelerators/resources or pass --wait-for-autoscaling")
 
 
-def _trial(config: dict) -> None:
-    """One Tune trial = one replica, or one overhead probe. The worker writes its own files under OUT."""
+def _trial(config: dict, specs: dict[str, str]) -> None:
+    """One Tune trial = one replica, or one overhead probe. The config carries only the id; the
+    spec comes from `specs` (id -> RunSpec/ProbeSpec JSON), placed once in Ray's object store.
+    The worker writes its own files under OUT."""
     from ray import tune
 
     from orchestrator import probe, runner
 
-    item = config["run"]
+    item = json.loads(specs[config["run"]])
     if "probe_id" in item:
         row = probe.run(ProbeSpec.model_validate(item), config["out"])
     else:
@@ -96,73 +101,170 @@ def _trial(config: dict) -> None:
     tune.report({"status": row["status"], "test_accuracy": row.get("test_accuracy"), "error": row.get("error")})
 
 
-def make_progress(total: int, out: str, failure_row):
+def make_progress(total: int, out: str, fail_fast: FailFast, by_id: dict):
     """A Tune callback that prints done/total, failed, elapsed and ETA and mirrors the counts to
-    OUT/progress.json, and records a run whose worker died for good (Tune gave up retrying)."""
+    OUT/progress.json, records a run whose worker died for good (Tune gave up retrying), and tells
+    fail-fast how each run ended. One instance serves every pool of a sweep."""
     from ray.tune import Callback
 
+    record = row_writer(out)
     fs, root = store.resolve(out)
 
     class Progress(Callback):
         def __init__(self):
-            self.t0, self.done, self.failed = time.time(), 0, 0
+            self.t0, self.done, self.failed, self.skipped, self.written = time.time(), 0, 0, 0, 0.0
 
-        def _update(self, failed: bool) -> None:
-            self.done, self.failed = self.done + 1, self.failed + failed
+        def _update(self, failed: bool, skipped: bool = False) -> None:
+            self.done, self.failed, self.skipped = self.done + 1, self.failed + failed, self.skipped + skipped
             elapsed = time.time() - self.t0
             eta = elapsed / self.done * (total - self.done)
-            print(f"[{self.done}/{total}] failed {self.failed}  elapsed {elapsed:.0f}s  eta {eta:.0f}s", flush=True)
-            state = {"done": self.done, "total": total, "failed": self.failed, "elapsed_s": round(elapsed, 1),
-                     "eta_s": round(eta, 1), "updated": time.time()}
+            print(f"[{self.done}/{total}] failed {self.failed}" + (f"  skipped {self.skipped}" if self.skipped else "")
+                  + f"  elapsed {elapsed:.0f}s  eta {eta:.0f}s", flush=True)
+            if time.time() - self.written < 1 and self.done < total:
+                return  # at most one write a second: a PUT per run would slow the driver's loop
+            self.written = time.time()
+            state = {"done": self.done, "total": total, "failed": self.failed, "skipped": self.skipped,
+                     "elapsed_s": round(elapsed, 1), "eta_s": round(eta, 1), "updated": self.written}
             store.write_bytes(fs, f"{root}/progress.json", json.dumps(state).encode())
 
+        def skip(self, run: RunSpec, error: str) -> None:
+            record(run, "skipped", error)
+            self._update(False, skipped=True)
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._update((trial.last_result or {}).get("status") != "ok")
+            result = trial.last_result or {}
+            if isinstance(spec := by_id[trial.config["run"]], RunSpec):
+                fail_fast.record(spec, None if result.get("status") == "ok" else str(result.get("error")))
+            self._update(result.get("status") != "ok")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            if "run_id" in trial.config["run"]:  # a dead probe leaves no file: main reports it missing
-                failure_row(RunSpec.model_validate(trial.config["run"]), str(trial.get_error() or ""))
+            if isinstance(spec := by_id[trial.config["run"]], RunSpec):  # a dead probe leaves no file: main reports it
+                error = str(trial.get_error() or "").strip()
+                error = f"worker died: {error.splitlines()[-1] if error else 'worker died'}"
+                record(spec, "failed", error)
+                fail_fast.record(spec, error)
             self._update(True)
 
     return Progress()
 
 
-def record_worker_death(out: str):
+def row_writer(out: str):
+    """Writes the row of a run that has no row of its own: its worker died, or fail-fast skipped it."""
     fs, root = store.resolve(out)
 
-    def write(run: RunSpec, error: str) -> None:
+    def write(run: RunSpec, status: str, error: str) -> None:
         from orchestrator.runner import base_row
 
-        last = error.strip().splitlines()[-1] if error.strip() else "worker died"
-        store.write_run(fs, root, base_row(run) | {"status": "failed", "error": f"worker died: {last}"})
+        store.write_run(fs, root, base_row(run) | {"status": status, "error": error})
 
     return write
 
 
-def _trial_id(item: dict) -> str:
-    return item.get("run_id") or item["probe_id"]
+class FailFast:
+    """Stops a workload whose first k finished runs all failed with the same error (a missing
+    dataset, an import error): the rest would only fail the same way, for hours on a GPU cluster.
+    Until those k are in, at most k runs of the workload start. Probes (key None) never stop."""
+
+    def __init__(self, k: int):
+        self.k, self.first = k, defaultdict(list)  # workload key -> errors of its first k runs (None = ok)
+
+    @staticmethod
+    def key(run: RunSpec | ProbeSpec) -> str | None:
+        return run.workload.model_dump_json() if isinstance(run, RunSpec) else None
+
+    def record(self, run: RunSpec, error: str | None) -> None:
+        first = self.first[self.key(run)]
+        if len(first) < self.k:
+            first.append(error)
+
+    def stopped(self, key: str | None) -> str | None:
+        """The error that stopped this workload, or None."""
+        first = self.first.get(key, [])
+        same = self.k and len(first) == self.k and first[0] is not None and first.count(first[0]) == self.k
+        return first[0] if same else None
+
+    def waiting(self, key: str | None) -> bool:
+        """The workload's first k runs are not all in yet, and all that are failed alike."""
+        first = self.first.get(key, [])
+        return key is not None and bool(self.k) and len(first) < self.k and None not in first and len(set(first)) <= 1
+
+
+def run_queue(pool: list[RunSpec | ProbeSpec], fail_fast: FailFast, progress):
+    """A Tune searcher that hands the pool's runs out one at a time, in order: linear in the number
+    of runs (Tune's variant generation over a grid_search of N runs is quadratic). A run of a
+    workload that fail-fast stopped is recorded skipped instead of started."""
+    from ray.tune.search import Searcher
+
+    class RunQueue(Searcher):
+        def __init__(self):
+            super().__init__()
+            self.queues, self.started = defaultdict(deque), defaultdict(int)
+            for run in pool:
+                self.queues[fail_fast.key(run)].append(run)
+
+        def suggest(self, trial_id: str):
+            for key, queue in self.queues.items():
+                while queue and (error := fail_fast.stopped(key)):
+                    progress.skip(queue.popleft(), error)
+                if queue and not (fail_fast.waiting(key) and self.started[key] >= fail_fast.k):
+                    self.started[key] += 1
+                    return {"run": _trial_id(queue.popleft())}
+            # None: runs are held until their workload's first results are in; Tune asks again
+            return None if any(self.queues.values()) else Searcher.FINISHED
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            pass  # outcomes reach fail-fast through the Progress callback, which also sees worker deaths
+
+        def save(self, checkpoint_path: str) -> None:
+            pass  # nothing to save: a resumed sweep rebuilds the queue from what OUT lacks
+
+    return RunQueue()
+
+
+def _trial_id(run: RunSpec | ProbeSpec) -> str:
+    return run.run_id if isinstance(run, RunSpec) else run.probe_id
+
+
+def pools(runs: list[RunSpec | ProbeSpec]) -> list[list[RunSpec | ProbeSpec]]:
+    """Deterministic runs, non-deterministic runs and probes each get their own Tune run, so a
+    reused worker process never changes mode: cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when CUDA
+    starts, so a warm GPU worker keeps the mode of its first run."""
+    by_mode = {"deterministic": [], "nondeterministic": [], "probes": []}
+    for r in runs:
+        by_mode["probes" if isinstance(r, ProbeSpec) else "nondeterministic" if "impl" in r.vary
+                else "deterministic"].append(r)
+    return [pool for pool in by_mode.values() if pool]
 
 
 def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str) -> None:
-    """Fan the runs out as Tune trials, one per replica or overhead probe."""
+    """Fan the runs out as Tune trials, one per replica or overhead probe, one Tune run per pool.
+    Worker processes are reused within a pool (warm: torch imported, dataset cached, CUDA up)."""
+    import ray
     from ray import tune
 
-    by_id = {_trial_id(r.model_dump()): r for r in runs}
+    # A custom searcher gets 1 pending trial by default, which leaves slots idle between short
+    # trials; allow one per CPU (at least 16, so the autoscaler sees demand).
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(16, int(ray.cluster_resources().get("CPU", 1)))))
+    by_id = {_trial_id(r): r for r in runs}
     # Tune's result grid would warn once per trial that the disabled loggers wrote no metrics.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # A reused actor keeps the cuBLAS workspace setting of its first CUDA run, so GPU runs of
-    # different impl modes each get a fresh process; CPU runs share actors (seconds per trial).
-    reuse = all(r.gpus == 0 for r in runs)
-    tuner = tune.Tuner(
-        tune.with_resources(_trial, resources=lambda config: resources(by_id[_trial_id(config["run"])])),
-        param_space={"run": tune.grid_search([r.model_dump(mode="json") for r in runs]), "out": out},
-        tune_config=tune.TuneConfig(reuse_actors=reuse, trial_dirname_creator=lambda t: _trial_id(t.config["run"])),
-        run_config=tune.RunConfig(
-            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=f"{out}/tune",  # beside the results: shared storage on a multi-node cluster
-            failure_config=tune.FailureConfig(max_failures=spec.max_retries),
-            callbacks=[make_progress(len(runs), out, record_worker_death(out))], verbose=0))
-    tuner.fit()  # trial outcomes are in OUT/runs; Tune's own result grid is not needed
+    fail_fast = FailFast(spec.fail_fast)
+    progress = make_progress(len(runs), out, fail_fast, by_id)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for n, pool in enumerate(pools(runs)):
+        specs = {_trial_id(r): r.model_dump_json() for r in pool}
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(_trial, specs=specs),
+                                resources=lambda config: resources(by_id[config["run"]])),
+            param_space={"out": out},
+            tune_config=tune.TuneConfig(search_alg=run_queue(pool, fail_fast, progress), num_samples=len(pool),
+                                        reuse_actors=True, trial_dirname_creator=lambda t: t.config["run"]),
+            run_config=tune.RunConfig(
+                name=f"{spec.name}-{stamp}-{n}",
+                storage_path=f"{out}/tune",  # beside the results: shared storage on a multi-node cluster
+                failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+                callbacks=[progress], verbose=0))
+        tuner.fit()  # trial outcomes are in OUT/runs; Tune's own result grid is not needed
 
 
 def connect(address: str | None) -> None:
@@ -212,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         schedule(todo + todo_probes, spec, out)
+    store.compact(out, at_least=store.COMPACT_AT)
     from orchestrator.reduce import format_markdown, reduce
 
     tables = reduce(out)
@@ -222,10 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     for probe_id in missing:
         print(f"failed: {probe_id}: the overhead probe wrote no result (its error is in the log above)",
               file=sys.stderr)
-    failed = store.read_runs(out, columns=["run_id", "status", "error"]).to_pandas()
+    failed = store.read_runs(out, columns=["run_id", "arch", "dataset", "status", "error"]).to_pandas()
     failed = failed[failed.run_id.isin({r.run_id for r in runs}) & (failed.status != "ok")]
-    for r in failed.itertuples():
+    for r in failed[failed.status != "skipped"].itertuples():
         print(f"failed: {r.run_id}: {r.error}", file=sys.stderr)
+    for (arch, dataset, error), g in failed[failed.status == "skipped"].groupby(["arch", "dataset", "error"]):
+        print(f"skipped: {len(g)} runs of {arch} on {dataset} (fail_fast: its first {spec.fail_fast} runs failed "
+              f"with the same error): {error}", file=sys.stderr)
     print(f"results: {out}  (tables in {out}/tables)")
     return 1 if len(failed) or missing else 0
 
