@@ -6,7 +6,8 @@ Each run is digits × mlp × 1 epoch, noise [algo], resources {cpus: 1}: trainin
 milliseconds, so what is measured is the orchestrator. Per N it prints the wall time of the
 command, the time until the first run finished, the slot-seconds per run in steady state
 ((last finish - first finish) × slots / (N - 1): everything a slot spends per run, training
-included), the driver's peak RSS, and at the end the growth ratio per-run(largest N)/per-run(200).
+included), the driver's peak RSS while the runs run and including the compaction and reduce at
+the end, and at the end the growth ratio per-run(largest N)/per-run(200).
 Goals on a 2-core machine: ≤ 0.15 slot-s per run at 2,000 and 10,000, first run ≤ 30 s after the
 start at any N, growth ≤ 1.2, driver RSS ≤ 1.5 GB at 10,000. Note the machine's load beside a figure.
 """
@@ -33,15 +34,15 @@ def spec(n: int) -> dict:
             "workloads": [{"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}]}
 
 
-def peak_rss_mb(pid: int, peak: list[float], done: threading.Event) -> None:
-    """Poll the driver's high-water mark (VmHWM only grows, so the last reading is the peak)."""
+def sample_rss(pid: int, t0: float, samples: list[tuple[float, float]], done: threading.Event) -> None:
+    """(seconds since start, MB) of the driver's resident set, twice a second."""
     while not done.wait(0.5):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             return
-        kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-        peak[0] = max(peak[0], kb / 1024)
+        kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        samples.append((time.perf_counter() - t0, kb / 1024))
 
 
 def run(n: int, tmp: Path) -> dict:
@@ -52,8 +53,8 @@ def run(n: int, tmp: Path) -> dict:
     p = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(path), "--out", str(out), "--fresh"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    peak, done = [0.0], threading.Event()
-    threading.Thread(target=peak_rss_mb, args=(p.pid, peak, done), daemon=True).start()
+    rss, done = [], threading.Event()
+    threading.Thread(target=sample_rss, args=(p.pid, t0, rss, done), daemon=True).start()
     finishes = [time.perf_counter() - t0 for line in p.stdout if line.startswith("[")]
     rc = p.wait()
     wall = time.perf_counter() - t0
@@ -63,7 +64,9 @@ def run(n: int, tmp: Path) -> dict:
     train = store.read_runs(str(out), columns=["train_seconds"])["train_seconds"].to_pylist()
     slots = os.cpu_count()
     return {"n": n, "wall": wall, "first": finishes[0], "slots": slots,
-            "per_run": (finishes[-1] - finishes[0]) * slots / (n - 1), "train": sum(train) / n, "rss": peak[0]}
+            "per_run": (finishes[-1] - finishes[0]) * slots / (n - 1), "train": sum(train) / n,
+            "rss_runs": max((mb for t, mb in rss if t <= finishes[-1]), default=0),
+            "rss": max((mb for _, mb in rss), default=0)}
 
 
 def main() -> None:
@@ -76,7 +79,8 @@ def main() -> None:
             results.append(r)
             print(f"N={r['n']:>6}: wall {r['wall']:7.1f} s  first run finished {r['first']:5.1f} s  "
                   f"slot-s per run {r['per_run']:.3f} (training {r['train']:.3f})  driver peak RSS "
-                  f"{r['rss']:6.0f} MB  load {os.getloadavg()[0]:.2f}", flush=True)
+                  f"{r['rss_runs']:5.0f} MB while running, {r['rss']:5.0f} MB with compact+reduce  "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
     base = next((r for r in results if r["n"] == 200), results[0])
     for r in results:
         if r is not base:

@@ -8,6 +8,7 @@ same command resumes: run_ids already `ok` under OUT are not run again.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -85,15 +86,24 @@ def preflight(runs: list[RunSpec]) -> None:
                             f"fix accelerators/resources or pass --wait-for-autoscaling")
 
 
-def _trial(config: dict, specs: dict[str, str]) -> None:
+@functools.lru_cache(maxsize=2)
+def _specs(ref) -> dict[str, str]:
+    """A pool's spec table (id -> RunSpec/ProbeSpec JSON), fetched once per worker process: a
+    fetch per trial would cost each trial time in proportion to the sweep's size."""
+    import ray
+
+    return ray.get(ref)
+
+
+def _trial(config: dict, table: tuple) -> None:
     """One Tune trial = one replica, or one overhead probe. The config carries only the id; the
-    spec comes from `specs` (id -> RunSpec/ProbeSpec JSON), placed once in Ray's object store.
+    spec comes from the pool's table, placed once in Ray's object store (`table` holds its ref).
     The worker writes its own files under OUT."""
     from ray import tune
 
     from orchestrator import probe, runner
 
-    item = json.loads(specs[config["run"]])
+    item = json.loads(_specs(table[0])[config["run"]])
     if "probe_id" in item:
         row = probe.run(ProbeSpec.model_validate(item), config["out"])
     else:
@@ -252,9 +262,9 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str) -> None
     progress = make_progress(len(runs), out, fail_fast, by_id)
     stamp = time.strftime('%Y%m%d-%H%M%S')
     for n, pool in enumerate(pools(runs)):
-        specs = {_trial_id(r): r.model_dump_json() for r in pool}
+        table = ray.put({_trial_id(r): r.model_dump_json() for r in pool})
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(_trial, specs=specs),
+            tune.with_resources(tune.with_parameters(_trial, table=(table,)),
                                 resources=lambda config: resources(by_id[config["run"]])),
             param_space={"out": out},
             tune_config=tune.TuneConfig(search_alg=run_queue(pool, fail_fast, progress), num_samples=len(pool),
