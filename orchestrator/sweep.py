@@ -102,6 +102,9 @@ def _trial(config: dict, table: tuple) -> None:
     from ray import tune
 
     from orchestrator import probe, runner
+    # imported, not used as a global: under `python -m orchestrator.sweep` this module is __main__,
+    # and Ray pickles `_trial` by value, but a worker can only reach the cache through the package
+    from orchestrator.sweep import _specs
 
     item = json.loads(_specs(table[0])[config["run"]])
     if "probe_id" in item:

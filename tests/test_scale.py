@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator import store, sweep
 from orchestrator.spec import parse, expand
-from tests.conftest import ROOT, write_spec
+from tests.conftest import ROOT, cli, write_spec
 
 TINY = {"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}
 BROKEN = TINY | {"dataset": "cifar10", "dataset_root": "/nonexistent/cifar"}
@@ -68,7 +68,9 @@ def test_fail_fast_skips_a_broken_workload_others_run_on_warm_workers_of_one_mod
 def test_resume_reads_compacted_results(ray_local, tmp_path, capsys):
     spec = write_spec(tmp_path / "s.yaml", name="compacted", replicas=3, noise=["control"], workloads=[TINY])
     out = tmp_path / "out"
-    assert sweep.main([str(spec), "--out", str(out)]) == 0
+    address = ray_local.get_runtime_context().gcs_address  # the CLI, as a user runs it, on this cluster
+    first = cli(str(spec), "--out", str(out), "--address", address)
+    assert first.returncode == 0, first.stderr[-2000:]
     res = subprocess.run([sys.executable, "-m", "orchestrator.compact", str(out)], cwd=ROOT, capture_output=True,
                          text=True)
     assert res.returncode == 0 and "compacted 3 run files" in res.stdout
