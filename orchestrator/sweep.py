@@ -221,7 +221,8 @@ def run_queue(pool: list[RunSpec | ProbeSpec], fail_fast: FailFast, progress):
                     progress.skip(queue.popleft(), error)
                 if queue and not (fail_fast.waiting(key) and self.started[key] >= fail_fast.k):
                     self.started[key] += 1
-                    return {"run": _trial_id(queue.popleft())}
+                    run = queue.popleft()
+                    return {"run": _trial_id(run), "resources": resources(run)}
             # None: runs are held until their workload's first results are in; Tune asks again
             return None if any(self.queues.values()) else Searcher.FINISHED
 
@@ -268,7 +269,9 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str) -> None
         table = ray.put({_trial_id(r): r.model_dump_json() for r in pool})
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_trial, table=(table,)),
-                                resources=lambda config: resources(by_id[config["run"]])),
+                                # from the config, not a lookup: Tune unpickles this callable
+                                # twice per trial, so what it holds must not grow with the sweep
+                                resources=lambda config: config["resources"]),
             param_space={"out": out},
             tune_config=tune.TuneConfig(search_alg=run_queue(pool, fail_fast, progress), num_samples=len(pool),
                                         reuse_actors=True, trial_dirname_creator=lambda t: t.config["run"]),
