@@ -239,6 +239,16 @@ def _trial_id(run: RunSpec | ProbeSpec) -> str:
     return run.run_id if isinstance(run, RunSpec) else run.probe_id
 
 
+def trainable(table):
+    """The Tune trainable of one pool, given the ref of its spec table in the object store. Tune
+    unpickles it twice per trial, so it holds nothing that grows with the sweep: resources come from
+    the trial's config, specs from the table."""
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(_trial, table=(table,)),
+                               resources=lambda config: config["resources"])
+
+
 def pools(runs: list[RunSpec | ProbeSpec]) -> list[list[RunSpec | ProbeSpec]]:
     """Deterministic runs, non-deterministic runs and probes each get their own Tune run, so a
     reused worker process never changes mode: cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when CUDA
@@ -266,12 +276,8 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str) -> None
     progress = make_progress(len(runs), out, fail_fast, by_id)
     stamp = time.strftime('%Y%m%d-%H%M%S')
     for n, pool in enumerate(pools(runs)):
-        table = ray.put({_trial_id(r): r.model_dump_json() for r in pool})
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(_trial, table=(table,)),
-                                # from the config, not a lookup: Tune unpickles this callable
-                                # twice per trial, so what it holds must not grow with the sweep
-                                resources=lambda config: config["resources"]),
+            trainable(ray.put({_trial_id(r): r.model_dump_json() for r in pool})),
             param_space={"out": out},
             tune_config=tune.TuneConfig(search_alg=run_queue(pool, fail_fast, progress), num_samples=len(pool),
                                         reuse_actors=True, trial_dirname_creator=lambda t: t.config["run"]),

@@ -42,6 +42,16 @@ def test_fail_fast_needs_k_equal_failures_in_a_row():
     assert off.stopped(key) is None and not off.waiting(key)
 
 
+def test_the_trainable_does_not_grow_with_the_sweep(ray_local):
+    """Tune unpickles the trainable twice per trial: one that held every run made scheduling quadratic."""
+    import cloudpickle
+
+    def size(n):
+        return len(cloudpickle.dumps(sweep.trainable(ray_local.put({f"run-{i}": "x" * 1000 for i in range(n)}))))
+
+    assert size(10_000) < size(10) + 100
+
+
 @pytest.mark.integration
 def test_fail_fast_skips_a_broken_workload_others_run_on_warm_workers_of_one_mode(ray_local, tmp_path, capsys):
     spec = write_spec(tmp_path / "s.yaml", name="ff", replicas=4, noise=["control", "impl"], workloads=[TINY, BROKEN])
