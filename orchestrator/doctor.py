@@ -152,7 +152,8 @@ def overhead_summary(p: spec.ProbeSpec, result: dict, seed: int = 0) -> dict:
     """One probe as {arch, overhead_pct, lo, hi, nondeterministic_ops, ...}: the ratio of median step
     times (deterministic / default) with a seeded block-bootstrap interval, in percent."""
     w = p.workload
-    row = {"arch": w.arch, "arch_args": w.arch_args, "batch_size": w.batch_size,
+    args = ",".join(f"{k}={v}" for k, v in sorted(w.arch_args.items()))
+    row = {"arch": w.arch, "arch_args": w.arch_args, "label": f"{w.arch}({args})" if args else w.arch, "batch_size": w.batch_size,
            "image_size": w.dataset_args.get("image_size"), "device": "cuda" if p.gpus else "cpu"}
     if "error" in result:
         return row | {"overhead_pct": None, "lo": None, "hi": None, "nondeterministic_ops": [], "error": result["error"]}
@@ -210,15 +211,27 @@ def verdicts(report: dict) -> list[str]:
         out.append(f"cuBLAS: CUBLAS_WORKSPACE_CONFIG={noise.CUBLAS_WORKSPACE} was set before CUDA started")
     for o in report["overhead"]:
         if o["error"]:
-            out.append(f"overhead {o['arch']}: probe failed ({o['error']})")
+            out.append(f"overhead {o['label']}: probe failed ({o['error']})")
             continue
         ops = f"; no deterministic kernel for {', '.join(o['nondeterministic_ops'])}" if o["nondeterministic_ops"] else ""
-        out.append(f"overhead {o['arch']}: deterministic steps cost {_pct(o['overhead_pct'])} "
+        out.append(f"overhead {o['label']}: deterministic steps cost {_pct(o['overhead_pct'])} "
                    f"[{_pct(o['lo'])}, {_pct(o['hi'])}] on {o['device']}{ops}")
     return out
 
 
 # --- the command -----------------------------------------------------------------------------------
+
+def overhead_table(overhead: list[dict]) -> str:
+    """The probes as a markdown table: step times in ms, overhead and its interval in percent."""
+    lines = ["| workload | batch | image | step_ms_nondet | step_ms_det | overhead_pct | lo | hi | no deterministic kernel |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for o in overhead:
+        ms = [f"{o[k]:.2f}" if o.get(k) is not None else "n/a" for k in ("step_ms_nondet", "step_ms_det")]
+        lines.append(f"| {o['label']} | {o['batch_size']} | {o['image_size']} | {ms[0]} | {ms[1]} | "
+                     f"{_pct(o['overhead_pct'])} | {_pct(o['lo'])} | {_pct(o['hi'])} | "
+                     f"{', '.join(o['nondeterministic_ops']) or o['error'] or '-'} |")
+    return "\n".join(lines)
+
 
 def _minutes(text: str) -> float:
     try:
@@ -308,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report["wall_seconds"] = time.perf_counter() - t0
-    print("\n".join(report["verdicts"]))
+    print(overhead_table(report["overhead"]), "", *report["verdicts"], sep="\n")
     print(f"wall time: {report['wall_seconds']:.0f} s")
     if args.json:
         fs, path = store.resolve(args.json)
