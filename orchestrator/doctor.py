@@ -174,36 +174,38 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.1f}%"
 
 
+def _spread(group: dict) -> str:
+    if group["max_abs_dw"] is None:
+        return "n/a"
+    return f"max |dw| {group['max_abs_dw']:.3g}, churn {group['churn']:.2%}"
+
+
+def _compare(check: str, group: dict, same: str, differ: str) -> str:
+    """The verdict on a group of replicas that should be identical, differ, or could not run."""
+    if group["identical"] is None:
+        return f"{check}: could not compare ({'; '.join(group['errors']) or 'fewer than 2 ok runs'})"
+    return f"{check}: {same if group['identical'] else differ}"
+
+
 def verdicts(report: dict) -> list[str]:
     """One line per finding, in the words a user acts on."""
     dev, out = report["device"], []
     if dev == "cpu":
         out.append(f"device: {report['device_note']}")
-    impl, control, threads = report["replicas"]["impl"], report["replicas"]["control"], report["replicas"]["threads"]
-    if report["impl_differs"] is None:
-        out.append(f"impl: could not compare replicas ({'; '.join(impl['errors']) or 'fewer than 2 ok runs'})")
-    elif report["impl_differs"]:
-        out.append(f"impl: replicas with identical seeds DIFFER bitwise on {dev} (max |dw| {impl['max_abs_dw']:.3g}, "
-                   f"churn {impl['churn']:.2%}): the framework's default kernels alone make runs differ here")
-    else:
-        out.append(f"impl: replicas with identical seeds are bitwise identical on {dev}: "
-                   "the default kernels add no noise to small_cnn here")
-    if report["control_identical"] is None:
-        out.append(f"control: could not compare replicas ({'; '.join(control['errors']) or 'fewer than 2 ok runs'})")
-    elif report["control_identical"]:
-        out.append(f"control: deterministic replicas are bitwise identical on {dev}: seeds plus deterministic "
-                   "mode reproduce a run on this stack")
-    else:
-        out.append(f"control: deterministic replicas DIFFER on {dev} (max |dw| {control['max_abs_dw']:.3g}): "
-                   "determinism does not hold on this stack; do not trust control groups here")
+    impl, control, threads = (report["replicas"][k] for k in ("impl", "control", "threads"))
     n = threads["num_threads"][-1]
-    if report["threads_change_bits"] is None:
-        out.append(f"threads: could not compare ({'; '.join(threads['errors']) or 'fewer than 2 ok runs'})")
-    elif report["threads_change_bits"]:
-        out.append(f"threads: 1 vs {n} intra-op threads CHANGE the weights on this CPU: pin "
-                   "tooling.num_threads in sweeps and compare runs only at equal thread counts")
-    else:
-        out.append(f"threads: 1 vs {n} intra-op threads give bitwise identical weights on this CPU (small_cnn)")
+    out += [
+        _compare("impl", impl, f"replicas with identical seeds are bitwise identical on {dev}: the default "
+                 "kernels add no noise to small_cnn here",
+                 f"replicas with identical seeds DIFFER bitwise on {dev} ({_spread(impl)}): the framework's "
+                 "default kernels alone make runs differ here"),
+        _compare("control", control, f"deterministic replicas are bitwise identical on {dev}: seeds plus "
+                 "deterministic mode reproduce a run on this stack",
+                 f"deterministic replicas DIFFER on {dev} ({_spread(control)}): determinism does not hold on "
+                 "this stack; do not trust control groups here"),
+        _compare("threads", threads, f"1 vs {n} intra-op threads give bitwise identical weights on this CPU "
+                 "(small_cnn)", f"1 vs {n} intra-op threads CHANGE the weights on this CPU ({_spread(threads)}): "
+                 "pin tooling.num_threads in sweeps and compare runs only at equal thread counts")]
     if report["cublas_workspace_before_cuda"] is False:
         out.append("cuBLAS: CUDA had started before CUBLAS_WORKSPACE_CONFIG could be set (something starts CUDA "
                    "at import): deterministic runs are not guaranteed on this node")

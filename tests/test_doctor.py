@@ -132,3 +132,21 @@ def test_max_abs_diff_is_the_largest_elementwise_gap_over_all_pairs():
     c = {"w": torch.tensor([0.5, 0.0, 0.0]), "b": torch.ones(2), "n": torch.tensor(7)}
     assert doctor.max_abs_diff([a, a]) == 0.0
     assert doctor.max_abs_diff([a, b, c]) == 0.5  # w[0], c vs a; the int counter (7 vs 9) is not a weight
+
+
+def test_verdicts_say_what_failed_instead_of_comparing():
+    """A failed replica is recorded with its error; its group gets a verdict naming the error."""
+    ok = {"errors": [], "identical": True, "max_abs_dw": 0.0, "churn": 0.0, "num_threads": [1, 2]}
+    broken = {"errors": ["Diverged: diverged at epoch 1"], "identical": None, "max_abs_dw": None, "churn": None,
+              "num_threads": [4, 4, 4]}
+    probe_failed = {"label": "resnet18", "error": "RuntimeError: out of memory", "device": "cuda"}
+    report = {"device": "cuda", "replicas": {"impl": broken, "control": ok, "threads": ok},
+              "cublas_workspace_before_cuda": False, "overhead": [probe_failed]}
+    assert doctor.verdicts(report) == [
+        "impl: could not compare (Diverged: diverged at epoch 1)",
+        "control: deterministic replicas are bitwise identical on cuda: seeds plus deterministic mode reproduce "
+        "a run on this stack",
+        "threads: 1 vs 2 intra-op threads give bitwise identical weights on this CPU (small_cnn)",
+        "cuBLAS: CUDA had started before CUBLAS_WORKSPACE_CONFIG could be set (something starts CUDA at import): "
+        "deterministic runs are not guaranteed on this node",
+        "overhead resnet18: probe failed (RuntimeError: out of memory)"]
