@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import repeat
 
 import numpy as np
@@ -59,11 +60,13 @@ class UsageError(ValueError):
 def replica_specs(device: str, threads: int) -> tuple[list[spec.RunSpec], list[spec.RunSpec], list[spec.RunSpec]]:
     """(3 impl replicas, 2 control replicas) of small_cnn on the device, all with the same seeds, and
     (the control replica at 1 thread, at `threads`) on the CPU for the threads check."""
-    w = {**REPLICA, **PLANS[device]["replica"]}
     gpus = 1 if device == "cuda" else 0
-    runs = spec.expand(spec.parse({"name": "doctor", "replicas": 3, "noise": ["impl", "control"], "workloads": [w],
+    runs = spec.expand(spec.parse({"name": "doctor", "replicas": 3, "noise": ["impl", "control"],
+                                   "workloads": [{**REPLICA, **PLANS[device]["replica"]}],
                                    "tooling": {"num_threads": [threads]}, "resources": {"cpus": threads, "gpus": gpus}}))
-    cpu = spec.expand(spec.parse({"name": "doctor-threads", "replicas": 1, "noise": ["control"], "workloads": [w],
+    # the CPU's small plan also on a GPU node: one thread would take minutes on the GPU plan's data
+    cpu = spec.expand(spec.parse({"name": "doctor-threads", "replicas": 1, "noise": ["control"],
+                                  "workloads": [{**REPLICA, **PLANS["cpu"]["replica"]}],
                                   "tooling": {"num_threads": [1, threads]}}))
     return [r for r in runs if r.noise == "impl"], [r for r in runs if r.noise == "control"][:2], cpu
 
@@ -131,7 +134,7 @@ def replica_summary(rows: list[dict], out: str) -> dict:
     are listed with their error. `identical` is None below two ok runs."""
     ok = [r for r in rows if r["status"] == "ok"]
     digests = [r["weights_sha256"] for r in ok]
-    fs, root = store.resolve(out)
+    root = store.absolute(out)
     states = [load_file(store.weights_path(root, r["run_id"])) for r in ok]
     enough = len(ok) >= 2
     return {"n_runs": len(rows), "errors": [r["error"] for r in rows if r["status"] != "ok"],
@@ -322,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenProcessPool as e:  # a worker killed outright (segfault, out of host memory): no verdicts
+        print(f"error: a doctor worker process died ({e}); no verdict was reached",
+              file=sys.stderr)
+        return 1
     report["wall_seconds"] = time.perf_counter() - t0
     print(overhead_table(report["overhead"]), "", *report["verdicts"], sep="\n")
     print(f"wall time: {report['wall_seconds']:.0f} s")

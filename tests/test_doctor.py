@@ -3,10 +3,12 @@ unimportable, as on a bare GPU box; the JSON must agree with the digests it reco
 asserted: on some CPUs 1 vs 2 threads change the weights, on others not."""
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -150,3 +152,15 @@ def test_verdicts_say_what_failed_instead_of_comparing():
         "cuBLAS: CUDA had started before CUBLAS_WORKSPACE_CONFIG could be set (something starts CUDA at import): "
         "deterministic runs are not guaranteed on this node",
         "overhead resnet18: probe failed (RuntimeError: out of memory)"]
+
+
+def test_a_worker_that_dies_is_an_error_line_and_exit_1(capsys, monkeypatch):
+    """A worker killed outright (a segfault in a kernel, the OOM killer) must not end in a traceback."""
+    def dying_worker():
+        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=os._exit, initargs=(9,))
+
+    monkeypatch.setattr(doctor, "_worker", dying_worker)
+    assert doctor.main(["--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: a doctor worker process died")
