@@ -35,13 +35,14 @@ from orchestrator import metrics, noise, probe, runner, spec, store
 
 DEFAULT_MINUTES = 2.0
 REPLICA = {"arch": "small_cnn", "dataset": "synthetic", "augmentation": "crop+flip", "batch_size": 128}
-# Per device, sized so that the whole doctor fits DEFAULT_MINUTES (CPU: measured ~45 s on 2 cores);
+# Per device, sized so that the whole doctor fits DEFAULT_MINUTES (CPU: 65 s measured on 2 cores shared
+# with a load of 8; 29 s of CPU time);
 # --minutes scales the probes' timed steps, the one knob that narrows the overhead interval.
 PLANS = {
     "cpu": {"replica": {"dataset_args": {"n_train": 512, "n_test": 256, "image_size": 32}, "epochs": 1},
             "overhead": {"steps": 6, "warmup": 1, "repeats": 3},
             "probes": [{**REPLICA, "dataset_args": {"n_train": 512, "n_test": 16, "image_size": 32}},
-                       {**REPLICA, "arch": "resnet18", "batch_size": 16,  # 16x16: ~0.1 s a step, not 0.7
+                       {**REPLICA, "arch": "resnet18", "batch_size": 16,  # 16x16: a quarter of a 32x32 step
                         "dataset_args": {"n_train": 256, "n_test": 16, "image_size": 16}}]},
     "cuda": {"replica": {"dataset_args": {"n_train": 4096, "n_test": 1024, "image_size": 32}, "epochs": 2},
              "overhead": {"steps": 40, "warmup": 5, "repeats": 5},
@@ -59,11 +60,12 @@ class UsageError(ValueError):
 
 def replica_specs(device: str, threads: int) -> tuple[list[spec.RunSpec], list[spec.RunSpec], list[spec.RunSpec]]:
     """(3 impl replicas, 2 control replicas) of small_cnn on the device, all with the same seeds, and
-    (the control replica at 1 thread, at `threads`) on the CPU for the threads check."""
+    (the control replica at 1 thread, at `threads`) on the CPU for the threads check. Replicas and
+    probes run at the sweep's default of 1 intra-op thread."""
     gpus = 1 if device == "cuda" else 0
     runs = spec.expand(spec.parse({"name": "doctor", "replicas": 3, "noise": ["impl", "control"],
                                    "workloads": [{**REPLICA, **PLANS[device]["replica"]}],
-                                   "tooling": {"num_threads": [threads]}, "resources": {"cpus": threads, "gpus": gpus}}))
+                                   "resources": {"gpus": gpus}}))
     # the CPU's small plan also on a GPU node: one thread would take minutes on the GPU plan's data
     cpu = spec.expand(spec.parse({"name": "doctor-threads", "replicas": 1, "noise": ["control"],
                                   "workloads": [{**REPLICA, **PLANS["cpu"]["replica"]}],
@@ -71,7 +73,7 @@ def replica_specs(device: str, threads: int) -> tuple[list[spec.RunSpec], list[s
     return [r for r in runs if r.noise == "impl"], [r for r in runs if r.noise == "control"][:2], cpu
 
 
-def probe_specs(device: str, threads: int, minutes: float, sweep_file: str | None,
+def probe_specs(device: str, minutes: float, sweep_file: str | None,
                 archs: list[str] | None) -> list[spec.ProbeSpec]:
     """The overhead probes: the built-in small_cnn and resnet18 (timed steps scaled by `minutes`), or
     those of a sweep file (its own overhead section, one probe per workload, optionally only `archs`)."""
@@ -80,7 +82,7 @@ def probe_specs(device: str, threads: int, minutes: float, sweep_file: str | Non
         plan = PLANS[device]
         overhead = {**plan["overhead"], "steps": max(2, round(plan["overhead"]["steps"] * minutes / DEFAULT_MINUTES))}
         sweep = spec.parse({"name": "doctor", "noise": [], "overhead": overhead, "workloads": plan["probes"],
-                            "tooling": {"num_threads": [threads]}, "resources": {"cpus": threads, "gpus": gpus}})
+                            "resources": {"gpus": gpus}})
     else:
         try:
             sweep = spec.load(sweep_file)
@@ -280,7 +282,7 @@ def _worker() -> ProcessPoolExecutor:
 def diagnose(device: str, note: str, minutes: float, probes_file: str | None, archs: list[str] | None) -> dict:
     threads = max(2, torch.get_num_threads())  # 1 vs N needs N > 1, even on a one-core box
     impl_specs, control_specs, thread_specs = replica_specs(device, threads)
-    probes = probe_specs(device, threads, minutes, probes_file, archs)
+    probes = probe_specs(device, minutes, probes_file, archs)
     with tempfile.TemporaryDirectory(prefix="doctor-") as out:
         with _worker() as det:
             started = det.submit(cuda_started).result()

@@ -110,7 +110,7 @@ def test_minutes_must_be_positive(capsys):
 
 
 def test_probes_from_a_sweep_file_run_on_this_node_once_per_workload():
-    probes = doctor.probe_specs("cpu", 2, 2.0, str(ROOT / "sweeps/overhead_gpu.yaml"), ["small_cnn", "vgg16"])
+    probes = doctor.probe_specs("cpu", 2.0, str(ROOT / "sweeps/overhead_gpu.yaml"), ["small_cnn", "vgg16"])
     # overhead_gpu.yaml pins 3 accelerators and has small_cnn with and without batch norm
     assert [(p.workload.arch, p.workload.arch_args) for p in probes] == [
         ("small_cnn", {}), ("small_cnn", {"batch_norm": True}), ("vgg16", {})]
@@ -122,8 +122,8 @@ def test_built_in_plan_is_the_same_seeds_in_every_replica_and_scales_steps(devic
     impl, control, threads = doctor.replica_specs(device, 4)
     assert (len(impl), len(control)) == (3, 2) and len({r.seeds for r in impl + control + threads}) == 1
     assert {r.gpus for r in impl + control} == {1 if device == "cuda" else 0} and {r.gpus for r in threads} == {0}
-    assert [r.num_threads for r in threads] == [1, 4] and {r.num_threads for r in impl + control} == {4}
-    short, long = (doctor.probe_specs(device, 4, m, None, None) for m in (1.0, 4.0))
+    assert [r.num_threads for r in threads] == [1, 4] and {r.num_threads for r in impl + control} == {1}
+    short, long = (doctor.probe_specs(device, m, None, None) for m in (1.0, 4.0))
     assert [p.workload.arch for p in short] == ["small_cnn", "resnet18"]
     assert long[0].overhead.steps == 4 * short[0].overhead.steps
 
