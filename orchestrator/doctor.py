@@ -34,20 +34,25 @@ from safetensors.torch import load_file
 from orchestrator import metrics, noise, probe, runner, spec, store
 
 DEFAULT_MINUTES = 2.0
-REPLICA = {"arch": "small_cnn", "dataset": "synthetic", "augmentation": "crop+flip", "batch_size": 128}
-# Per device, sized so that the whole doctor fits DEFAULT_MINUTES (CPU: 65 s measured on 2 cores shared
-# with a load of 8; 29 s of CPU time);
-# --minutes scales the probes' timed steps, the one knob that narrows the overhead interval.
+# Replicas learn the synthetic data part-way (~90% accuracy here), so churn has room to show; no
+# augmentation: random crops of random templates only slow learning. Probes time what the overhead
+# sweeps time (batch 128, on-device crop+flip).
+REPLICA = {"arch": "small_cnn", "dataset": "synthetic", "batch_size": 64, "optimizer": "adam", "lr": 0.001}
+PROBE = {"arch": "small_cnn", "dataset": "synthetic", "augmentation": "crop+flip", "batch_size": 128}
+# Per device, sized so that the whole doctor fits DEFAULT_MINUTES (CPU, 2 shared cores: 30 s measured at
+# a load average of 4, 65 s at 8; ~30 s of CPU time); --minutes scales the probes' timed steps, the one knob that
+# narrows the overhead interval.
 PLANS = {
-    "cpu": {"replica": {"dataset_args": {"n_train": 512, "n_test": 256, "image_size": 32}, "epochs": 1},
+    "cpu": {"replica": {"dataset_args": {"n_train": 1024, "n_test": 256, "image_size": 32}, "epochs": 1},
             "overhead": {"steps": 6, "warmup": 1, "repeats": 3},
-            "probes": [{**REPLICA, "dataset_args": {"n_train": 512, "n_test": 16, "image_size": 32}},
-                       {**REPLICA, "arch": "resnet18", "batch_size": 16,  # 16x16: a quarter of a 32x32 step
+            "probes": [{**PROBE, "dataset_args": {"n_train": 512, "n_test": 16, "image_size": 32}},
+                       {**PROBE, "arch": "resnet18", "batch_size": 16,  # 16x16: a quarter of a 32x32 step
                         "dataset_args": {"n_train": 256, "n_test": 16, "image_size": 16}}]},
-    "cuda": {"replica": {"dataset_args": {"n_train": 4096, "n_test": 1024, "image_size": 32}, "epochs": 2},
+    "cuda": {"replica": {"dataset_args": {"n_train": 4096, "n_test": 1024, "image_size": 32, "noise": 3.0},
+                         "epochs": 2},
              "overhead": {"steps": 40, "warmup": 5, "repeats": 5},
-             "probes": [{**REPLICA, "dataset_args": {"n_train": 4096, "n_test": 16, "image_size": 32}},
-                        {**REPLICA, "arch": "resnet18",
+             "probes": [{**PROBE, "dataset_args": {"n_train": 4096, "n_test": 16, "image_size": 32}},
+                        {**PROBE, "arch": "resnet18",
                          "dataset_args": {"n_train": 4096, "n_test": 16, "image_size": 32}}]},
 }
 
