@@ -5,7 +5,8 @@ runs is launched on it: do replicas with the same seeds differ here (`impl` nois
 deterministic replicas identical (`control`), do CPU thread counts change bits, and what do
 deterministic kernels cost. Every check goes through the sweep's own code (`runner.run` for
 replicas, `probe.measure` for the overhead, `metrics` for churn and the interval) but without Ray,
-so the doctor runs on a bare GPU box with torch, torchvision, pydantic, pyarrow, PyYAML and scipy.
+so the doctor runs on a bare GPU box with torch, torchvision, pydantic, pyarrow, PyYAML, scipy and
+safetensors.
 
 Two worker processes, because CUDA reads CUBLAS_WORKSPACE_CONFIG once, when it starts: a process
 cannot run framework-default replicas and deterministic ones both as a sweep would. A fresh
