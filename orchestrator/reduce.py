@@ -34,7 +34,8 @@ from orchestrator import metrics, store
 # Tooling axes are grouping keys: a thread count or a precision is not noise, it changes the bits.
 # Run columns and the RunSpec fields they come from, for the axes the run schema has.
 TOOLING = {c: f for c, f in (("num_threads", "num_threads"), ("precision", "precision"),
-                             ("channels_last", "channels_last"), ("compiled", "compile"))
+                             ("channels_last", "channels_last"), ("compiled", "compile"),
+                             ("cudnn_benchmark", "cudnn_benchmark"))
            if c in store.RUN_SCHEMA.names}
 # `workload` hashes the training settings, so two learning rates never pool into one std.
 DEFAULT_BY = ("arch", "dataset", "accelerator_requested", "noise", *TOOLING, "workload")

@@ -34,17 +34,25 @@ def load_dataset(spec: RunSpec) -> datasets.ArrayDataset:
     return _dataset(w.dataset, w.dataset_root, json.dumps(w.dataset_args, sort_keys=True))
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> tuple[str, float]:
-    """sha256 over (name, dtype, shape, bytes) in sorted-name order, and the L2 norm of the
-    floating-point tensors: equal digests mean bitwise-equal models."""
+def weights_digest(state: dict[str, torch.Tensor], buffers: frozenset[str] = frozenset()) -> tuple[str, float]:
+    """sha256 over every tensor's (name, dtype, shape, bytes) in sorted-name order, and the L2 norm
+    of the floating-point tensors not named in `buffers`: equal digests mean bitwise-equal models
+    (BatchNorm running statistics included), while the norm is the parameters' alone."""
     h, sq = hashlib.sha256(), 0.0
     for name in sorted(state):
         t = state[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        if t.is_floating_point():
+        if t.is_floating_point() and name not in buffers:
             sq += float(t.double().pow(2).sum())
     return h.hexdigest(), math.sqrt(sq)
+
+
+def buffer_names(model: torch.nn.Module) -> frozenset[str]:
+    """State-dict entries that are not parameters (BatchNorm running statistics, counters); a
+    parameter shared under two names is still a parameter."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return frozenset(n for n in model.state_dict() if n not in params)
 
 
 def base_row(spec: RunSpec) -> dict:
@@ -55,7 +63,8 @@ def base_row(spec: RunSpec) -> dict:
             "replica": spec.replica, "seed_init": spec.seeds.init, "seed_order": spec.seeds.order,
             "seed_augment": spec.seeds.augment, "accelerator_requested": spec.accelerator,
             "spec_json": spec.model_dump_json(), "epochs": w.epochs,
-            "precision": spec.precision, "channels_last": spec.channels_last, "compiled": spec.compile}
+            "precision": spec.precision, "channels_last": spec.channels_last, "compiled": spec.compile,
+            "cudnn_benchmark": spec.cudnn_benchmark}
 
 
 def pick_device(spec: RunSpec) -> torch.device:
@@ -88,20 +97,22 @@ def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset, to
     return data, model, cfg
 
 
-def train_one(spec: RunSpec, fs, root: str) -> dict:
-    """The successful path: returns the result columns and writes the weights file."""
+def train_one(spec: RunSpec, fs, root: str, device: torch.device) -> dict:
+    """The successful path: returns the result columns and writes the weights file, whose metadata
+    names the buffers (`{"buffers": JSON list}`) so that readers can tell them from parameters."""
     malloc.keep_freed_memory()  # no page-fault churn per step on a CPU; timing only, never bits
     torch.set_num_threads(spec.num_threads)
-    flags = noise.apply_impl(deterministic="impl" not in spec.vary)
-    device = pick_device(spec)
+    flags = noise.apply_impl("impl" not in spec.vary, spec.cudnn_benchmark, spec.compile)
     data, model, cfg = build_workload(spec)
     _write_labels(fs, root, spec.workload.dataset, data)
-    torch.manual_seed(spec.seeds.augment)  # dropout and any other global-RNG op
+    torch.manual_seed(spec.seeds.global_rng)  # dropout and any other global-RNG op
     order = torch.Generator().manual_seed(spec.seeds.order)
     aug = torch.Generator(device).manual_seed(spec.seeds.augment)
     result = train(model, data, cfg, order, aug, device)
-    digest, norm = weights_digest(result.state_dict)
-    store.write_bytes(fs, store.weights_path(root, spec.run_id), safetensors_bytes(result.state_dict))
+    buffers = buffer_names(model)
+    digest, norm = weights_digest(result.state_dict, buffers)
+    store.write_bytes(fs, store.weights_path(root, spec.run_id),
+                      safetensors_bytes(result.state_dict, metadata={"buffers": json.dumps(sorted(buffers))}))
     return {"status": "ok", "impl_flags": json.dumps(flags, sort_keys=True),
             "train_seconds": sum(result.epoch_seconds), "epoch_seconds": result.epoch_seconds,
             "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
@@ -115,10 +126,11 @@ def run(spec: RunSpec, out: str) -> dict:
     status=failed with the error and returned, never raised: one bad replica must not stop a sweep."""
     fs, root = store.resolve(out)
     row = base_row(spec)
+    device = pick_device(spec)
     try:
-        row |= train_one(spec, fs, root)
+        row |= train_one(spec, fs, root, device)
     except Exception as e:  # recorded, not dropped: the row says what went wrong
         row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    row |= fingerprint.collect()
+    row |= fingerprint.collect(device, spec.compile)
     store.write_run(fs, root, row)
     return row

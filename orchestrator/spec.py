@@ -72,7 +72,8 @@ class NoiseSet(Strict):
 
 
 Precision = Literal["fp32", "tf32", "bf16"]
-TOOLING_DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False}  # left out of run ids
+# left out of run ids; cudnn_benchmark's default is PyTorch's own (autotuning off)
+TOOLING_DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False, "cudnn_benchmark": False}
 
 
 class Tooling(Strict):
@@ -83,6 +84,7 @@ class Tooling(Strict):
     precision: list[Precision] = ["fp32"]
     channels_last: list[bool] = [False]  # NHWC memory format for model and inputs
     compile: list[bool] = [False]  # torch.compile the model; compile time lands in epoch 1 (CPU needs a C++ compiler)
+    cudnn_benchmark: list[bool] = [False]  # cuDNN autotuning: picks conv algorithms by timing them (GPU only)
 
 
 class Overhead(Strict):
@@ -159,6 +161,7 @@ class RunSpec(Strict):
     precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False
 
 
 def _noise_sets(spec: SweepSpec) -> list[tuple[str, frozenset[str]]]:
@@ -173,7 +176,8 @@ def file_safe(text: str) -> str:
 def run_id(spec: SweepSpec, workload: Workload, noise: str, num_threads: int, accelerator: str, replica: int,
            tooling: dict | None = None) -> str:
     """Readable prefix + hash of what defines the run. Defaults are left out of the hash so that a
-    field added later with a default keeps old ids valid (`tooling`: precision, channels_last, compile)."""
+    field added later with a default keeps old ids valid (`tooling`: precision, channels_last, compile,
+    cudnn_benchmark)."""
     key = {"sweep": spec.name, "base_seed": spec.base_seed,
            "workload": workload.model_dump(mode="json", exclude_defaults=True),
            "noise": noise, "num_threads": num_threads, "accelerator": accelerator, "replica": replica}
@@ -189,10 +193,10 @@ def expand(spec: SweepSpec) -> list[RunSpec]:
     """Every (workload, noise, tooling, accelerator, replica) as a RunSpec, in a stable order."""
     runs = []
     t = spec.tooling
-    for w, (noise, vary), threads, prec, cl, comp, acc in itertools.product(
+    for w, (noise, vary), threads, prec, cl, comp, bench, acc in itertools.product(
             spec.workloads, _noise_sets(spec), t.num_threads, t.precision, t.channels_last, t.compile,
-            spec.accelerators):
-        tooling = {"precision": prec, "channels_last": cl, "compile": comp}
+            t.cudnn_benchmark, spec.accelerators):
+        tooling = {"precision": prec, "channels_last": cl, "compile": comp, "cudnn_benchmark": bench}
         for r in range(w.replicas or spec.replicas):
             runs.append(RunSpec(
                 run_id=run_id(spec, w, noise, threads, acc, r, tooling), sweep=spec.name, workload=w,
@@ -216,6 +220,7 @@ class ProbeSpec(Strict):
     precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False  # both modes run at this setting: the overhead is determinism's alone
     cpus: float
     gpus: float  # 0 or 1: a probe never shares a GPU, another trial's kernels would land in its timings
     max_retries: int
@@ -227,7 +232,8 @@ def expand_probes(spec: SweepSpec) -> list[ProbeSpec]:
     if spec.overhead is None:
         return []
     t = spec.tooling
-    tooling = {"precision": t.precision[0], "channels_last": t.channels_last[0], "compile": t.compile[0]}
+    tooling = {"precision": t.precision[0], "channels_last": t.channels_last[0], "compile": t.compile[0],
+               "cudnn_benchmark": t.cudnn_benchmark[0]}
     probes = []
     for w, acc in itertools.product(spec.workloads, spec.accelerators):
         key = json.dumps({"kind": "probe", "sweep": spec.name, "base_seed": spec.base_seed,

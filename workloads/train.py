@@ -103,12 +103,18 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 def prepare(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
     """Move `model` to the device in the configured layout and set the TF32 switches; returns what
     to call, which is `torch.compile(model)` when compiling. Weights stay in `model` either way
-    (the compiled wrapper's state_dict keys carry an `_orig_mod.` prefix)."""
+    (the compiled wrapper's state_dict keys carry an `_orig_mod.` prefix).
+
+    Compiling first resets dynamo: a reused worker keeps the graphs of earlier runs' models, and
+    once a code object reaches dynamo's recompile limit it silently runs eagerly."""
     set_tf32(cfg.precision == "tf32")
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if cfg.compile else model
+    if not cfg.compile:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model)
 
 
 def make_batch(x: torch.Tensor, idx: torch.Tensor, cfg: TrainConfig, aug: torch.Generator) -> torch.Tensor:
