@@ -2,7 +2,8 @@
 run's own generators, no DataLoader.
 
 Three generators, one per algorithmic noise source: `order` shuffles, `augment` draws crops and
-flips (the runner also seeds the global RNG, which dropout uses, from the augment source).
+flips (the runner also seeds the global RNG, which dropout uses, with a seed derived from the
+augment seed: controlled by the augment source, yet a stream apart from the augment generator's).
 Initialisation happened before this loop, from the `init` source. So each source can be held
 fixed or varied on its own.
 
