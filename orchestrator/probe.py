@@ -11,9 +11,10 @@ Every block starts from the same initial weights, a fresh optimiser, the same gl
 seeds and the same fixed list of full-size batches, so both modes do exactly the same work and only
 the kernels differ. A block runs `warmup` untimed steps (cuDNN autotuning, torch.compile, caches)
 and then `steps` timed ones. With `compile`, each block compiles afresh under its own mode (inductor
-generates different kernels in deterministic mode), so its warm-up must cover the compilation. Each step is timed with the device synchronised: CUDA events recorded
-around the step and read after one synchronisation at the block's end (no sync inside the block);
-`perf_counter` on a CPU, where eager kernels run synchronously.
+generates other kernels in deterministic mode), so its warm-up must cover the compilation. Each
+step is timed with the device synchronised: CUDA events recorded around the step and read after
+one synchronisation at the block's end (no sync inside the block); `perf_counter` on a CPU, where
+eager kernels run synchronously.
 
 What "deterministic" includes: torch's deterministic mode does two things, picks deterministic
 kernels and NaN-fills every new uninitialised tensor (`torch.utils.deterministic.
@@ -31,8 +32,9 @@ Caveat (GPU): cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when CUDA creates its h
 sets it (`:4096:8`) before any CUDA use and it stays set for both modes. Both modes run at the
 probe's `cudnn_benchmark` setting (a tooling axis; off by default, as in PyTorch), so autotuning is
 never counted as a cost of determinism. Non-deterministic blocks get non-deterministic cuDNN
-algorithms and atomic-add kernels, but their cuBLAS calls run under the deterministic workspace setting. What that setting
-alone costs (usually little: it constrains cuBLAS's workspaces) is therefore not in the overhead.
+algorithms and atomic-add kernels, but their cuBLAS calls run under the deterministic workspace
+setting. What that setting alone costs (usually little: it constrains cuBLAS's workspaces) is
+therefore not in the overhead.
 
 Output: OUT/overhead/<probe_id>.parquet, one row per timed step of both modes, with the
 fingerprint; `orchestrator.reduce` turns the files into the overhead table (medians, overhead_pct =
@@ -161,8 +163,7 @@ def run_block(model: torch.nn.Module, init_state: dict, x: torch.Tensor, y: torc
     model.load_state_dict(init_state)
     net = prepare(model, cfg, device)
     opt = make_optimizer(model, cfg)
-    torch.manual_seed(spec.seeds.global_rng)  # dropout
-    aug = torch.Generator(device).manual_seed(spec.seeds.augment)
+    aug = runner.augment_streams(spec.seeds, device)  # and the global RNG (dropout)
     net.train()
     timer, total = StepTimer(device), torch.zeros((), device=device)
     warmup = spec.overhead.warmup

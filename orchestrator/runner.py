@@ -97,6 +97,14 @@ def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset, to
     return data, model, cfg
 
 
+def augment_streams(seeds: noise.Seeds, device: torch.device) -> torch.Generator:
+    """Seed the augment source's two streams: torch's global RNG (dropout and any other global-RNG
+    op) from its own derived seed, and the returned crop/flip generator on `device`. Shared by the
+    replica runner and the overhead probe."""
+    torch.manual_seed(seeds.global_rng)
+    return torch.Generator(device).manual_seed(seeds.augment)
+
+
 def train_one(spec: RunSpec, fs, root: str, device: torch.device) -> dict:
     """The successful path: returns the result columns and writes the weights file, whose metadata
     names the buffers (`{"buffers": JSON list}`) so that readers can tell them from parameters."""
@@ -105,9 +113,8 @@ def train_one(spec: RunSpec, fs, root: str, device: torch.device) -> dict:
     flags = noise.apply_impl("impl" not in spec.vary, spec.cudnn_benchmark, spec.compile)
     data, model, cfg = build_workload(spec)
     _write_labels(fs, root, spec.workload.dataset, data)
-    torch.manual_seed(spec.seeds.global_rng)  # dropout and any other global-RNG op
+    aug = augment_streams(spec.seeds, device)
     order = torch.Generator().manual_seed(spec.seeds.order)
-    aug = torch.Generator(device).manual_seed(spec.seeds.augment)
     result = train(model, data, cfg, order, aug, device)
     buffers = buffer_names(model)
     digest, norm = weights_digest(result.state_dict, buffers)
