@@ -72,16 +72,11 @@ def loaded_library(name: str) -> str | None:
     return paths[0] if paths else None
 
 
-def _cublas_version() -> str | None:
-    """The loaded cuBLAS's own version (cublasGetProperty: major, minor, patch)."""
+def cublas_version(path: str) -> str | None:
+    """Version of the cuBLAS library at `path` by its own cublasGetProperty (major.minor.patch;
+    needs no GPU); None if it cannot be read."""
     import ctypes
 
-    import torch
-
-    torch.cuda.current_blas_handle()  # loads cuBLAS if no matmul has yet
-    path = loaded_library("libcublas.so")
-    if path is None:
-        return None
     try:
         get = ctypes.CDLL(path).cublasGetProperty
     except (OSError, AttributeError):
@@ -93,6 +88,14 @@ def _cublas_version() -> str | None:
             return None
         parts.append(str(v.value))
     return ".".join(parts)
+
+
+def _loaded_cublas_version() -> str | None:
+    import torch
+
+    torch.cuda.current_blas_handle()  # loads cuBLAS if no matmul has yet
+    path = loaded_library("libcublas.so")
+    return cublas_version(path) if path else None
 
 
 def _tf32() -> str:
@@ -118,7 +121,7 @@ def _gpu(device) -> dict:
     props = torch.cuda.get_device_properties(index)
     info = {"accelerator": props.name, "gpu_name": props.name, "gpu_count": torch.cuda.device_count(),
             "gpu_capability": f"{props.major}.{props.minor}",
-            "cudnn_version": str(torch.backends.cudnn.version()), "cublas_version": _cublas_version(),
+            "cudnn_version": str(torch.backends.cudnn.version()), "cublas_version": _loaded_cublas_version(),
             "tf32_settings": _tf32()}
     uuid = str(getattr(props, "uuid", ""))
     if uuid:

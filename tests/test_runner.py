@@ -145,6 +145,20 @@ def test_loaded_library_finds_a_library_this_process_mapped():
     assert fingerprint.loaded_library("libsurely_not_loaded_here.so") is None
 
 
+def test_cublas_version_is_read_from_the_library_itself():
+    """cublasGetProperty needs no GPU: read it from the cuBLAS that the CUDA build of torch ships."""
+    from importlib.metadata import distributions
+
+    libs = [(d, f) for d in distributions() if (d.metadata["Name"] or "").startswith("nvidia-cublas")
+            for f in d.files or [] if f.name.startswith("libcublas.so")]
+    if not libs:
+        pytest.skip("no cuBLAS wheel installed (CPU-only torch)")
+    wheel, lib = libs[0]
+    got = fingerprint.cublas_version(str(lib.locate()))
+    assert got is not None and f"{wheel.version}.".startswith(f"{got}.")  # 13.1.1 of wheel 13.1.1.3
+    assert fingerprint.cublas_version("/nonexistent/libcublas.so") is None
+
+
 def test_compiled_runs_record_triton_version_and_tf32_override_is_hashed(monkeypatch):
     from importlib.metadata import PackageNotFoundError, version
 
