@@ -12,6 +12,7 @@ statistic stands on. A statistic a group has too few runs for is NaN with a `not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -19,6 +20,7 @@ import math
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +51,7 @@ SCALARS = ["run_id", "arch", "dataset", "noise", "replica", "seed_init", "seed_o
            "accelerator_requested", "accelerator", "fingerprint_id", *TOOLING, "spec_json",
            "status", "test_accuracy", "weights_sha256", "weights_norm"]
 LISTS = ["predictions", "per_class_accuracy"]
+REQUIRED = ("status", "arch", "dataset", "noise")  # a run row without one of these fits no group
 NUMPY_FLOATS = {"F16", "F32", "F64"}  # safetensors dtypes numpy reads; BF16 and F8_* go via torch
 
 VARIANCE = ["accelerator", "n_fingerprints", "n_runs", "n_failed", "n_test", "acc_mean", "acc_std",
@@ -94,33 +97,48 @@ class UsageError(ValueError):
 
 # --- reading ----------------------------------------------------------------------------------
 
-def _spec(spec_json: str | None) -> dict:
+def _spec(spec_json: object) -> dict:
+    """The RunSpec a row ran, as a dict; {} when the row has none (spec_json came after DESIGN.md's
+    columns, so older writers and other tools leave it null) or it is not a JSON object."""
     try:
-        return json.loads(spec_json) if spec_json else {}
+        spec = json.loads(spec_json) if isinstance(spec_json, str) and spec_json else {}
     except json.JSONDecodeError:
         return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 def workload_id(spec: dict) -> str:
     """Short hash of the training settings of a run (lr, epochs, batch size, arch_args, ...).
-    `replicas` only says how many runs there are, so it is left out."""
-    w = {k: v for k, v in spec.get("workload", {}).items() if k != "replicas"}
+    `replicas` only says how many runs there are, so it is left out. "" without settings."""
+    workload = spec.get("workload")
+    w = {k: v for k, v in workload.items() if k != "replicas"} if isinstance(workload, dict) else {}
     return hashlib.sha256(json.dumps(w, sort_keys=True).encode()).hexdigest()[:8] if w else ""
 
 
-def load_runs(out_uri: str, by: list[str]) -> Runs:
-    """Every run row, plus the derived `workload` column. A row written for a worker that died
-    has no fingerprint; its tooling values are taken from its spec so it lands in its group."""
-    columns = [c for c in dict.fromkeys(SCALARS + LISTS + by) if c != "workload"]
-    table = store.read_runs(out_uri, columns=columns).combine_chunks()  # 1 chunk, not 1 per file: fast take()
+def load_runs(out_uri: str, columns: Sequence[str] = (), lists: Sequence[str] = LISTS) -> Runs:
+    """The one reader of run rows (the tables and the report both use it): SCALARS plus `columns`
+    as a DataFrame, the list columns `lists` kept in Arrow, and the derived `workload` column.
+
+    Only DESIGN.md's columns are required; a column added since (spec_json, the tooling axes, ...)
+    reads back null where a row lacks it. A row written for a worker that died has no fingerprint;
+    its tooling values are taken from its spec so it lands in its group. A row without a column
+    every table needs (REQUIRED) cannot be placed: it is left out and counted in one warning."""
+    scalars = [c for c in dict.fromkeys([*SCALARS, *columns]) if c != "workload" and c not in LISTS]
+    table = store.read_runs(out_uri, columns=[*scalars, *lists]).combine_chunks()  # 1 chunk: fast take()
+    usable = np.logical_and.reduce([pc.is_valid(table[c]).to_numpy() for c in REQUIRED])
+    skipped = int(np.count_nonzero(~usable))
+    if skipped:
+        table = table.filter(pa.array(usable))
+        warnings.warn(f"skipped {skipped} run row(s) without {', '.join(REQUIRED[:-1])} or {REQUIRED[-1]}",
+                      stacklevel=2)
     ints = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
-    meta = table.drop_columns(LISTS).to_pandas(types_mapper=ints.get)
+    meta = table.drop_columns(list(lists)).to_pandas(types_mapper=ints.get)
     specs = [_spec(s) for s in meta["spec_json"]]
     meta["workload"] = [workload_id(s) for s in specs]
     for column, field in TOOLING.items():
         meta[column] = meta[column].fillna(
             pd.Series([s.get(field) for s in specs], index=meta.index, dtype=meta[column].dtype))
-    return Runs(meta, table.select(LISTS))
+    return Runs(meta, table.select(list(lists)))
 
 
 def _labels(fs: pafs.FileSystem, root: str, dataset: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -521,6 +539,26 @@ def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0
     return tables
 
 
+@contextlib.contextmanager
+def warnings_on_stderr() -> Iterator[None]:
+    """Warnings raised inside the block (skipped files, unusable rows) printed when it ends as one
+    `warning: ...` line each, without the source line Python would echo."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
+def no_tree(uri: str) -> bool:
+    """True, with a one-line error, when there is no results tree at `uri`."""
+    fs, root = store.resolve(uri)
+    if store.exists(fs, root):
+        return False
+    print(f"error: {uri}: no such results tree", file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0 tables written, 2 bad usage or no results tree (nothing written)."""
     parser = argparse.ArgumentParser(prog="python -m orchestrator.reduce",
@@ -530,31 +568,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default=",".join(FORMATS),
                         help="files to write under OUT/tables, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
-    parser.add_argument("--report", action="store_true", help="also write OUT/tables/report.html (figures and tables)")
     args = parser.parse_args(argv)
     fmt = tuple(f for f in args.format.split(",") if f)
     if not set(fmt) <= set(FORMATS):
         parser.error(f"--format: choose from {', '.join(FORMATS)}")
-    fs, root = store.resolve(args.out)
-    if not store.exists(fs, root):
-        print(f"error: {args.out}: no such results tree", file=sys.stderr)
+    if no_tree(args.out):
         return 2
-    with warnings.catch_warnings(record=True) as caught:  # skipped files: one line each, no source echo
-        warnings.simplefilter("default")
-        try:
+    try:
+        with warnings_on_stderr():
             tables = reduce(args.out, by=args.by.split(",") if args.by else None, fmt=fmt, seed=args.seed)
-        except UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name, df in tables.items():
         print(f"## {name}\n\n{format_markdown(df)}\n")
-    print(f"tables written to {root}/tables ({', '.join(fmt)})")
-    if args.report:
-        from orchestrator import report
-
-        print(f"report written to {report.write_report(args.out, tables)}")
+    print(f"tables written to {store.resolve(args.out)[1]}/tables ({', '.join(fmt)})")
     return 0
 
 

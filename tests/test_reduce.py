@@ -306,3 +306,33 @@ def test_precision_is_a_stack_axis(tmp_path: Path):
     assert sorted(tables["variance"]["precision"]) == ["bf16", "fp32"]
     x = tables["cross_stack"].iloc[0]
     assert (x["precision_a"], x["precision_b"], x["churn"], x["l2"]) == ("bf16", "fp32", 0.0, 0.5)
+
+
+DESIGN_COLUMNS = [  # the run columns ../shared/DESIGN.md documents; everything added later is optional
+    "run_id", "sweep", "arch", "dataset", "noise", "vary_init", "vary_order", "vary_augment", "vary_impl",
+    "replica", "seed_init", "seed_order", "seed_augment", "accelerator_requested", "accelerator",
+    "fingerprint_id", "hostname", "ray_node_id", "gpu_name", "gpu_count", "gpu_capability", "gpu_driver",
+    "cuda_version", "cudnn_version", "torch_version", "torchvision_version", "ray_version", "python_version",
+    "cpu_model", "num_threads", "status", "error", "epochs", "train_seconds", "epoch_seconds", "test_accuracy",
+    "test_loss", "per_class_accuracy", "predictions", "weights_sha256", "weights_norm"]
+
+
+def test_tree_with_only_the_documented_columns(tmp_path: Path):
+    """Rows from an older writer or another tool: no spec_json, no tooling columns. The reducer
+    gives its tables; a row it cannot use (no status) is counted in one warning line."""
+    write_run(tmp_path, "a-0", P0, weights(), replica=0, seeds=(10, 20, 30))
+    write_run(tmp_path, "a-1", P1, weights({(0, 0): 3.0}), replica=1, seeds=(11, 21, 31))
+    write_run(tmp_path, "a-2", P2, weights({(1, 2): 4.0}), replica=2, seeds=(12, 22, 32))
+    write_run(tmp_path, "a-3", P0, weights(), replica=3, seeds=(13, 23, 33))
+    for path in (tmp_path / "runs").glob("*.parquet"):
+        t = pq.read_table(path).select(DESIGN_COLUMNS)
+        if path.stem == "a-3":
+            t = t.set_column(t.schema.get_field_index("status"), "status", pa.array([None], pa.string()))
+        pq.write_table(t, path)
+    res = cli(str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and "1 run row(s) without" in res.stderr
+    v = pd.read_parquet(tmp_path / "tables" / "variance.parquet")
+    assert len(v) == 1 and v.iloc[0]["n_runs"] == 3 and v.iloc[0]["l2"] == pytest.approx(4.0)
+    assert v.iloc[0]["workload"] == "" and v.iloc[0]["num_threads"] == 1
