@@ -36,7 +36,8 @@ from orchestrator import metrics, store
 # Tooling axes are grouping keys: a thread count or a precision is not noise, it changes the bits.
 # Run columns and the RunSpec fields they come from, for the axes the run schema has.
 TOOLING = {c: f for c, f in (("num_threads", "num_threads"), ("precision", "precision"),
-                             ("channels_last", "channels_last"), ("compiled", "compile"))
+                             ("channels_last", "channels_last"), ("compiled", "compile"),
+                             ("cudnn_benchmark", "cudnn_benchmark"))
            if c in store.RUN_SCHEMA.names}
 # `workload` hashes the training settings, so two learning rates never pool into one std.
 DEFAULT_BY = ("arch", "dataset", "accelerator_requested", "noise", *TOOLING, "workload")
@@ -63,9 +64,11 @@ SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mea
              "fnr_mean", "fnr_std"]
 CROSS_STACK = ["arch", "dataset", "workload", "noise", *(f"{c}_a" for c in STACK), *(f"{c}_b" for c in STACK),
                "n_pairs", "identical_fraction", "churn", "l2", "l2_rel", "acc_diff_mean"]
-OVERHEAD = ["arch", "accelerator", "accelerator_requested", "n_probes", "n_fingerprints", "step_ms_nondet",
-            "step_ms_det", "overhead_pct", "overhead_lo", "overhead_hi", "n_steps", "n_steps_det",
-            "n_steps_nondet", "nondeterministic_ops", "note"]
+# Overhead: grouped like the variance table (workload hash, tooling values), per accelerator.
+PROBE_TOOLING = ("precision", "channels_last", "compiled", "cudnn_benchmark")  # the ones a probe row has
+OVERHEAD = ["arch", "workload", "accelerator", "accelerator_requested", "n_probes", "n_fingerprints",
+            "step_ms_nondet", "step_ms_det", "overhead_pct", "overhead_lo", "overhead_hi", "n_pairs", "n_steps",
+            "n_steps_det", "n_steps_nondet", "nondeterministic_ops", "note"]
 
 
 @dataclass(frozen=True)
@@ -448,33 +451,55 @@ def _read_probes(fs: pafs.FileSystem, root: str) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _units(steps: pd.DataFrame) -> list[np.ndarray]:
-    """Bootstrap units: a probe's blocks of consecutive steps when a mode has at least two, else
-    single steps."""
-    if "block" in steps and steps.groupby(["probe_id", "block"]).ngroups >= 2:
-        return [b["step_ms"].to_numpy(float) for _, b in steps.groupby(["probe_id", "block"], sort=True)]
-    return [np.array([v]) for v in steps["step_ms"].to_numpy(float)]
+def _pairs(g: pd.DataFrame) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """The det and nondet step times of each complete det/nondet pair of blocks (probe_id,
+    repeat) of a group, in matching order, and how many incomplete pairs were left out. Probe
+    files from before the `repeat` column pair blocks 2r and 2r+1, as the probe wrote them."""
+    repeat = g["repeat"] if "repeat" in g else g["block"] // 2 if "block" in g else pd.Series(np.nan, g.index)
+    det, nondet, incomplete = [], [], 0
+    for _, p in g.assign(_pair=repeat).groupby(["probe_id", "_pair"], sort=True, dropna=False):
+        d, n = p.loc[p["mode"] == "det", "step_ms"], p.loc[p["mode"] == "nondet", "step_ms"]
+        if d.empty or n.empty:
+            incomplete += 1
+            continue
+        det.append(d.to_numpy(float))
+        nondet.append(n.to_numpy(float))
+    return det, nondet, incomplete
+
+
+def _overhead_row(key: dict, g: pd.DataFrame, seed: int) -> dict:
+    det, nondet, incomplete = _pairs(g)
+    ratio, lo, hi = metrics.median_ratio_ci(det, nondet, _seed(seed, key), n_boot=N_BOOT, paired=True)
+    n_det, n_nondet = sum(map(len, det)), sum(map(len, nondet))
+    notes = [f"{incomplete} incomplete det/nondet pair(s) left out"] if incomplete else []
+    if len(det) < 2:
+        notes.append(f"{len(det)} complete pair(s): the interval needs 2")
+    return {**key, "accelerator_requested": _distinct(g, "accelerator_requested"),
+            "n_probes": g["probe_id"].nunique(),
+            "n_fingerprints": g["fingerprint_id"].nunique() if "fingerprint_id" in g else 0,
+            "step_ms_nondet": np.median(np.concatenate(nondet)) if nondet else math.nan,
+            "step_ms_det": np.median(np.concatenate(det)) if det else math.nan,
+            "overhead_pct": (ratio - 1) * 100, "overhead_lo": (lo - 1) * 100, "overhead_hi": (hi - 1) * 100,
+            "n_pairs": len(det), "n_steps": n_det + n_nondet, "n_steps_det": n_det, "n_steps_nondet": n_nondet,
+            "nondeterministic_ops": _distinct(g, "nondeterministic_ops"), "note": "; ".join(notes)}
 
 
 def overhead_table(fs: pafs.FileSystem, root: str, seed: int = 0) -> pd.DataFrame:
-    """One row per (arch, accelerator): median step time with and without deterministic kernels,
-    the overhead in percent and a seeded block-bootstrap interval of it."""
+    """One row per (arch, workload, tooling values, accelerator): never pooled across workloads
+    that share an arch (the workload hash comes from the probe's spec, as for runs). Median step
+    time with and without deterministic kernels over the complete det/nondet pairs of blocks,
+    overhead_pct = their ratio - 1, and a seeded bootstrap interval that resamples whole pairs,
+    so the drift the alternation cancels stays cancelled; fewer than 2 pairs: NaN interval. A
+    tooling column no probe recorded (cudnn_benchmark in older trees) is not a key."""
     probes = _read_probes(fs, root)
-    rows = []
-    for (arch, acc), g in (probes.groupby(["arch", "accelerator"], sort=True) if probes is not None else ()):
-        det, nondet = g[g["mode"] == "det"], g[g["mode"] == "nondet"]
-        key = {"arch": arch, "accelerator": acc}
-        ratio, lo, hi = metrics.median_ratio_ci(_units(det), _units(nondet), _seed(seed, key), n_boot=N_BOOT)
-        rows.append({**key, "accelerator_requested": _distinct(g, "accelerator_requested"),
-                     "n_probes": g["probe_id"].nunique(),
-                     "n_fingerprints": g["fingerprint_id"].nunique() if "fingerprint_id" in g else 0,
-                     "step_ms_nondet": nondet["step_ms"].median(), "step_ms_det": det["step_ms"].median(),
-                     "overhead_pct": (ratio - 1) * 100,
-                     "overhead_lo": (lo - 1) * 100, "overhead_hi": (hi - 1) * 100,
-                     "n_steps": len(det) + len(nondet), "n_steps_det": len(det), "n_steps_nondet": len(nondet),
-                     "nondeterministic_ops": _distinct(g, "nondeterministic_ops"),
-                     "note": "; ".join(f"no {m} steps" for m, d in (("det", det), ("nondet", nondet)) if d.empty)})
-    table = pd.DataFrame(rows, columns=OVERHEAD)
+    keys, rows = ["arch", "workload", "accelerator"], []
+    if probes is not None:
+        specs = probes["spec_json"] if "spec_json" in probes else [None] * len(probes)
+        probes["workload"] = [workload_id(_spec(s)) for s in specs]
+        keys[2:2] = [c for c in PROBE_TOOLING if c in probes and probes[c].notna().any()]
+        rows = [_overhead_row(dict(zip(keys, vals)), g, seed)
+                for vals, g in probes.groupby(keys, sort=True, dropna=False)]
+    table = pd.DataFrame(rows, columns=keys + [c for c in OVERHEAD if c not in keys])
     table.attrs["message"] = ("no determinism-overhead probes under OUT/overhead; "
                               "run the overhead probe to fill this table")
     return table

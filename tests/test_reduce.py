@@ -336,3 +336,52 @@ def test_tree_with_only_the_documented_columns(tmp_path: Path):
     v = pd.read_parquet(tmp_path / "tables" / "variance.parquet")
     assert len(v) == 1 and v.iloc[0]["n_runs"] == 3 and v.iloc[0]["l2"] == pytest.approx(4.0)
     assert v.iloc[0]["workload"] == "" and v.iloc[0]["num_threads"] == 1
+
+
+def write_probe(root: Path, probe_id: str, ratios: list[float], *, batch_norm: bool, drift: float = 0.0,
+                steps: int = 3) -> None:
+    """A probe file as probe.py writes it: per repeat r a det/nondet pair of blocks, alternating
+    which goes first; nondet steps take 10 ms × (1 + drift·r), det steps ratios[r] times that."""
+    spec = {"probe_id": probe_id, "workload": {"arch": "small_cnn", "dataset": "digits",
+                                               "arch_args": {"batch_norm": batch_norm}, "replicas": 1}}
+    rows = []
+    for r, ratio in enumerate(ratios):
+        nondet = 10.0 * (1 + drift * r)
+        for i, mode in enumerate(("det", "nondet") if r % 2 == 0 else ("nondet", "det")):
+            rows += [{"probe_id": probe_id, "arch": "small_cnn", "dataset": "digits", "accelerator_requested": "T4",
+                      "accelerator": "Tesla T4", "fingerprint_id": "fp0", "mode": mode, "repeat": r,
+                      "block": 2 * r + i, "step": s, "step_ms": nondet * (ratio if mode == "det" else 1.0),
+                      "precision": "fp32", "channels_last": False, "compiled": False,
+                      "spec_json": json.dumps(spec)} for s in range(steps)]
+    (root / "overhead").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "overhead" / f"{probe_id}.parquet")
+
+
+def test_overhead_never_pools_workloads_of_one_arch(tmp_path: Path):
+    """small_cnn with and without batch norm on one GPU: two rows, each its own overhead (the
+    old table had one pooled row, the overhead of neither)."""
+    write_probe(tmp_path, "bn", [2.0] * 4, batch_norm=True)
+    write_probe(tmp_path, "plain", [1.2] * 4, batch_norm=False)
+    table = reduce.overhead_table(*store.resolve(str(tmp_path)))
+    assert len(table) == 2 and table["arch"].eq("small_cnn").all() and table["workload"].nunique() == 2
+    assert sorted(table["overhead_pct"].round(9)) == [20.0, 100.0]
+    assert table["n_pairs"].eq(4).all() and table["n_fingerprints"].eq(1).all()
+    assert {"precision", "channels_last", "compiled"} <= set(table.columns)
+    assert "cudnn_benchmark" not in table  # no probe recorded it
+
+
+def test_overhead_interval_resamples_pairs(tmp_path: Path):
+    """Every pair costs exactly +50% but the device slows down pair by pair (drift). Resampling
+    pairs keeps each det block beside its own nondet block: the interval is [50, 50]. Resampling
+    det and nondet blocks apart would mix slow and fast blocks into a wide interval."""
+    write_probe(tmp_path, "p", [1.5] * 5, batch_norm=False, drift=0.5)
+    o = reduce.overhead_table(*store.resolve(str(tmp_path))).iloc[0]
+    assert (o["overhead_lo"], o["overhead_hi"], o["n_pairs"]) == pytest.approx((50.0, 50.0, 5))
+
+
+def test_overhead_one_pair_has_no_interval(tmp_path: Path):
+    """One det/nondet pair is one unit of evidence: no step-level interval from its steps."""
+    write_probe(tmp_path, "p", [1.5], batch_norm=False, steps=20)
+    o = reduce.overhead_table(*store.resolve(str(tmp_path))).iloc[0]
+    assert o["overhead_pct"] == pytest.approx(50.0) and o["n_steps"] == 40
+    assert math.isnan(o["overhead_lo"]) and math.isnan(o["overhead_hi"]) and "needs 2" in o["note"]
