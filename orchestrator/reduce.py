@@ -58,7 +58,7 @@ NUMPY_FLOATS = {"F16", "F32", "F64"}  # safetensors dtypes numpy reads; BF16 and
 VARIANCE = ["accelerator", "n_fingerprints", "n_runs", "n_failed", "n_test", "acc_mean", "acc_std",
             "acc_std_lo", "acc_std_hi", "acc_std_sampling", "acc_std_dist", "acc_std_dist_lo",
             "acc_std_dist_hi", "churn", "l2", "l2_rel",
-            "identical_fraction", "per_class_std_max", "per_class_std_mean", "worst_class",
+            "l2_buffers", "identical_fraction", "per_class_std_max", "per_class_std_mean", "worst_class",
             "subgroup_acc_std_max", "p_vs_control", "p_vs_algo", "note"]
 SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mean", "fpr_std",
              "fnr_mean", "fnr_std"]
@@ -155,13 +155,22 @@ def _labels(fs: pafs.FileSystem, root: str, dataset: str) -> tuple[np.ndarray, n
 
 class _Weights:
     """One run's safetensors file, read a slice at a time through a memory map. numpy has no
-    bfloat16 or float8, so tensors of those types go through torch, imported only then."""
+    bfloat16 or float8, so tensors of those types go through torch, imported only then.
+
+    The runner writes metadata {"buffers": "<JSON list of buffer names>"}: BN running statistics
+    and other buffers are not parameters, so distances keep them apart. A file without that key
+    (older trees) has `buffers` None and every float tensor counts as a parameter."""
 
     def __init__(self, path: str):
         self.path, self.np, self._pt = path, safe_open(path, framework="numpy"), None
+        try:
+            names = json.loads((self.np.metadata() or {})["buffers"])
+        except (KeyError, TypeError, json.JSONDecodeError):
+            names = None
+        self.buffers = frozenset(names) if isinstance(names, list) else None
 
     def float_tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """name -> (dtype, shape) of the floating-point tensors (what weights_norm covers)."""
+        """name -> (dtype, shape) of the floating-point tensors."""
         out = {}
         for name in self.np.keys():
             s = self.np.get_slice(name)
@@ -181,34 +190,43 @@ class _Weights:
         return x.to(torch.float64).numpy().reshape(-1)
 
 
-def _weights_sq_dists(paths: list[str]) -> np.ndarray:
-    """(R, R) squared L2 distances between the runs' final weights, over all floating-point
-    tensors. Streamed: one tensor at a time, in slices of leading rows, so only about CHUNK values
-    of all R runs together are in memory, however large the model."""
-    files = [_Weights(p) for p in paths]
-    tensors = files[0].float_tensors()
-    if any(f.float_tensors() != tensors for f in files[1:]):
-        raise WeightsUnavailable("weight files differ in tensor names, shapes or dtypes")
+def _tensor_sq_dists(files: list[_Weights], name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """(R, R) squared distances over one tensor, in slices of leading rows so that only about
+    CHUNK values of all R runs together are in memory, however large the tensor."""
     d2 = np.zeros((len(files), len(files)))
-    for name, (dtype, shape) in sorted(tensors.items()):
-        row = math.prod(shape[1:]) if shape else 1
-        step = max(1, CHUNK // (len(files) * max(row, 1)))
-        for start in range(0, shape[0] if shape else 1, step):
-            stop = min(start + step, shape[0] if shape else 1)
-            d2 += metrics.sq_dists(np.stack([f.rows(name, dtype, shape, start, stop) for f in files]))
+    row = math.prod(shape[1:]) if shape else 1
+    step = max(1, CHUNK // (len(files) * max(row, 1)))
+    for start in range(0, shape[0] if shape else 1, step):
+        stop = min(start + step, shape[0] if shape else 1)
+        d2 += metrics.sq_dists(np.stack([f.rows(name, dtype, shape, start, stop) for f in files]))
     return d2
 
 
-def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> np.ndarray:
-    """(R, R) L2 distances between the final weights of `runs`. Runs with equal weights_sha256
-    are bitwise equal: each distinct digest is read once and equal ones are 0 without looking
-    (a control group on one machine costs one file, not R). Remote files are copied to a local
-    temp folder first, since safetensors reads through mmap."""
+def _weights_sq_dists(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(R, R) squared L2 distances between the runs' final weights: over the float parameters,
+    and over the float buffers (all NaN when a file does not say which tensors are buffers).
+    Streamed one tensor at a time."""
+    files = [_Weights(p) for p in paths]
+    tensors, buffers = files[0].float_tensors(), files[0].buffers
+    if any(f.float_tensors() != tensors or f.buffers != buffers for f in files[1:]):
+        raise WeightsUnavailable("weight files differ in tensor names, shapes, dtypes or buffers")
+    d2 = {"parameters": np.zeros((len(files), len(files))), "buffers": np.zeros((len(files), len(files)))}
+    for name, (dtype, shape) in sorted(tensors.items()):
+        d2["buffers" if buffers and name in buffers else "parameters"] += _tensor_sq_dists(files, name, dtype, shape)
+    return d2["parameters"], d2["buffers"] if buffers is not None else np.full_like(d2["buffers"], np.nan)
+
+
+def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(R, R) L2 distances between the final weights of `runs`: over parameters, and over
+    buffers (NaN for files without the buffers metadata). Runs with equal weights_sha256 (a
+    digest of every tensor of the file) are bitwise equal: each distinct digest is read once and
+    equal ones are 0 without looking (a control group on one machine costs one file, not R).
+    Remote files are copied to a local temp folder first, since safetensors reads through mmap."""
     digest = runs["weights_sha256"].fillna(runs["run_id"]).to_numpy(dtype=object)
     firsts, inverse = np.unique(digest, return_index=True, return_inverse=True)[1:]
     ids = runs["run_id"].to_numpy(dtype=object)[firsts]
     if len(ids) == 1:
-        return np.zeros((len(runs), len(runs)))
+        return np.zeros((len(runs), len(runs))), np.zeros((len(runs), len(runs)))
     paths = [store.weights_path(root, r) for r in ids]
     missing = [r for r, p in zip(ids, paths) if not store.exists(fs, p)]
     if missing:
@@ -223,7 +241,7 @@ def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> np.ndarray:
             d2 = _weights_sq_dists(paths)
         except SafetensorError as e:
             raise WeightsUnavailable(f"unreadable weights file: {e}") from None
-    return np.sqrt(d2)[np.ix_(inverse, inverse)]
+    return tuple(np.sqrt(d)[np.ix_(inverse, inverse)] for d in d2)
 
 
 # --- variance ---------------------------------------------------------------------------------
@@ -250,15 +268,17 @@ def _accuracy_stats(acc: np.ndarray, correct: np.ndarray | None) -> dict:
 
 
 def _weight_stats(fs: pafs.FileSystem, root: str, ok: pd.DataFrame, notes: list[str]) -> dict:
-    """l2, l2_rel and identical_fraction over a group's ok runs; a run without a digest counts as
-    equal to no other."""
+    """identical_fraction, l2 (mean pairwise distance over parameters), l2_rel (l2 over the mean
+    weights_norm, which the runner takes over parameters too) and l2_buffers (over BN running
+    statistics and other float buffers, apart) of a group's ok runs; a run without a digest
+    counts as equal to no other."""
     digest = ok["weights_sha256"].fillna(ok["run_id"]).to_numpy(dtype=object)
     out = {"identical_fraction": metrics.mean_over_pairs(digest[:, None] == digest[None, :]),
-           "l2": math.nan, "l2_rel": math.nan}
+           "l2": math.nan, "l2_rel": math.nan, "l2_buffers": math.nan}
     if len(ok) < 2:
         return out
     try:
-        out["l2"] = metrics.mean_over_pairs(l2_matrix(fs, root, ok))
+        out["l2"], out["l2_buffers"] = map(metrics.mean_over_pairs, l2_matrix(fs, root, ok))
     except WeightsUnavailable as e:
         notes.append(f"l2: {e}")
     out["l2_rel"] = out["l2"] / ok["weights_norm"].mean()
@@ -384,7 +404,7 @@ def _stack_pairs(runs: Runs, fs: pafs.FileSystem, root: str, g: pd.DataFrame, st
     preds = runs.matrix("predictions", g.index)
     churn = metrics.pairwise_disagreement(preds) if preds is not None else np.full((len(g), len(g)), np.nan)
     try:
-        l2 = l2_matrix(fs, root, g)
+        l2 = l2_matrix(fs, root, g)[0]
     except WeightsUnavailable:
         l2 = np.full((len(g), len(g)), np.nan)
     col = {c: g[c].to_numpy(dtype=object)

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 from scipy import stats
 
-from orchestrator import reduce, store
+from orchestrator import metrics, reduce, store
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = np.array([0, 1, 0, 1, 0, 1, 0, 1], dtype=np.int32)
@@ -215,9 +215,9 @@ def test_l2_streams_in_chunks(tree: Path, monkeypatch):
     fs, root = store.resolve(str(tree))
     runs = reduce.load_runs(str(tree), list(reduce.DEFAULT_BY))
     algo = runs.meta[(runs.meta["noise"] == "algo") & (runs.meta["status"] == "ok")]
-    whole = reduce.l2_matrix(fs, root, algo)
+    whole = reduce.l2_matrix(fs, root, algo)[0]
     monkeypatch.setattr(reduce, "CHUNK", 2)  # one row of w per slice
-    np.testing.assert_allclose(reduce.l2_matrix(fs, root, algo), whole, rtol=1e-12)
+    np.testing.assert_allclose(reduce.l2_matrix(fs, root, algo)[0], whole, rtol=1e-12)
     np.testing.assert_allclose(whole, [[0, 3, 4], [3, 0, 5], [4, 5, 0]], rtol=1e-12)
 
 
@@ -385,3 +385,38 @@ def test_overhead_one_pair_has_no_interval(tmp_path: Path):
     o = reduce.overhead_table(*store.resolve(str(tmp_path))).iloc[0]
     assert o["overhead_pct"] == pytest.approx(50.0) and o["n_steps"] == 40
     assert math.isnan(o["overhead_lo"]) and math.isnan(o["overhead_hi"]) and "needs 2" in o["note"]
+
+
+def test_l2_counts_parameters_and_keeps_buffers_apart(tmp_path: Path):
+    """BN running statistics are buffers, not parameters (the runner lists them in the file's
+    metadata): w differs by 3 and running_mean by 4, so l2 is 3, not 5, and l2_buffers is 4."""
+    meta = {"buffers": json.dumps(["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"])}
+    for run_id, dw, dm, seeds in (("a", 0.0, 0.0, (1, 2, 3)), ("b", 3.0, 4.0, (4, 5, 6))):
+        tensors = weights({(0, 0): dw}) | {"bn.running_mean": np.array([dm, 0.0], dtype=np.float32),
+                                           "bn.running_var": np.ones(2, dtype=np.float32),
+                                           "bn.num_batches_tracked": np.array(9, dtype=np.int64)}
+        write_run(tmp_path, run_id, P0, tensors, seeds=seeds)
+        save_file(tensors, str(tmp_path / "weights" / f"{run_id}.safetensors"), metadata=meta)
+    row = reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0]
+    assert (row["l2"], row["l2_buffers"]) == pytest.approx((3.0, 4.0))
+
+
+def test_l2_of_files_without_buffer_metadata_counts_every_float_tensor(tmp_path: Path):
+    """Older trees: no metadata says which tensors are buffers, so all count as parameters and
+    the buffers' distance is unknown."""
+    write_run(tmp_path, "a", P0, weights() | {"bn.running_mean": np.zeros(2, dtype=np.float32)}, seeds=(1, 2, 3))
+    write_run(tmp_path, "b", P0, weights({(0, 0): 3.0}) | {"bn.running_mean": np.full(2, 4.0, dtype=np.float32)},
+              seeds=(4, 5, 6))
+    row = reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0]
+    assert row["l2"] == pytest.approx(math.sqrt(9 + 16 + 16)) and math.isnan(row["l2_buffers"])
+
+
+def test_variance_p_pairs_by_replica_and_says_when_it_cannot():
+    a = pd.Series([0.90, 0.92, 0.88, 0.91, 0.89], index=[0, 1, 2, 3, 4])
+    b = pd.Series([0.97, 0.80, 0.95, 0.75, 0.82], index=[4, 1, 3, 2, 0])  # listed in another order
+    p, test = reduce.variance_p(a, b)
+    assert test == "Pitman–Morgan, 5 pairs" and p == metrics.pitman_morgan_p(a.to_numpy(), b.sort_index().to_numpy())
+    p, test = reduce.variance_p(a, b.drop([0, 1, 2]))  # 2 shared replicas: too few pairs
+    assert test == "Brown–Forsythe, unpaired: 2 shared replicas" and p == metrics.brown_forsythe_p(a, b.drop([0, 1, 2]))
+    pooled = pd.concat([a, a + 0.01])  # --by pooled two settings: replica indices repeat
+    assert reduce.variance_p(pooled, b)[1] == "Brown–Forsythe, unpaired: replica indices repeat"
