@@ -19,15 +19,15 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class Digits(Dataset):
-    """scikit-learn's bundled 8×8 digits (no download), a fixed stratified 75/25 split, scaled to
-    [0, 1]. `shift`: move each training image by up to one pixel, drawn from torch's global RNG,
+    """scikit-learn's bundled 8×8 digits (no download), a fixed stratified 75/25 split, pixels
+    standardised. `shift`: move each training image by up to one pixel, drawn from torch's global RNG,
     which is per worker process (seeded by `worker_init_fn`) or the main one (num_workers=0)."""
 
     def __init__(self, train: bool, shift: bool = False):
         x, y = load_digits(return_X_y=True)
         tx, vx, ty, vy = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
         x, y = (tx, ty) if train else (vx, vy)
-        self.x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
+        self.x = (torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) - 4.9) / 6.0  # pixel mean, std
         self.y = torch.tensor(y)
         self.shift = shift
 
@@ -48,7 +48,7 @@ def make_model() -> nn.Module:
         nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.25), nn.Linear(32 * 4 * 4, 10))
 
 
-def train(ctx, epochs: int = 4, batch_size: int = 64, lr: float = 0.05, num_workers: int = 0) -> dict:
+def train(ctx, epochs: int = 4, batch_size: int = 64, lr: float = 0.1, num_workers: int = 0) -> dict:
     torch.manual_seed(ctx.seed("init"))  # ctx: weights from the init source
     model = make_model().to(ctx.device)  # ctx: the run's device
     torch.manual_seed(ctx.seed("augment"))  # ctx: dropout (and shifts when num_workers=0) from augment
