@@ -180,6 +180,14 @@ class SweepSpec(Strict):
                              "overhead section for a sweep of probes only")
         return self
 
+    @model_validator(mode="after")
+    def _probes_need_data_in_memory(self) -> SweepSpec:
+        if self.overhead is not None and any(isinstance(w, Workload) and w.dataset_args.get("stream")
+                                             for w in self.workloads):
+            raise ValueError("overhead: the probe replays batches held in memory, so it cannot time a "
+                             "workload with dataset_args.stream; remove the overhead section or stream")
+        return self
+
     @property
     def out_uri(self) -> str:
         return self.out or f"results/{self.name}"

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from orchestrator import runner, store
-from orchestrator.spec import expand, parse
+from orchestrator.spec import SpecError, expand, parse
 from workloads import data as datasets
 
 CLASSES = ("n01", "n02", "n03")
@@ -77,3 +77,9 @@ def test_worker_count_does_not_change_the_bits(folder, tmp_path):
     digests = {w: runner.run(expand(sweep_of(folder, "control", w))[0], str(tmp_path / str(w)))["weights_sha256"]
                for w in (0, 2)}
     assert digests[0] == digests[2]
+
+
+def test_a_streamed_workload_cannot_be_probed(folder):
+    doc = sweep_of(folder, "control", 0).model_dump(mode="json", exclude_defaults=True) | {"overhead": {}}
+    with pytest.raises(SpecError, match="^spec: overhead: the probe replays batches held in memory"):
+        parse(doc)
