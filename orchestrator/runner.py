@@ -25,12 +25,12 @@ from workloads.train import TrainConfig, train
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, root: str | None, args_json: str) -> datasets.ArrayDataset:
+def _dataset(name: str, root: str | None, args_json: str) -> datasets.ArrayDataset | datasets.ImageFolders:
     """Loaded once per worker process: Tune reuses actors, so replicas share the load cost."""
     return datasets.load(name, root, **json.loads(args_json))
 
 
-def load_dataset(spec: RunSpec) -> datasets.ArrayDataset:
+def load_dataset(spec: RunSpec) -> datasets.ArrayDataset | datasets.ImageFolders:
     w = spec.workload
     return _dataset(w.dataset, w.dataset_root, json.dumps(w.dataset_args, sort_keys=True))
 
@@ -88,7 +88,8 @@ def _check_labels(fs, root: str, name: str, labels) -> None:
     _write_labels(fs, root, name, torch.from_numpy(labels))
 
 
-def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset, torch.nn.Module, TrainConfig]:
+def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset | datasets.ImageFolders, torch.nn.Module,
+                                                       TrainConfig]:
     """Dataset (cached per worker), model initialised from the init seed, and the training config:
     shared by the replica runner and the overhead probe, so both time and train the same thing."""
     w = spec.workload

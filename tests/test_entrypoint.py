@@ -3,6 +3,7 @@ context and the return contract, then the shipped example on a real local Ray cl
 
 import json
 import math
+import random
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -68,7 +69,7 @@ def test_seeds_vary_only_for_varying_sources():
 def test_worker_init_fn_seeds_per_worker_and_epoch_from_augment():
     def draws(c, worker):
         c.worker_init_fn(worker)
-        return torch.rand(3).tolist(), np.random.rand(), __import__("random").random()
+        return torch.rand(3).tolist(), np.random.rand(), random.random()
 
     c = ctx()
     first = draws(c, 0)
@@ -151,7 +152,6 @@ def test_example_control_identical_with_and_without_workers_and_algo_all_differ(
             assert g.weights_sha256.nunique() == 1 and len({tuple(p) for p in g.predictions}) == 1, workers
         else:
             assert g.weights_sha256.nunique() == 3 and g.seed_init.nunique() == 3, workers
-    assert ok[ok.workers == 2].weights_sha256.nunique() > 1  # worker processes changed the draws: its own group
 
 
 @pytest.mark.integration

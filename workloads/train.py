@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.utils.data import DataLoader
 
 from workloads.data import ArrayDataset, DecodedImages, ImageFolders
