@@ -122,6 +122,16 @@ def test_labels_must_match_the_dataset_s_earlier_runs(tmp_path):
         runner._check_labels(fs, root, "d", np.array([2, 1, 0]))
 
 
+@pytest.mark.parametrize("noise, deterministic", [("control", 1), ("impl", 0)])
+def test_noise_settings_are_applied_before_the_function_runs(tmp_path, torch_switches, noise, deterministic):
+    spec = parse({"name": "t", "replicas": 1, "noise": [noise], "tooling": {"num_threads": [2]},
+                  "workloads": [{"entrypoint": "tests.user_functions:settings_seen", "name": "s", "dataset": "s"}]})
+    row = runner.run(expand(spec)[0], str(tmp_path))
+    assert row["status"] == "ok" and row["predictions"] == [2, deterministic, deterministic, 1]
+    assert row["epochs"] == 0 and "weights_sha256" not in row and not (tmp_path / "weights").exists()
+    assert row["test_accuracy"] == np.mean(np.array(row["predictions"]) == 0) and row["fingerprint_id"] and row["seed_init"] == expand(spec)[0].seeds.init
+
+
 # --- the example on a real local Ray cluster ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

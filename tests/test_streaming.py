@@ -59,8 +59,9 @@ def sweep_of(folder, noise, num_workers):
          "epochs": 2, "batch_size": 8, "lr": 0.01, "augmentation": "crop+flip"}]})
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_control_replicas_identical_algo_differ_with_workers(folder, tmp_path, num_workers):
+def test_control_replicas_identical_algo_differ_with_workers(folder, tmp_path, torch_switches, num_workers):
     rows = {noise: [runner.run(r, str(tmp_path)) for r in expand(sweep_of(folder, noise, num_workers))]
             for noise in ("control", "algo")}
     assert all(r["status"] == "ok" for rs in rows.values() for r in rs), rows
@@ -73,7 +74,8 @@ def test_control_replicas_identical_algo_differ_with_workers(folder, tmp_path, n
     assert store.exists(fs, store.labels_path(root, "imagenet"))  # test labels known without decoding
 
 
-def test_worker_count_does_not_change_the_bits(folder, tmp_path):
+@pytest.mark.integration
+def test_worker_count_does_not_change_the_bits(folder, tmp_path, torch_switches):
     digests = {w: runner.run(expand(sweep_of(folder, "control", w))[0], str(tmp_path / str(w)))["weights_sha256"]
                for w in (0, 2)}
     assert digests[0] == digests[2]

@@ -14,3 +14,11 @@ def wrong_length(ctx):
 
 def no_labels(ctx):
     return {"predictions": torch.zeros(10, dtype=torch.int64)}
+
+
+def settings_seen(ctx):
+    """Returns, as 'predictions', what the function found in force when it was called: threads,
+    deterministic kernels on, ctx.deterministic, and whether the global RNG starts at the init seed."""
+    seen = [torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), ctx.deterministic,
+            torch.initial_seed() == ctx.seed("init")]
+    return {"predictions": torch.tensor([int(v) for v in seen]), "labels": torch.zeros(4, dtype=torch.int64)}
