@@ -284,3 +284,12 @@ class _Units:
         ends = np.cumsum(lengths)
         offset = np.repeat(self.starts[ids] - (ends - lengths), lengths)
         return self.values[np.arange(ends[-1] if len(ends) else 0) + offset]
+
+
+def class_accuracy(preds: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
+    """Accuracy and per-class accuracy (index = class, 0 for a class with no test example), from
+    1-D integer predictions and labels of equal length."""
+    correct = preds == labels
+    n = int(labels.max()) + 1
+    hits = np.bincount(labels, weights=correct, minlength=n)
+    return float(correct.mean()), (hits / np.maximum(np.bincount(labels, minlength=n), 1)).tolist()
