@@ -13,23 +13,24 @@ import json
 import math
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from orchestrator import fingerprint, malloc, noise, store
-from orchestrator.spec import ProbeSpec, RunSpec
+from orchestrator import entrypoint, fingerprint, malloc, noise, store
+from orchestrator.spec import EntrypointWorkload, ProbeSpec, RunSpec
 from workloads import data as datasets
 from workloads import models
 from workloads.train import TrainConfig, train
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, root: str | None, args_json: str) -> datasets.ArrayDataset:
+def _dataset(name: str, root: str | None, args_json: str) -> datasets.ArrayDataset | datasets.ImageFolders:
     """Loaded once per worker process: Tune reuses actors, so replicas share the load cost."""
     return datasets.load(name, root, **json.loads(args_json))
 
 
-def load_dataset(spec: RunSpec) -> datasets.ArrayDataset:
+def load_dataset(spec: RunSpec) -> datasets.ArrayDataset | datasets.ImageFolders:
     w = spec.workload
     return _dataset(w.dataset, w.dataset_root, json.dumps(w.dataset_args, sort_keys=True))
 
@@ -73,17 +74,31 @@ def pick_device(spec: RunSpec) -> torch.device:
     return torch.device("cuda") if spec.gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _write_labels(fs, root: str, name: str, data: datasets.ArrayDataset) -> None:
+def _write_labels(fs, root: str, name: str, labels: torch.Tensor, subgroups: torch.Tensor | None = None) -> None:
     """Test labels (and subgroup ids) once per dataset, not once per run."""
     path = store.labels_path(root, name)
     if not store.exists(fs, path):
-        sub = data.subgroups if data.subgroups is not None else torch.full_like(data.test_y, -1)
-        store.write_table(fs, path, pa.table({"label": data.test_y.numpy().astype("int32"),
+        sub = subgroups if subgroups is not None else torch.full_like(labels, -1)
+        store.write_table(fs, path, pa.table({"label": labels.numpy().astype("int32"),
                                                "subgroup": sub.numpy().astype("int32")},
                                               schema=store.LABELS_SCHEMA))
 
 
-def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset, torch.nn.Module, TrainConfig]:
+def _check_labels(fs, root: str, name: str, labels) -> None:
+    """A user function's labels must be the test set every run of its dataset saw, in the same
+    order: predictions are compared example by example across runs (churn)."""
+    path = store.labels_path(root, name)
+    if store.exists(fs, path):
+        stored = pq.read_table(path, filesystem=fs, columns=["label"])["label"].to_numpy()
+        if len(stored) != len(labels) or (stored != labels).any():
+            raise entrypoint.ContractError(
+                f"labels differ from those of dataset {name!r} stored by an earlier run ({path}); "
+                "return the same test set in a fixed order (no shuffling in the eval loader)")
+    _write_labels(fs, root, name, torch.from_numpy(labels))
+
+
+def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset | datasets.ImageFolders, torch.nn.Module,
+                                                       TrainConfig]:
     """Dataset (cached per worker), model initialised from the init seed, and the training config:
     shared by the replica runner and the overhead probe, so both time and train the same thing."""
     w = spec.workload
@@ -106,26 +121,34 @@ def augment_streams(seeds: noise.Seeds, device: torch.device) -> torch.Generator
 
 
 def train_one(spec: RunSpec, fs, root: str, device: torch.device) -> dict:
-    """The successful path: returns the result columns and writes the weights file, whose metadata
-    names the buffers (`{"buffers": JSON list}`) so that readers can tell them from parameters."""
+    """The successful path: returns the result columns and writes the weights file. For the built-in
+    loop its metadata names the buffers (`{"buffers": JSON list}`) so that readers can tell them from
+    parameters; a user function's state_dict comes without its module, so its buffers are unknown."""
     malloc.keep_freed_memory()  # no page-fault churn per step on a CPU; timing only, never bits
     torch.set_num_threads(spec.num_threads)
     flags = noise.apply_impl("impl" not in spec.vary, spec.cudnn_benchmark, spec.compile)
-    data, model, cfg = build_workload(spec)
-    _write_labels(fs, root, spec.workload.dataset, data)
-    aug = augment_streams(spec.seeds, device)
-    order = torch.Generator().manual_seed(spec.seeds.order)
-    result = train(model, data, cfg, order, aug, device)
-    buffers = buffer_names(model)
-    digest, norm = weights_digest(result.state_dict, buffers)
-    store.write_bytes(fs, store.weights_path(root, spec.run_id),
-                      safetensors_bytes(result.state_dict, metadata={"buffers": json.dumps(sorted(buffers))}))
-    return {"status": "ok", "impl_flags": json.dumps(flags, sort_keys=True),
-            "train_seconds": sum(result.epoch_seconds), "epoch_seconds": result.epoch_seconds,
-            "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
-            "per_class_accuracy": result.per_class_accuracy,
-            "predictions": result.predictions.to(torch.int32).tolist(),
-            "weights_sha256": digest, "weights_norm": norm}
+    buffers = None  # unknown for a user function's state_dict: no module to ask
+    if isinstance(spec.workload, EntrypointWorkload):  # the user's own training function
+        result, labels, extra = entrypoint.call(spec, device)
+        _check_labels(fs, root, spec.workload.dataset, labels)
+    else:
+        data, model, cfg = build_workload(spec)
+        _write_labels(fs, root, spec.workload.dataset, data.test_y, data.subgroups)
+        aug = augment_streams(spec.seeds, device)
+        order = torch.Generator().manual_seed(spec.seeds.order)
+        result, extra = train(model, data, cfg, order, aug, device), {}
+        buffers = buffer_names(model)
+    row = {"status": "ok", "impl_flags": json.dumps(flags, sort_keys=True),
+           "train_seconds": sum(result.epoch_seconds), "epoch_seconds": result.epoch_seconds,
+           "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+           "per_class_accuracy": result.per_class_accuracy,
+           "predictions": result.predictions.to(torch.int32).tolist()}
+    if result.state_dict is not None:  # a user function may return no weights
+        digest, norm = weights_digest(result.state_dict, buffers or frozenset())
+        metadata = None if buffers is None else {"buffers": json.dumps(sorted(buffers))}
+        store.write_bytes(fs, store.weights_path(root, spec.run_id), safetensors_bytes(result.state_dict, metadata))
+        row |= {"weights_sha256": digest, "weights_norm": norm}
+    return row | extra
 
 
 def run(spec: RunSpec, out: str) -> dict:
