@@ -198,3 +198,121 @@ class _Units:
         ends = np.cumsum(lengths)
         offset = np.repeat(self.starts[ids] - (ends - lengths), lengths)
         return self.values[np.arange(ends[-1] if len(ends) else 0) + offset]
+
+
+# --- decisions: which source makes the variance, is a difference real, how many replicas ---------
+
+def variance_share_ci(num: Sequence[float], den: Sequence[float], seed: int, paired: bool,
+                      n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """var(num) / var(den) (ddof=1) and a seeded percentile bootstrap interval over replicas.
+
+    `paired`: num[i] and den[i] are replica i of two presets, which share that replica's seeds;
+    resampling replicas jointly keeps that correlation and narrows the interval. Exactly 0 with
+    [0, 0] when num has no spread at all (a preset that varies nothing on this stack), NaN when
+    den has none (nothing to be a share of) or either side has fewer than two values.
+    """
+    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2 or np.ptp(b) == 0:
+        return math.nan, math.nan, math.nan
+    if np.ptp(a) == 0:
+        return 0.0, 0.0, 0.0
+
+    def ratio(x, y, axis=-1):
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample of 3 replicas can repeat one
+            return _std(x, axis=axis) ** 2 / _std(y, axis=axis) ** 2
+    res = stats.bootstrap((a, b), ratio, paired=paired, n_resamples=n_boot, confidence_level=level,
+                          method="percentile", rng=np.random.default_rng(seed))
+    return float(ratio(a, b)), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _pair_mean(d: np.ndarray, ids: np.ndarray) -> float:
+    """Mean of pair matrix d over the pairs of a resample `ids`, leaving out pairs of one replica
+    with its own copy: those are 0 by construction and would pull churn down."""
+    distinct = ids[:, None] != ids[None, :]
+    return float(d[np.ix_(ids, ids)][distinct].mean()) if distinct.any() else math.nan
+
+
+def churn_share_ci(num_preds: np.ndarray, den_preds: np.ndarray, seed: int, paired: bool,
+                   n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """churn(num) / churn(den) and a seeded percentile bootstrap interval over replicas (jointly
+    resampled when `paired`, as in `variance_share_ci`). preds: (R, N) int. Exactly 0 with
+    [0, 0] when num's replicas all agree, NaN when den's do or a side has fewer than two runs."""
+    if len(num_preds) < 2 or len(den_preds) < 2:
+        return math.nan, math.nan, math.nan
+    dn, dd = pairwise_disagreement(num_preds), pairwise_disagreement(den_preds)
+    if not dd.any():
+        return math.nan, math.nan, math.nan
+    if not dn.any():
+        return 0.0, 0.0, 0.0
+
+    def ratio(i, j=None):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.float64(_pair_mean(dn, i)) / _pair_mean(dd, i if j is None else j)
+    data = (np.arange(len(dn)),) if paired else (np.arange(len(dn)), np.arange(len(dd)))
+    res = stats.bootstrap(data, ratio, vectorized=False, paired=paired, n_resamples=n_boot,
+                          confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return churn(num_preds) / churn(den_preds), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def mean_diff_ci(a: Sequence[float], b: Sequence[float], seed: int, paired: bool,
+                 n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and a seeded percentile bootstrap interval (replicas resampled jointly
+    when `paired`: replica i of each side shares its seeds, so seed luck cancels)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return (float(a.mean() - b.mean()) if len(a) and len(b) else math.nan), math.nan, math.nan
+    res = stats.bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis=axis) - y.mean(axis=axis), paired=paired,
+                          n_resamples=n_boot, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return float(a.mean() - b.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def prob_improvement(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """P(A > B) + P(A = B)/2 for one run drawn from each side: the Mann–Whitney U of a over
+    n_a·n_b (Agarwal et al. 2021's probability of improvement), 0.5 when the sides are equal."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return stats.mannwhitneyu(a, b, axis=axis).statistic / (a.shape[axis] * b.shape[axis])
+
+
+def prob_improvement_ci(a: Sequence[float], b: Sequence[float], seed: int, n_boot: int = 2000,
+                        level: float = 0.95) -> tuple[float, float, float]:
+    """P(A > B) and a seeded percentile bootstrap interval, the sides resampled independently
+    (the probability is defined over independent draws). NaN below two runs a side."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan, math.nan
+    with warnings.catch_warnings():  # a constant resample makes the U test's p-value, unused here, NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.bootstrap((a, b), prob_improvement, n_resamples=n_boot, confidence_level=level,
+                              method="percentile", rng=np.random.default_rng(seed))
+        return float(prob_improvement(a, b)), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def welch_power(effect: float, std_a: float, std_b: float, n: int, alpha: float = 0.05) -> float:
+    """Power of a two-sided Welch t-test at level alpha with n runs a side, when the true means
+    differ by `effect` and the true stds are std_a, std_b: the noncentral t with the
+    Welch–Satterthwaite degrees of freedom."""
+    va, vb = std_a ** 2 / n, std_b ** 2 / n
+    if va + vb == 0:
+        return 1.0 if effect else alpha
+    df = (va + vb) ** 2 / ((va ** 2 + vb ** 2) / (n - 1))
+    ncp, crit = abs(effect) / math.sqrt(va + vb), stats.t.ppf(1 - alpha / 2, df)
+    return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+
+
+def replicas_needed(effect: float, std_a: float, std_b: float, power: float = 0.8, alpha: float = 0.05,
+                    n_max: int = 10 ** 7) -> float:
+    """Smallest n (runs per side, >= 2) at which a two-sided Welch t-test at level alpha detects a
+    true mean difference `effect` with probability `power`, given the sides' stds. inf when no
+    n up to n_max does (a zero effect is never detected), NaN when an input is NaN."""
+    if any(math.isnan(x) for x in (effect, std_a, std_b)):
+        return math.nan
+    if effect == 0 or welch_power(effect, std_a, std_b, n_max, alpha) < power:
+        return math.inf
+    lo, hi = 1, 2  # power grows with n: double, then bisect; power(lo) < target <= power(hi)
+    while welch_power(effect, std_a, std_b, hi, alpha) < power:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if welch_power(effect, std_a, std_b, mid, alpha) >= power else (mid, hi)
+    return float(hi)

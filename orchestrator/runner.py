@@ -53,7 +53,8 @@ def base_row(spec: RunSpec) -> dict:
     return {"run_id": spec.run_id, "sweep": spec.sweep, "arch": w.arch, "dataset": w.dataset,
             "noise": spec.noise, **{f"vary_{s}": s in spec.vary for s in noise.SOURCES},
             "replica": spec.replica, "seed_init": spec.seeds.init, "seed_order": spec.seeds.order,
-            "seed_augment": spec.seeds.augment, "accelerator_requested": spec.accelerator,
+            "seed_augment": spec.seeds.augment, "seed_bitflip": spec.seeds.bitflip,
+            "accelerator_requested": spec.accelerator,
             "spec_json": spec.model_dump_json(), "epochs": w.epochs,
             "precision": spec.precision, "channels_last": spec.channels_last, "compiled": spec.compile}
 
@@ -95,6 +96,7 @@ def train_one(spec: RunSpec, fs, root: str) -> dict:
     flags = noise.apply_impl(deterministic="impl" not in spec.vary)
     device = pick_device(spec)
     data, model, cfg = build_workload(spec)
+    flipped = noise.flip_lowest_bit(model, spec.seeds.bitflip) if spec.seeds.bitflip is not None else None
     _write_labels(fs, root, spec.workload.dataset, data)
     torch.manual_seed(spec.seeds.augment)  # dropout and any other global-RNG op
     order = torch.Generator().manual_seed(spec.seeds.order)
@@ -102,7 +104,7 @@ def train_one(spec: RunSpec, fs, root: str) -> dict:
     result = train(model, data, cfg, order, aug, device)
     digest, norm = weights_digest(result.state_dict)
     store.write_bytes(fs, store.weights_path(root, spec.run_id), safetensors_bytes(result.state_dict))
-    return {"status": "ok", "impl_flags": json.dumps(flags, sort_keys=True),
+    return {"status": "ok", "bitflip": flipped, "impl_flags": json.dumps(flags, sort_keys=True),
             "train_seconds": sum(result.epoch_seconds), "epoch_seconds": result.epoch_seconds,
             "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
             "per_class_accuracy": result.per_class_accuracy,

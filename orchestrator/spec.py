@@ -68,7 +68,7 @@ class NoiseSet(Strict):
     """An explicit set of varying sources, for combinations no preset names."""
 
     name: Name
-    vary: list[Literal["init", "order", "augment", "impl"]]
+    vary: list[Literal["init", "order", "augment", "impl", "bitflip"]]
 
 
 Precision = Literal["fp32", "tf32", "bf16"]
@@ -148,7 +148,7 @@ class RunSpec(Strict):
     sweep: str
     workload: Workload
     noise: str
-    vary: frozenset[Literal["init", "order", "augment", "impl"]]
+    vary: frozenset[Literal["init", "order", "augment", "impl", "bitflip"]]
     replica: int
     seeds: Seeds
     accelerator: str

@@ -43,6 +43,8 @@ RUN_SCHEMA = pa.schema([
     ("per_class_accuracy", pa.list_(pa.float64())), ("predictions", pa.list_(pa.int32())),
     ("weights_sha256", pa.string()), ("weights_norm", pa.float64()),
     ("precision", pa.string()), ("channels_last", pa.bool_()), ("compiled", pa.bool_()),  # tooling options
+    ("vary_bitflip", pa.bool_()), ("seed_bitflip", pa.int64()),
+    ("bitflip", pa.string()),  # the initial weight whose lowest bit was flipped, `name[flat index]`
 ])
 
 LABELS_SCHEMA = pa.schema([("label", pa.int32()), ("subgroup", pa.int32())])
