@@ -52,7 +52,8 @@ LISTS = ["predictions", "per_class_accuracy"]
 NUMPY_FLOATS = {"F16", "F32", "F64"}  # safetensors dtypes numpy reads; BF16 and F8_* go via torch
 
 VARIANCE = ["accelerator", "n_fingerprints", "n_runs", "n_failed", "n_test", "acc_mean", "acc_std",
-            "acc_std_lo", "acc_std_hi", "acc_std_sampling", "churn", "l2", "l2_rel",
+            "acc_std_lo", "acc_std_hi", "acc_std_sampling", "acc_std_dist", "acc_std_dist_lo",
+            "acc_std_dist_hi", "churn", "l2", "l2_rel",
             "identical_fraction", "per_class_std_max", "per_class_std_mean", "worst_class",
             "subgroup_acc_std_max", "p_vs_control", "p_vs_algo", "note"]
 SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mean", "fpr_std",
@@ -207,17 +208,24 @@ def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> np.ndarray:
 # --- variance ---------------------------------------------------------------------------------
 
 def _seed(seed: int, key: dict) -> int:
-    """A bootstrap seed per group from the sweep seed and the group's key: each group's interval
+    """A bootstrap seed per group from the --seed and the group's key: each group's interval
     is reproducible whatever other groups the results tree holds."""
     text = json.dumps([seed, [str(v) for v in key.values()]])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
-def _accuracy_stats(acc: np.ndarray, n_test: int, seed: int) -> dict:
-    lo, hi = metrics.bootstrap_std_ci(acc, seed, n_boot=N_BOOT)
-    mean = float(acc.mean()) if len(acc) else math.nan
-    return {"acc_mean": mean, "acc_std": metrics.sample_std(acc), "acc_std_lo": lo, "acc_std_hi": hi,
-            "acc_std_sampling": metrics.sampling_std(mean, n_test)}
+def _accuracy_stats(acc: np.ndarray, correct: np.ndarray | None) -> dict:
+    """Mean and std of the replicas' accuracies with the std's chi-square interval, and, when the
+    labels give per-example correctness (R, N), the split of the variance into independent
+    per-example flips (acc_std_sampling) and the distribution-wise rest (acc_std_dist, Jordan 2023).
+    The rest's variance can be estimated below 0; its std and interval ends are sqrt(max(v, 0))."""
+    lo, hi = metrics.std_ci(acc)
+    dist = metrics.distribution_var(correct) if correct is not None else (math.nan,) * 3
+    d, d_lo, d_hi = (math.sqrt(max(v, 0.0)) if not math.isnan(v) else math.nan for v in dist)
+    return {"acc_mean": float(acc.mean()) if len(acc) else math.nan, "acc_std": metrics.sample_std(acc),
+            "acc_std_lo": lo, "acc_std_hi": hi,
+            "acc_std_sampling": metrics.per_example_std(correct) if correct is not None else math.nan,
+            "acc_std_dist": d, "acc_std_dist_lo": d_lo, "acc_std_dist_hi": d_hi}
 
 
 def _weight_stats(fs: pafs.FileSystem, root: str, ok: pd.DataFrame, notes: list[str]) -> dict:
@@ -258,7 +266,7 @@ def _distinct(df: pd.DataFrame, column: str) -> str:
     return ", ".join(sorted(str(v) for v in df[column].dropna().unique() if v != "")) if column in df else ""
 
 
-def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels, seed: int) -> tuple[dict, list[dict]]:
+def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels) -> tuple[dict, list[dict]]:
     """One variance row and its subgroup rows."""
     ok = g[g["status"] == "ok"]
     notes = [] if len(ok) >= 2 else [f"{len(ok)} ok run(s): spreads need 2"]
@@ -268,42 +276,62 @@ def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels, seed: 
     if len(ok) and preds is None:
         notes.append("predictions missing or of unequal length")
     n_test = preds.shape[1] if preds is not None else 0
+    if labels is not None and preds is not None and len(labels[0]) != n_test:
+        notes.append(f"labels file has {len(labels[0])} examples, predictions {n_test}: "
+                     "no per-example std, no subgroups")
+        labels = None
+    elif labels is None and preds is not None:
+        notes.append("no labels file under OUT/datasets: no per-example std")
+    correct = preds == labels[0] if labels is not None and preds is not None else None
     row = {"accelerator": _distinct(ok, "accelerator"), "n_fingerprints": ok["fingerprint_id"].nunique(),
            "n_runs": len(ok), "n_failed": len(g) - len(ok), "n_test": n_test,
-           **_accuracy_stats(ok["test_accuracy"].dropna().to_numpy(float), n_test, seed),
+           **_accuracy_stats(ok["test_accuracy"].dropna().to_numpy(float), correct),
            "churn": metrics.churn(preds) if preds is not None else math.nan,
            **_weight_stats(fs, root, ok, notes)}
     per_class = runs.matrix("per_class_accuracy", ok.index)
     row["per_class_std_max"], row["per_class_std_mean"], row["worst_class"] = (
         metrics.per_class_spread(per_class) if per_class is not None else (math.nan, math.nan, None))
-    subs = []
-    if labels is not None and preds is not None and len(ok) >= 2:
-        if len(labels[0]) == n_test:
-            subs = _subgroup_rows(preds, *labels, key)
-        else:
-            notes.append(f"labels file has {len(labels[0])} examples, predictions {n_test}: no subgroups")
+    subs = _subgroup_rows(preds, *labels, key) if correct is not None and len(ok) >= 2 else []
     row["subgroup_acc_std_max"] = max((s["acc_std"] for s in subs), default=math.nan)
     row["note"] = "; ".join(notes)
     return row | key, subs
 
 
-def _significance(table: pd.DataFrame, accs: list[np.ndarray], by: list[str]) -> None:
-    """p_vs_control / p_vs_algo: Brown–Forsythe p-value of a group's accuracy variance against
-    the group with the same key but noise control / algo. NaN when there is no such group, the
-    group is that group, or either has fewer than 2 ok runs."""
+def variance_p(a: pd.Series, b: pd.Series) -> tuple[float, str]:
+    """p-value that two groups' accuracy variances differ, and which test gave it. a, b: ok
+    accuracies indexed by replica. Replica r of algo, algo+impl and the single-source presets
+    share seeds (common random numbers), so groups pair by replica index: Pitman–Morgan on the
+    replicas both have. Brown–Forsythe (independent groups) only when they cannot be paired: a
+    replica index repeats within a group (--by pooled several settings) or fewer than 3 are shared."""
+    shared = a.index.intersection(b.index)
+    if a.index.is_unique and b.index.is_unique and len(shared) >= 3:
+        return metrics.pitman_morgan_p(a[shared].to_numpy(), b[shared].to_numpy()), f"Pitman–Morgan, {len(shared)} pairs"
+    why = "replica indices repeat" if not (a.index.is_unique and b.index.is_unique) else f"{len(shared)} shared replicas"
+    return metrics.brown_forsythe_p(a.to_numpy(), b.to_numpy()), f"Brown–Forsythe, unpaired: {why}"
+
+
+def _significance(table: pd.DataFrame, accs: list[pd.Series], by: list[str]) -> None:
+    """p_vs_control / p_vs_algo: `variance_p` of a group's accuracies against the group with the
+    same key but noise control / algo, the test named in the note. NaN when there is no such
+    group or the group is that group."""
     table["p_vs_control"] = table["p_vs_algo"] = math.nan
     if "noise" not in by:
         return
     rest = [tuple(str(v) for v in vals) for vals in table[[c for c in by if c != "noise"]].itertuples(index=False)]
     where = {(r, n): i for i, (r, n) in enumerate(zip(rest, table["noise"]))}
+    notes = [[n] if n else [] for n in table["note"]]
     for col, ref in (("p_vs_control", "control"), ("p_vs_algo", "algo")):
-        table[col] = [metrics.brown_forsythe_p(accs[i], accs[where[(r, ref)]])
-                      if n != ref and (r, ref) in where else math.nan
-                      for i, (r, n) in enumerate(zip(rest, table["noise"]))]
+        ps = []
+        for i, (r, n) in enumerate(zip(rest, table["noise"])):
+            p, test = variance_p(accs[i], accs[where[(r, ref)]]) if n != ref and (r, ref) in where else (math.nan, "")
+            ps.append(p)
+            if test:
+                notes[i].append(f"{col}: {test}")
+        table[col] = ps
+    table["note"] = ["; ".join(n) for n in notes]
 
 
-def variance_tables(runs: Runs, fs: pafs.FileSystem, root: str, by: list[str], seed: int = 0
-                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def variance_tables(runs: Runs, fs: pafs.FileSystem, root: str, by: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The variance table (one row per group of `by`) and the subgroups table (one row per group
     and subgroup id, for datasets whose labels file defines subgroups)."""
     rows, subs, accs, labels = [], [], [], {}
@@ -312,11 +340,11 @@ def variance_tables(runs: Runs, fs: pafs.FileSystem, root: str, by: list[str], s
         datasets = g["dataset"].unique()
         if len(datasets) == 1 and datasets[0] not in labels:
             labels[datasets[0]] = _labels(fs, root, datasets[0])
-        row, sub = _group(runs, key, g, fs, root, labels.get(datasets[0]) if len(datasets) == 1 else None,
-                          _seed(seed, key))
+        row, sub = _group(runs, key, g, fs, root, labels.get(datasets[0]) if len(datasets) == 1 else None)
         rows.append(row)
         subs += sub
-        accs.append(g.loc[g["status"] == "ok", "test_accuracy"].dropna().to_numpy(float))
+        ok = g[(g["status"] == "ok") & g["test_accuracy"].notna()]
+        accs.append(pd.Series(ok["test_accuracy"].to_numpy(float), index=ok["replica"].to_numpy()))
     extra = [c for c in VARIANCE if c not in by]
     variance = pd.DataFrame(rows, columns=by + extra)
     _significance(variance, accs, by)
@@ -486,7 +514,7 @@ def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0
     runs = load_runs(out_uri, asked)
     # by default, a tooling axis no run recorded (results older than the axis) is not a column
     by = asked if by else [c for c in asked if c not in TOOLING or runs.meta[c].notna().any()]
-    variance, subgroups = variance_tables(runs, fs, root, by, seed)
+    variance, subgroups = variance_tables(runs, fs, root, by)
     tables = {"variance": variance, "subgroups": subgroups,
               "sources": sources.sources_table(variance, runs.meta, runs.matrix, by, lambda key: _seed(seed, key)),
               "cross_stack": cross_stack_table(runs, fs, root), "overhead": overhead_table(fs, root, seed)}

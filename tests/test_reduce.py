@@ -130,15 +130,20 @@ def test_cli_end_to_end(tree: Path):
     assert algo["identical_fraction"] == 0.0
     acc = [1.0, 7 / 8, 7 / 8]
     assert algo["acc_mean"] == pytest.approx(np.mean(acc)) and algo["acc_std"] == pytest.approx(np.std(acc, ddof=1))
-    assert algo["acc_std_sampling"] == pytest.approx(math.sqrt(np.mean(acc) * (1 - np.mean(acc)) / 8))
+    # examples 0 and 7 each flip in one of 3 runs (ddof=1 variance 1/3 each): (2/3) / 8²
+    assert algo["acc_std_sampling"] == pytest.approx(math.sqrt(1 / 96))
     assert algo["acc_std_lo"] <= algo["acc_std"] <= algo["acc_std_hi"]
+    # accuracy variance 1/192 is below the per-example 1/96: the flips explain it all
+    assert algo["acc_std_dist"] == 0.0 and algo["acc_std_dist_lo"] == 0.0
+    assert algo["acc_std_dist_hi"] == pytest.approx(math.sqrt(2 / 192 / stats.chi2.ppf(0.025, 2) - 1 / 96))
     # class 0 accuracy per run 1, 3/4, 1; class 1: 1, 1, 3/4 -> equal spreads, lowest index wins
     assert algo["per_class_std_max"] == pytest.approx(np.std([1, 0.75, 1], ddof=1)) and algo["worst_class"] == 0
     assert algo["subgroup_acc_std_max"] == pytest.approx(np.std([1, 0.75, 1], ddof=1))
-    # Brown–Forsythe by hand: deviations from the median, algo (1/8, 0, 0), control (0, 0, 0);
-    # group means 1/24 and 0, grand mean 1/48: between 6/48² over 1 df, within 6/24² over 4 df: F = 1
-    assert algo["p_vs_control"] == pytest.approx(stats.f.sf(1.0, 1, 4))
+    # replicas 0-2 of algo pair with replicas 0-2 of control (Pitman–Morgan): control does not
+    # move, so a+b and a-b are perfectly correlated
+    assert algo["p_vs_control"] == 0.0 and "p_vs_control: Pitman–Morgan, 3 pairs" in algo["note"]
     assert math.isnan(algo["p_vs_algo"])
+    assert (ctrl["acc_std_sampling"], ctrl["acc_std_dist"], ctrl["acc_std_dist_hi"]) == (0.0, 0.0, 0.0)
 
     single = by_noise(v, "init")
     assert single["n_runs"] == 1 and single["acc_mean"] == 1.0
