@@ -303,11 +303,16 @@ def variance_share_ci(num: Sequence[float], den: Sequence[float], seed: int, pai
     return float(ratio(a, b)), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def _pair_mean(d: np.ndarray, ids: np.ndarray) -> float:
-    """Mean of pair matrix d over the pairs of a resample `ids`, leaving out pairs of one replica
-    with its own copy: those are 0 by construction and would pull churn down."""
-    distinct = ids[:, None] != ids[None, :]
-    return float(d[np.ix_(ids, ids)][distinct].mean()) if distinct.any() else math.nan
+def _pair_means(d: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Mean of pair matrix d (R, R) over the pairs of each resample in `ids` (B, R'), leaving
+    out pairs of a replica with its own copy (0 by construction: they would pull churn down).
+    With c the (B, R) counts of each replica in a resample, the sum over pairs is c·d·c, and
+    pairs of distinct replicas number R'² - Σc². NaN for a resample of one replica only."""
+    ids = np.atleast_2d(ids)
+    c = np.zeros((len(ids), len(d)))
+    np.add.at(c, (np.arange(len(ids))[:, None], ids), 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ((c @ d) * c).sum(axis=1) / (ids.shape[1] ** 2 - (c * c).sum(axis=1))
 
 
 def churn_share_ci(num_preds: np.ndarray, den_preds: np.ndarray, seed: int, paired: bool,
@@ -323,12 +328,12 @@ def churn_share_ci(num_preds: np.ndarray, den_preds: np.ndarray, seed: int, pair
     if not dn.any():
         return 0.0, 0.0, 0.0
 
-    def ratio(i, j=None):
+    def ratio(i, j=None, axis=-1):
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.float64(_pair_mean(dn, i)) / _pair_mean(dd, i if j is None else j)
+            return _pair_means(dn, i) / _pair_means(dd, i if j is None else j)
     data = (np.arange(len(dn)),) if paired else (np.arange(len(dn)), np.arange(len(dd)))
-    res = stats.bootstrap(data, ratio, vectorized=False, paired=paired, n_resamples=n_boot,
-                          confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    res = stats.bootstrap(data, ratio, n_resamples=n_boot, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
     return churn(num_preds) / churn(den_preds), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 

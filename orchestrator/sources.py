@@ -22,7 +22,10 @@ from orchestrator import metrics, noise
 
 REFERENCES = ("algo+impl", "algo")
 SINGLE = (*noise.SOURCES, "control")
-FROM_VARIANCE = ["n_runs", "acc_std", "acc_std_lo", "acc_std_hi", "churn"]  # the variance table's own numbers
+# The variance table's own numbers: the std with its chi-square interval, the distribution-wise
+# part of it (per-example flips removed, Jordan 2023), and churn.
+FROM_VARIANCE = ["n_runs", "acc_std", "acc_std_lo", "acc_std_hi", "acc_std_dist", "acc_std_dist_lo",
+                 "acc_std_dist_hi", "churn"]
 SHARES = ["paired", "share", "share_lo", "share_hi", "churn_share", "churn_share_lo", "churn_share_hi"]
 
 
@@ -50,12 +53,11 @@ def sources_table(variance: pd.DataFrame, meta: pd.DataFrame, matrix: Callable, 
     reference preset with at least two ok runs.
 
     `variance` is the variance table of the same `meta` and `by`, one row per group of
-    meta.groupby(by, dropna=False, sort=True) in that order: its spreads (and any
-    distribution-wise columns) are copied, so both tables state the same numbers. `matrix(column,
+    meta.groupby(by, dropna=False, sort=True) in that order: its spreads are copied, so both
+    tables state the same numbers. `matrix(column,
     rows)` gives a list column as an (R, L) array; `seed_of(key)` seeds a row's bootstrap.
     """
-    extra = [c for c in variance.columns if c.startswith("acc_std_dist")]
-    columns = [c for c in by if c != "noise"] + ["reference", "source", *FROM_VARIANCE, *extra, *SHARES, "note"]
+    columns = [c for c in by if c != "noise"] + ["reference", "source", *FROM_VARIANCE, *SHARES, "note"]
     rest = [c for c in by if c != "noise"]
     rows = []
     if "noise" in by and len(meta):
@@ -71,7 +73,7 @@ def sources_table(variance: pd.DataFrame, meta: pd.DataFrame, matrix: Callable, 
                 runs = presets[name]
                 v = variance.iloc[group_row[runs.index[0]]]
                 rows.append({**key, "reference": reference, "source": name,
-                             **{c: v[c] for c in FROM_VARIANCE + extra},
+                             **{c: v[c] for c in FROM_VARIANCE},
                              **_shares(runs, presets[reference], matrix, seed_of({**key, "source": name})),
                              "note": v["note"]})
     table = pd.DataFrame(rows, columns=columns)
