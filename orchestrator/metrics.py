@@ -309,8 +309,8 @@ def _pair_means(d: np.ndarray, ids: np.ndarray) -> np.ndarray:
     With c the (B, R) counts of each replica in a resample, the sum over pairs is c·d·c, and
     pairs of distinct replicas number R'² - Σc². NaN for a resample of one replica only."""
     ids = np.atleast_2d(ids)
-    c = np.zeros((len(ids), len(d)))
-    np.add.at(c, (np.arange(len(ids))[:, None], ids), 1.0)
+    b, r = len(ids), len(d)
+    c = np.bincount((ids + r * np.arange(b)[:, None]).ravel(), minlength=b * r).reshape(b, r).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return ((c @ d) * c).sum(axis=1) / (ids.shape[1] ** 2 - (c * c).sum(axis=1))
 
