@@ -99,6 +99,14 @@ def sample_std(values: Sequence[float]) -> float:
     return float(_std(v)) if len(v) >= 2 else math.nan
 
 
+def column_std(x: np.ndarray) -> np.ndarray:
+    """(C,) sample std (ddof=1) of each column of an (R, C) array across its rows, exactly 0 for a
+    column of equal values and bit-for-bit independent of the row order (columns are sorted
+    first). NaN below two rows."""
+    a = np.sort(np.asarray(x, dtype=np.float64), axis=0)
+    return _std(a, axis=0) if a.shape[0] >= 2 else np.full(a.shape[1], math.nan)
+
+
 def _var_ci(var: float, n: int, level: float) -> tuple[float, float]:
     """Chi-square interval of a variance: (n-1)s²/σ² ~ χ²(n-1) for n independent normal values,
     so [(n-1)s²/χ²_{1-α/2}, (n-1)s²/χ²_{α/2}] covers σ² with probability `level` exactly."""
@@ -180,10 +188,10 @@ def per_class_spread(per_class: np.ndarray) -> tuple[float, float, int | None]:
     of a class, and the index of the class with the largest (lowest index on ties; None when no
     class moves at all). Top-1 accuracy averages these swings away; the worst class shows where
     the noise lands."""
-    a = np.sort(np.asarray(per_class, dtype=np.float64), axis=0)
+    a = np.asarray(per_class, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] < 2 or a.shape[1] == 0:
         return math.nan, math.nan, None
-    s = _std(a, axis=0)
+    s = column_std(a)
     return float(s.max()), float(s.mean()), int(np.argmax(s)) if s.max() > 0 else None
 
 
