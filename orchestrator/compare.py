@@ -136,15 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--format: choose from {', '.join(reduce.FORMATS)}")
     if args.effect is not None and not (math.isfinite(args.effect) and args.effect != 0):
         parser.error("--effect: give a non-zero accuracy difference, e.g. --effect 0.005")
-    fs, root = store.resolve(args.out)
-    if not store.exists(fs, root):
-        print(f"error: {args.out}: no such results tree", file=sys.stderr)
+    if reduce.no_tree(args.out):
         return 2
     try:
-        table = compare(args.out, parse_side("--a", args.a), parse_side("--b", args.b), args.effect, args.seed)
+        with reduce.warnings_on_stderr():
+            table = compare(args.out, parse_side("--a", args.a), parse_side("--b", args.b), args.effect, args.seed)
     except reduce.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    fs, root = store.resolve(args.out)
     reduce.write_tables(fs, root, {"compare": table}, fmt)
     print(f"## compare\n\n{reduce.format_markdown(table)}\n\n{POWER_NOTE}\n")
     print(f"table written to {root}/tables ({', '.join(fmt)})")
