@@ -227,3 +227,37 @@ def test_bitflip_changes_one_weight_by_one_ulp_chosen_by_the_seed():
     # every other source is fixed: a bitflip replica's seeds are the control's
     control, flip = noise.seeds_for(0, frozenset(), 2), noise.seeds_for(0, noise.PRESETS["bitflip"], 2)
     assert (control.init, control.order, control.augment) == (flip.init, flip.order, flip.augment)
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_sweep_of_every_source_gives_the_sources_table_and_figure(ray_local, tmp_path):
+    """Digits, 3 replicas of each single-source preset: on a CPU, impl replicas are bitwise
+    identical, so its row is exact zeros; a one-bit change of one initial weight is
+    recorded and spreads like any other source."""
+    from orchestrator import report, sweep
+    from tests.conftest import write_spec
+
+    spec = write_spec(tmp_path / "s.yaml", name="sources", replicas=3,
+                      noise=["init", "order", "augment", "impl", "bitflip", "algo+impl"],
+                      workloads=[{"arch": "small_cnn", "dataset": "digits", "epochs": 1, "batch_size": 64,
+                                  "lr": 0.002, "optimizer": "adam", "augmentation": "crop"}])
+    out = tmp_path / "out"
+    assert sweep.main([str(spec), "--out", str(out)]) == 0
+    table = pd.read_parquet(out / "tables" / "sources.parquet").set_index("source")
+    assert list(table.index) == ["init", "order", "augment", "impl", "bitflip", "algo+impl"]
+    assert (table["n_runs"] == 3).all() and table["paired"].all()
+    for name in ("impl",):  # and control, which the known-answer tree covers
+        assert (table.loc[name, ["acc_std", "acc_std_lo", "acc_std_hi", "churn", "share", "share_lo",
+                                 "share_hi", "churn_share"]] == 0.0).all(), name
+    assert table.loc["algo+impl", "acc_std"] > 0 and table.loc["init", "churn"] > 0
+    runs = store.read_runs(str(out), columns=["noise", "bitflip", "seed_bitflip", "weights_sha256"]).to_pandas()
+    flips = runs[runs["noise"] == "bitflip"]
+    assert flips["bitflip"].str.fullmatch(r"[\w.]+\[\d+\]").all() and flips["seed_bitflip"].nunique() == 3
+    assert runs.loc[runs["noise"] != "bitflip", "bitflip"].isna().all()
+    assert flips["weights_sha256"].nunique() == 3  # one ulp, three different final models
+    line = next(x for x in (out / "tables" / "sources.md").read_text().splitlines() if "| impl " in x)
+    assert "nan" not in line  # zeros read as zeros, not as missing
+    page = open(report.write_report(str(out))).read()
+    assert "Noise sources" in page and 'alt="share per source" src="data:image/png;base64,' in page
