@@ -98,6 +98,17 @@ def test_compare_combines_keys_and_rejects_what_it_cannot_answer(tree, capsys):
         assert err.count("\n") == 1 and all(w in err for w in words), err
 
 
+def test_compare_never_pools_two_workloads_into_one_side(tmp_path, capsys):
+    """Two architectures with very different accuracy: one row each, each with its own runs."""
+    write_tree(tmp_path, {"order": 0.006, "algo+impl": 0.009}, {}, n=10, arch="small", mean=0.8)
+    write_tree(tmp_path, {"order": 0.006, "algo+impl": 0.009}, {}, n=10, arch="large", mean=0.95, seed=1)
+    assert compare.main([str(tmp_path), "--a", "noise=algo+impl", "--b", "noise=order", "--format", "csv"]) == 0
+    table = pd.read_csv(tmp_path / "tables" / "compare.csv").set_index("arch")
+    assert sorted(table.index) == ["large", "small"] and (table["n_a"] == 10).all()
+    assert table.loc["small", "mean_a"] == pytest.approx(0.8, abs=0.01)
+    assert table.loc["large", "mean_a"] == pytest.approx(0.95, abs=0.01)
+
+
 def test_almost_stochastic_order_when_deepsig_is_installed():
     pytest.importorskip("deepsig")
     rng = np.random.default_rng(2)

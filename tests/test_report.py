@@ -87,8 +87,8 @@ def test_report_is_self_contained_and_renders_in_headless_chromium(out, tmp_path
     path = report.write_report(str(out))
     assert path == f"{out}/tables/report.html"
     page = Path(path).read_text()
-    assert page.count('src="data:image/png;base64,') == 4  # accuracy, churn/L2, per-class, overhead
-    for heading in ("Accuracy per replica", "Churn and L2", "Per-class accuracy std", "Cross-stack pairs",
+    assert page.count('src="data:image/png;base64,') == 5  # accuracy, churn/L2, per-class, sources, overhead
+    for heading in ("Accuracy per replica", "Churn and L2", "Per-class accuracy std", "Noise sources", "Cross-stack pairs",
                     "Overhead of determinism", "Variance table", "Fingerprints"):
         assert heading in page
     assert "http://" not in page and "https://" not in page  # readable offline, nothing fetched

@@ -17,9 +17,9 @@ FLIP = {"init": 0.05, "order": 0.08, "augment": 0.06, "impl": 0.03, "algo+impl":
 
 
 def write_tree(root, stds: dict[str, float], flips: dict[str, float], n: int, seed: int = 0, n_test: int = 40,
-               control: bool = True) -> None:
+               control: bool = True, arch: str = "mlp", mean: float = 0.9) -> None:
     """A results tree as the runner writes it (rows only, no weights): per preset, n replicas whose
-    accuracy is 0.9 + N(0, std²) and whose predictions flip each example of one fixed model with
+    accuracy is mean + N(0, std²) and whose predictions flip each example of one fixed model with
     the preset's rate (the labels file holds that model's predictions). `control` adds a preset
     whose replicas are all identical."""
     rng = np.random.default_rng(seed)
@@ -32,12 +32,12 @@ def write_tree(root, stds: dict[str, float], flips: dict[str, float], n: int, se
             flip = rng.random(n_test) < flips.get(name, 0.0)
             preds = np.where(flip, (base + 1 + rng.integers(0, 9, n_test)) % 10, base)
             store.write_run(fs, r, {
-                "run_id": f"{name}-{i}", "sweep": "t", "arch": "mlp", "dataset": "toy", "noise": name,
+                "run_id": f"{arch}-{name}-{i}", "sweep": "t", "arch": arch, "dataset": "toy", "noise": name,
                 "replica": i, "seed_init": i, "seed_order": i, "seed_augment": i, "accelerator_requested": "any",
                 "accelerator": "cpu", "fingerprint_id": "fp0", "num_threads": 1, "precision": "fp32",
                 "channels_last": False, "compiled": False, "status": "ok", "epochs": 1,
                 "spec_json": json.dumps({"workload": {"arch": "mlp", "dataset": "toy"}}),
-                "test_accuracy": 0.9 + std * rng.standard_normal(), "predictions": preds.tolist()})
+                "test_accuracy": mean + std * rng.standard_normal(), "predictions": preds.tolist()})
 
 
 def write_labels(root, labels: np.ndarray) -> None:
