@@ -219,7 +219,7 @@ def source_shares(sources: pd.DataFrame) -> Figure:
     group of the sources table."""
     title = "Which source makes the variance: share of the reference preset's"
     if sources.empty:
-        return _empty(title, sources.attrs.get("message", NONE))
+        return _empty(title, sources.attrs.get("message", NONE) + f" ({NONE})", size=(8, 1.8))
     keys = [k for k in sources.columns if k in KEYS]
     groups = list(sources.groupby(keys, sort=True, dropna=False)) if keys else [((), sources)]
     names = _labels(sources, keys)
