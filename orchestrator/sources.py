@@ -54,15 +54,15 @@ def sources_table(variance: pd.DataFrame, meta: pd.DataFrame, matrix: Callable, 
 
     `variance` is the variance table of the same `meta` and `by`, one row per group of
     meta.groupby(by, dropna=False, sort=True) in that order: its spreads are copied, so both
-    tables state the same numbers. `matrix(column,
-    rows)` gives a list column as an (R, L) array; `seed_of(key)` seeds a row's bootstrap.
+    tables state the same numbers. `matrix(column, rows)` gives a list column as an (R, L) array;
+    `seed_of(key)` seeds a row's bootstrap.
     """
     columns = [c for c in by if c != "noise"] + ["reference", "source", *FROM_VARIANCE, *SHARES, "note"]
     rest = [c for c in by if c != "noise"]
     rows = []
     if "noise" in by and len(meta):
         group_row = meta.groupby(by, dropna=False, sort=True).ngroup()
-        ok = meta[meta["status"] == "ok"]
+        ok = meta[(meta["status"] == "ok") & meta["test_accuracy"].notna()]
         for vals, g in (ok.groupby(rest, dropna=False, sort=True) if rest else [((), ok)]):
             key = dict(zip(rest, vals if isinstance(vals, tuple) else (vals,)))
             presets = dict(tuple(g.groupby("noise", sort=False)))
