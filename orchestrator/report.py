@@ -309,25 +309,29 @@ def per_class_std(runs: reduce.Runs) -> Figure:
 
 
 def overhead_bars(overhead: pd.DataFrame) -> Figure:
-    """Cost of deterministic kernels per accelerator and arch: median step time with them over
-    without, minus 1, in percent, with the bootstrap interval (overhead_lo..overhead_hi) as error bars."""
+    """Cost of deterministic kernels per accelerator and workload (arch, plus the settings and
+    tooling values that tell the overhead table's rows of one arch apart): median step time with
+    them over without, minus 1, in percent, with the bootstrap interval (overhead_lo..overhead_hi)
+    as error bars."""
     title = "Cost of determinism: step-time overhead of deterministic kernels"
     ok = overhead.dropna(subset=["overhead_pct"]) if len(overhead) and "overhead_pct" in overhead else overhead
     if ok.empty:
         return _empty(title, f"no overhead probes: {NONE} (add an `overhead:` section to the sweep)")
     accels = sorted(ok["accelerator"].astype(str).unique())
-    archs = sorted(ok["arch"].astype(str).unique())
-    slot = min(0.8, 0.3 * len(archs))  # a lone bar stays narrow
-    offsets, w = _slots(len(archs), slot), slot / len(archs)
-    fig = Figure(figsize=(min(14, 5 + 1.5 * len(accels) * len(archs) ** 0.5), 4.2), layout="constrained")
+    others = _labels(ok, ["workload", *reduce.PROBE_TOOLING])
+    series = ok["arch"].astype(str) + others.map(lambda o: f", {o}" if o else "")
+    names = sorted(series.unique())
+    slot = min(0.8, 0.3 * len(names))  # a lone bar stays narrow
+    offsets, w = _slots(len(names), slot), slot / len(names)
+    fig = Figure(figsize=(min(14, 5 + 1.5 * len(accels) * len(names) ** 0.5), 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for i, arch in enumerate(archs):
-        g = ok[ok["arch"].astype(str) == arch]
+    for i, name in enumerate(names):
+        g = ok[series == name]
         x = np.array([accels.index(a) for a in g["accelerator"].astype(str)]) + offsets[i]
         pct = g["overhead_pct"].to_numpy(float)
         lo = np.nan_to_num(pct - g["overhead_lo"].to_numpy(float), nan=0).clip(min=0)
         hi = np.nan_to_num(g["overhead_hi"].to_numpy(float) - pct, nan=0).clip(min=0)
-        ax.bar(x, pct, w * 0.9, yerr=[lo, hi], capsize=4, color=COLORS[i % len(COLORS)], label=arch)
+        ax.bar(x, pct, w * 0.9, yerr=[lo, hi], capsize=4, color=COLORS[i % len(COLORS)], label=name)
         for xi, p, l, h in zip(x, pct, g["overhead_lo"].to_numpy(float), g["overhead_hi"].to_numpy(float)):
             ci = f"[{l:+.0f}, {h:+.0f}]" if np.isfinite([l, h]).all() else "no interval"
             ax.annotate(f"{p:+.0f}%\n{ci}", (xi, max(p, 0 if math.isnan(h) else h)),
@@ -340,7 +344,7 @@ def overhead_bars(overhead: pd.DataFrame) -> Figure:
     ax.set_title(title, loc="left")
     ax.grid(axis="y", alpha=0.3)
     ax.margins(y=0.2)
-    ax.legend(fontsize=8, title="arch")
+    ax.legend(fontsize=8, title="workload")
     return fig
 
 
@@ -412,8 +416,9 @@ GUIDE = {
                    "accelerator, software fingerprint), compared pair by pair. identical_fraction < 1 or "
                    "churn > 0 here is noise that no seed removes.",
     "overhead": "Median training-step time with deterministic kernels over without, minus 1, per "
-                "accelerator; error bars are the 95% block-bootstrap interval. Measured side by side in "
-                "one probe per (workload, accelerator).",
+                "accelerator and workload; error bars are the 95% bootstrap interval over det/nondet pairs "
+                "of blocks (none below 2 pairs). Measured side by side in one probe per (workload, tooling, "
+                "accelerator).",
     "sources": "Each single-source preset's accuracy variance (blue) and churn (orange) as a share of the "
                "reference preset's (algo+impl, else algo), with 95% bootstrap intervals over replicas, "
                "resampled jointly where presets ran the same replicas (paired: they share seeds). "

@@ -172,6 +172,19 @@ def test_identical_accuracies_print_sd_exactly_zero():
     assert "n=50\nsd=0" in texts(report.accuracy_by_noise(runs))
 
 
+def test_overhead_bars_one_bar_per_workload_of_an_arch():
+    """Two rows of one arch on one GPU (with and without batch norm): two bars side by side, each
+    named by the setting that tells them apart, not one bar drawn over the other."""
+    overhead = pd.DataFrame({"arch": ["small_cnn"] * 2, "workload": ["aaaa1111", "bbbb2222"],
+                             "accelerator": ["T4"] * 2, "overhead_pct": [100.0, 20.0],
+                             "overhead_lo": [90.0, 10.0], "overhead_hi": [110.0, 30.0]})
+    fig = report.overhead_bars(overhead)
+    bars = [c for c in fig.axes[0].containers if isinstance(c, matplotlib.container.BarContainer)]
+    assert sorted(b.datavalues[0] for b in bars) == [20.0, 100.0]
+    assert len({b.patches[0].get_x() for b in bars}) == 2
+    assert "small_cnn, workload=aaaa1111" in texts(fig) and "small_cnn, workload=bbbb2222" in texts(fig)
+
+
 def test_absent_data_says_none_instead_of_crashing(tmp_path):
     """An empty results tree: every figure says why it is empty, every table gives a note."""
     empty = report.load_runs(str(tmp_path))
