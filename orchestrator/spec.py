@@ -13,10 +13,11 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from orchestrator.noise import PRESETS, Seeds, seeds_for
 from workloads.data import DATASETS
@@ -64,15 +65,59 @@ class Workload(Strict):
         return v
 
 
+class EntrypointWorkload(Strict):
+    """The user's own training function, called as `fn(ctx, **args)` (orchestrator/entrypoint.py)
+    after the run's noise settings are applied. `name` fills the `arch` column."""
+
+    entrypoint: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]  # package.module:function
+    name: Name
+    dataset: Name  # names the test set: runs of one dataset must return the same labels, in the same order
+    args: dict[str, Any] = {}  # keyword arguments of the function (JSON-able values)
+    replicas: PositiveInt | None = None  # overrides the sweep's replicas for this workload
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _imports(cls, v: str) -> str:
+        try:
+            fn = builder(v)
+        except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a spec error
+            raise ValueError(f"cannot import {v!r} ({type(e).__name__}: {e}); check the module is on "
+                             "PYTHONPATH and the function exists") from None
+        if not callable(fn):
+            raise ValueError(f"{v!r} is not a function; give package.module:function")
+        return v
+
+    @property
+    def arch(self) -> str:
+        return self.name
+
+    @property
+    def epochs(self) -> None:
+        """Unknown until the function returns: the row then counts its `ctx.report` calls."""
+        return None
+
+
+def _workload_kind(v: object) -> str:
+    return "entrypoint" if isinstance(v, EntrypointWorkload) or (isinstance(v, dict) and "entrypoint" in v) \
+        else "builtin"
+
+
+# A workload with an `entrypoint` key is the user's own training; anything else the built-in loop.
+AnyWorkload = Annotated[Annotated[Workload, Tag("builtin")] | Annotated[EntrypointWorkload, Tag("entrypoint")],
+                        Discriminator(_workload_kind)]
+WORKLOAD_TAGS = ("builtin", "entrypoint")  # pydantic puts the tag in error locations; _format drops it
+
+
 class NoiseSet(Strict):
     """An explicit set of varying sources, for combinations no preset names."""
 
     name: Name
-    vary: list[Literal["init", "order", "augment", "impl"]]
+    vary: list[Literal["init", "order", "augment", "impl", "bitflip"]]
 
 
 Precision = Literal["fp32", "tf32", "bf16"]
-TOOLING_DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False}  # left out of run ids
+# left out of run ids; cudnn_benchmark's default is PyTorch's own (autotuning off)
+TOOLING_DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False, "cudnn_benchmark": False}
 
 
 class Tooling(Strict):
@@ -83,6 +128,7 @@ class Tooling(Strict):
     precision: list[Precision] = ["fp32"]
     channels_last: list[bool] = [False]  # NHWC memory format for model and inputs
     compile: list[bool] = [False]  # torch.compile the model; compile time lands in epoch 1 (CPU needs a C++ compiler)
+    cudnn_benchmark: list[bool] = [False]  # cuDNN autotuning: picks conv algorithms by timing them (GPU only)
 
 
 class Overhead(Strict):
@@ -113,7 +159,7 @@ class SweepSpec(Strict):
     resources: Resources = Resources()
     max_retries: Annotated[int, Field(ge=0)] = 1  # retries after a worker process dies
     overhead: Overhead | None = None  # determinism-cost probes, one per (workload, accelerator); absent = none
-    workloads: Annotated[list[Workload], Field(min_length=1)]
+    workloads: Annotated[list[AnyWorkload], Field(min_length=1)]
 
     @field_validator("noise")
     @classmethod
@@ -136,6 +182,14 @@ class SweepSpec(Strict):
                              "overhead section for a sweep of probes only")
         return self
 
+    @model_validator(mode="after")
+    def _probes_need_data_in_memory(self) -> SweepSpec:
+        if self.overhead is not None and any(isinstance(w, Workload) and w.dataset_args.get("stream")
+                                             for w in self.workloads):
+            raise ValueError("overhead: the probe replays batches held in memory, so it cannot time a "
+                             "workload with dataset_args.stream; remove the overhead section or stream")
+        return self
+
     @property
     def out_uri(self) -> str:
         return self.out or f"results/{self.name}"
@@ -146,9 +200,9 @@ class RunSpec(Strict):
 
     run_id: str
     sweep: str
-    workload: Workload
+    workload: AnyWorkload
     noise: str
-    vary: frozenset[Literal["init", "order", "augment", "impl"]]
+    vary: frozenset[Literal["init", "order", "augment", "impl", "bitflip"]]
     replica: int
     seeds: Seeds
     accelerator: str
@@ -159,6 +213,7 @@ class RunSpec(Strict):
     precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False
 
 
 def _noise_sets(spec: SweepSpec) -> list[tuple[str, frozenset[str]]]:
@@ -173,7 +228,8 @@ def file_safe(text: str) -> str:
 def run_id(spec: SweepSpec, workload: Workload, noise: str, num_threads: int, accelerator: str, replica: int,
            tooling: dict | None = None) -> str:
     """Readable prefix + hash of what defines the run. Defaults are left out of the hash so that a
-    field added later with a default keeps old ids valid (`tooling`: precision, channels_last, compile)."""
+    field added later with a default keeps old ids valid (`tooling`: precision, channels_last, compile,
+    cudnn_benchmark)."""
     key = {"sweep": spec.name, "base_seed": spec.base_seed,
            "workload": workload.model_dump(mode="json", exclude_defaults=True),
            "noise": noise, "num_threads": num_threads, "accelerator": accelerator, "replica": replica}
@@ -189,10 +245,10 @@ def expand(spec: SweepSpec) -> list[RunSpec]:
     """Every (workload, noise, tooling, accelerator, replica) as a RunSpec, in a stable order."""
     runs = []
     t = spec.tooling
-    for w, (noise, vary), threads, prec, cl, comp, acc in itertools.product(
+    for w, (noise, vary), threads, prec, cl, comp, bench, acc in itertools.product(
             spec.workloads, _noise_sets(spec), t.num_threads, t.precision, t.channels_last, t.compile,
-            spec.accelerators):
-        tooling = {"precision": prec, "channels_last": cl, "compile": comp}
+            t.cudnn_benchmark, spec.accelerators):
+        tooling = {"precision": prec, "channels_last": cl, "compile": comp, "cudnn_benchmark": bench}
         for r in range(w.replicas or spec.replicas):
             runs.append(RunSpec(
                 run_id=run_id(spec, w, noise, threads, acc, r, tooling), sweep=spec.name, workload=w,
@@ -216,20 +272,23 @@ class ProbeSpec(Strict):
     precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False  # both modes run at this setting: the overhead is determinism's alone
     cpus: float
     gpus: float  # 0 or 1: a probe never shares a GPU, another trial's kernels would land in its timings
     max_retries: int
 
 
 def expand_probes(spec: SweepSpec) -> list[ProbeSpec]:
-    """One probe per (workload, accelerator) when the sweep has an `overhead` section, with the first
+    """One probe per (built-in workload, accelerator) when the sweep has an `overhead` section, with the first
     value of every tooling axis. Ids hash like run ids, with their own prefix."""
     if spec.overhead is None:
         return []
     t = spec.tooling
-    tooling = {"precision": t.precision[0], "channels_last": t.channels_last[0], "compile": t.compile[0]}
+    tooling = {"precision": t.precision[0], "channels_last": t.channels_last[0], "compile": t.compile[0],
+               "cudnn_benchmark": t.cudnn_benchmark[0]}
     probes = []
-    for w, acc in itertools.product(spec.workloads, spec.accelerators):
+    builtin = [w for w in spec.workloads if isinstance(w, Workload)]  # user training has no probe
+    for w, acc in itertools.product(builtin, spec.accelerators):
         key = json.dumps({"kind": "probe", "sweep": spec.name, "base_seed": spec.base_seed,
                           "workload": w.model_dump(mode="json", exclude_defaults=True), "accelerator": acc,
                           "overhead": spec.overhead.model_dump(mode="json", exclude_defaults=True),
@@ -255,7 +314,8 @@ def _format(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")  # cross-field checks name their field themselves
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or fix its spelling"
-        field = ".".join(str(p) if isinstance(p, int) or p.isidentifier() else repr(p) for p in e["loc"])
+        loc = [p for i, p in enumerate(e["loc"]) if not (i == 2 and e["loc"][0] == "workloads" and p in WORKLOAD_TAGS)]
+        field = ".".join(str(p) if isinstance(p, int) or p.isidentifier() else repr(p) for p in loc)
         lines.append(f"{source}: {field}: {msg}" if field else f"{source}: {msg}")
     return "\n".join(lines)
 
