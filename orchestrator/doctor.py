@@ -119,7 +119,7 @@ def cuda_started() -> bool:
 def run_probe(p: spec.ProbeSpec) -> dict:
     """One overhead probe; an error is returned, not raised, so the other checks still report."""
     try:
-        rows, ops = probe.measure(p)
+        rows, ops = probe.measure(p, runner.pick_device(p))
     except Exception as e:  # recorded in the JSON and the verdicts, never dropped
         return {"error": f"{type(e).__name__}: {e}"}
     return {"rows": rows, "ops": sorted(ops)}
@@ -153,15 +153,16 @@ def replica_summary(rows: list[dict], out: str) -> dict:
             "test_accuracy": [r["test_accuracy"] for r in ok]}
 
 
-def block_units(rows: list[dict], mode: str) -> list[np.ndarray]:
-    """Step times of one mode grouped by block: the bootstrap resamples whole blocks."""
-    blocks = sorted({r["block"] for r in rows if r["mode"] == mode})
-    return [np.array([r["step_ms"] for r in rows if r["block"] == b]) for b in blocks]
+def pair_units(rows: list[dict], mode: str) -> list[np.ndarray]:
+    """Step times of one mode, one array per det/nondet pair of blocks (`repeat`), in pair order:
+    the bootstrap resamples whole pairs, as the reducer's overhead table does."""
+    return [np.array([r["step_ms"] for r in rows if r["repeat"] == k and r["mode"] == mode])
+            for k in sorted({r["repeat"] for r in rows})]
 
 
 def overhead_summary(p: spec.ProbeSpec, result: dict, seed: int = 0) -> dict:
     """One probe as {arch, overhead_pct, lo, hi, nondeterministic_ops, ...}: the ratio of median step
-    times (deterministic / default) with a seeded block-bootstrap interval, in percent."""
+    times (deterministic / default) with a seeded bootstrap interval over det/nondet pairs, in percent."""
     w = p.workload
     args = ",".join(f"{k}={v}" for k, v in sorted(w.arch_args.items()))
     row = {"arch": w.arch, "arch_args": w.arch_args, "label": f"{w.arch}({args})" if args else w.arch, "batch_size": w.batch_size,
@@ -169,7 +170,7 @@ def overhead_summary(p: spec.ProbeSpec, result: dict, seed: int = 0) -> dict:
     if "error" in result:
         return row | {"overhead_pct": None, "lo": None, "hi": None, "nondeterministic_ops": [], "error": result["error"]}
     rows = result["rows"]
-    ratio, lo, hi = metrics.median_ratio_ci(block_units(rows, "det"), block_units(rows, "nondet"), seed)
+    ratio, lo, hi = metrics.median_ratio_ci(pair_units(rows, "det"), pair_units(rows, "nondet"), seed, paired=True)
     med = {m: float(np.median([r["step_ms"] for r in rows if r["mode"] == m])) for m in probe.MODES}
     return row | {"overhead_pct": _finite((ratio - 1) * 100), "lo": _finite((lo - 1) * 100), "hi": _finite((hi - 1) * 100),
                   "nondeterministic_ops": result["ops"], "step_ms_det": med["det"],
