@@ -504,12 +504,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     parser.add_argument("--report", action="store_true", help="also write OUT/tables/report.html (figures and tables)")
     args = parser.parse_args(argv)
-    fmt = tuple(f for f in args.format.split(",") if f)
+    fmt = tuple(f.strip() for f in args.format.split(",") if f.strip())
     if not set(fmt) <= set(FORMATS):
         parser.error(f"--format: choose from {', '.join(FORMATS)}")
-    fs, root = store.resolve(args.out)
-    if not store.exists(fs, root):
-        print(f"error: {args.out}: no such results tree", file=sys.stderr)
+    try:
+        fs, root = store.resolve(args.out)
+        if not store.exists(fs, root):
+            print(f"error: {args.out}: no such results tree", file=sys.stderr)
+            return 2
+    except OSError as e:  # unreachable object storage: one line naming the URI, within the store's timeout
+        print(f"error: {store.unreachable(args.out, e)}", file=sys.stderr)
         return 2
     with warnings.catch_warnings(record=True) as caught:  # skipped files: one line each, no source echo
         warnings.simplefilter("default")
@@ -522,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {w.message}", file=sys.stderr)
     for name, df in tables.items():
         print(f"## {name}\n\n{format_markdown(df)}\n")
-    print(f"tables written to {root}/tables ({', '.join(fmt)})")
+    print(f"tables written to {args.out.rstrip('/')}/tables ({', '.join(fmt)})")
     if args.report:
         from orchestrator import report
 
