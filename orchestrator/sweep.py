@@ -23,8 +23,10 @@ from orchestrator.spec import ProbeSpec, RunSpec, SpecError, SweepSpec, expand, 
 # Tune's per-trial JSON/CSV/TensorBoard loggers cost more than a small replica's training.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 # A dead worker is one line per run in main's report (full text in the row and OUT/logs), not
-# Tune's traceback per failure.
+# Tune's traceback per failure; and Tune's own tables and boxes stay off the terminal (its newer
+# output engine prints them even at verbose=0), which shows the sweep's progress lines instead.
 os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # Ctrl-C raises KeyboardInterrupt at once (main says how to resume) instead of Tune's own stop,
 # which waits for a checkpoint and then suggests Tuner.restore(...): resuming here is re-running.
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
