@@ -100,7 +100,7 @@ def test_sigint_exits_130_then_the_same_command_resumes(ray_local, tmp_path, cap
     deadline = time.time() + 180
     while not list((out / "runs").glob("*.parquet")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
     stdout, stderr = p.communicate(timeout=120)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, signal.SIGKILL)  # its local Ray processes, should any outlive it
@@ -151,3 +151,14 @@ def test_sigkill_of_the_driver_then_resume(tmp_path):
     for f in out.rglob("*"):
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
+
+
+def test_a_probe_only_sweep_reports_no_missing_runs(ray_local, tmp_path, capsys):
+    """noise: [] runs probes only: the absent variance table is not reported as a problem."""
+    spec = write_spec(tmp_path / "s.yaml", name="probes", noise=[], overhead={"steps": 2, "warmup": 0, "repeats": 1},
+                      workloads=[tiny()])
+    out = tmp_path / "out"
+    assert sweep.main([str(spec), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "no runs under" not in printed.out + printed.err and "overhead_pct" in printed.out
+    assert json.loads((out / "progress.json").read_text())["total"] == 1
