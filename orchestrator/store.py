@@ -142,9 +142,9 @@ def overhead_path(root: str, probe_id: str) -> str:
     return f"{root}/overhead/{probe_id}.parquet"
 
 
-def log_path(root: str, run_id: str) -> str:
-    """The full error of a run whose worker died (the terminal shows one line of it)."""
-    return f"{root}/logs/{run_id}.log"
+def log_path(root: str, trial_id: str) -> str:
+    """The full error of a run whose worker died, or of a failed probe (the terminal shows one line)."""
+    return f"{root}/logs/{trial_id}.log"
 
 
 def labels_path(root: str, dataset: str) -> str:

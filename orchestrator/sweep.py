@@ -111,7 +111,7 @@ def _trial(config: dict) -> None:
 
 def make_progress(total: int, out: str, failure_row, done: int = 0):
     """A Tune callback that prints done/total, failed, elapsed and ETA and mirrors the counts to
-    OUT/progress.json, and records a run whose worker died for good (Tune gave up retrying).
+    OUT/progress.json, and records a trial that failed for good (Tune gave up retrying).
     `total` counts every run of the sweep and `done` starts at those already ok under OUT."""
     from ray.tune import Callback
 
@@ -134,8 +134,7 @@ def make_progress(total: int, out: str, failure_row, done: int = 0):
             self._update((trial.last_result or {}).get("status") != "ok")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            if "run_id" in trial.config["run"]:  # a dead probe leaves no file: main reports it missing
-                failure_row(RunSpec.model_validate(trial.config["run"]), trial_error(trial))
+            failure_row(trial.config["run"], trial_error(trial))
             self._update(True)
 
     return Progress()
@@ -148,18 +147,21 @@ def trial_error(trial) -> str:
     return Path(path).read_text() if path and Path(path).exists() else str(trial.get_error() or "")
 
 
-def record_worker_death(out: str):
-    """A run whose worker process died: the row's error opens with one line (the last line of
-    Ray's error) followed by the whole text, which also goes to OUT/logs/<run_id>.log."""
+def record_trial_error(out: str):
+    """A trial that raised or whose worker died (after its retries): the whole error goes to
+    OUT/logs/<id>.log, and a run also gets a failed row whose error opens with one line (the last
+    of Ray's text) followed by the whole text. A probe has no row: main reports it missing."""
     fs, root = store.resolve(out)
 
-    def write(run: RunSpec, error: str) -> None:
+    def write(item: dict, error: str) -> None:
         from orchestrator.runner import base_row
 
         last = error.strip().splitlines()[-1] if error.strip() else "no error text"
-        full = f"worker died: {last}\n\n{error.strip()}\n"
-        store.write_bytes(fs, store.log_path(root, run.run_id), full.encode())
-        store.write_run(fs, root, base_row(run) | {"status": "failed", "error": full.strip()})
+        # a run's own errors are caught by the runner, so a run's trial error is a dead worker
+        full = f"{'worker died: ' if 'run_id' in item else ''}{last}\n\n{error.strip()}\n"
+        store.write_bytes(fs, store.log_path(root, _trial_id(item)), full.encode())
+        if "run_id" in item:
+            store.write_run(fs, root, base_row(RunSpec.model_validate(item)) | {"status": "failed", "error": full.strip()})
 
     return write
 
@@ -194,7 +196,7 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: 
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=f"{out}/tune",  # beside the results: shared storage on a multi-node cluster
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
-            callbacks=[make_progress(total, out, record_worker_death(out), total - len(runs))], verbose=0))
+            callbacks=[make_progress(total, out, record_trial_error(out), total - len(runs))], verbose=0))
     tuner.fit()  # trial outcomes are in OUT/runs; Tune's own result grid is not needed
 
 
@@ -296,18 +298,20 @@ def report(out: str, runs: list[RunSpec], probes: list[ProbeSpec]) -> int:
         print(format_markdown(summary(tables["variance"])))
     if probes:
         print(format_markdown(tables["overhead"]))
+    fs, root = store.resolve(out)
+
+    def full_error(trial_id: str) -> str:
+        return f"  (full error: {out}/logs/{trial_id}.log)" if store.exists(fs, store.log_path(root, trial_id)) else ""
+
     missing = [p.probe_id for p in probes if p.probe_id not in store.done_probe_ids(out)]
     for probe_id in missing:
-        print(f"failed: {probe_id}: the overhead probe wrote no result (its error is in the log above)",
-              file=sys.stderr)
+        print(f"failed: {probe_id}: the overhead probe wrote no result{full_error(probe_id)}", file=sys.stderr)
     failed = store.read_runs(out, columns=["run_id", "status", "error"]).to_pandas()
     failed = failed[failed.run_id.isin({r.run_id for r in runs}) & (failed.status != "ok")]
-    fs, root = store.resolve(out)
     for r in failed.itertuples():
-        log = store.log_path(root, r.run_id)
-        more = f"  (full error: {out}/logs/{r.run_id}.log)" if store.exists(fs, log) else ""
         first = (r.error or "no error recorded").strip().splitlines()[0]
-        print(f"failed: {r.run_id}: {first[:200]}{'…' if len(first) > 200 else ''}{more}", file=sys.stderr)
+        print(f"failed: {r.run_id}: {first[:200]}{'…' if len(first) > 200 else ''}{full_error(r.run_id)}",
+              file=sys.stderr)
     print(f"results: {out}  (tables in {out}/tables)")
     return 1 if len(failed) or missing else 0
 
