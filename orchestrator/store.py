@@ -143,7 +143,7 @@ def overhead_path(root: str, probe_id: str) -> str:
 
 
 def log_path(root: str, trial_id: str) -> str:
-    """The full error of a run whose worker died, or of a failed probe (the terminal shows one line)."""
+    """The full error of a run or probe whose worker died (the terminal shows one line of it)."""
     return f"{root}/logs/{trial_id}.log"
 
 

@@ -305,7 +305,8 @@ def report(out: str, runs: list[RunSpec], probes: list[ProbeSpec]) -> int:
 
     missing = [p.probe_id for p in probes if p.probe_id not in store.done_probe_ids(out)]
     for probe_id in missing:
-        print(f"failed: {probe_id}: the overhead probe wrote no result{full_error(probe_id)}", file=sys.stderr)
+        where = full_error(probe_id) or " (its error is in the log above)"  # a probe's own error: printed by it
+        print(f"failed: {probe_id}: the overhead probe wrote no result{where}", file=sys.stderr)
     failed = store.read_runs(out, columns=["run_id", "status", "error"]).to_pandas()
     failed = failed[failed.run_id.isin({r.run_id for r in runs}) & (failed.status != "ok")]
     for r in failed.itertuples():

@@ -182,8 +182,6 @@ def test_a_failed_probe_fails_the_sweep_and_is_retried_on_resume(ray_local, tmp_
     assert sweep.main([str(cfg), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "failed: probe-small_cnn-synthetic-any-" in err and "wrote no result" in err
-    log, = (out / "logs").glob("probe-small_cnn-synthetic-any-*.log")  # its error, which Tune no longer prints
-    assert "no_such_option" in log.read_text() and f"(full error: {log})" in err
     assert not list((out / "overhead").glob("*.parquet")) and not (out / "runs").exists()
     assert sweep.main([str(cfg), "--out", str(out)]) == 1
     assert "1 overhead probes, 1 to run" in capsys.readouterr().out  # no file, so it runs again
