@@ -98,3 +98,16 @@ def test_cluster_connection_failures_say_what_to_set(error, expect):
         assert len(msg.splitlines()) == 1 and "10.0.0.1:6379" in msg
     assert expect in str(sweep.connect_error("10.0.0.1:6379", error))
     assert "RAY_AUTH_TOKEN" in str(sweep.connect_error("10.0.0.1:6379", AuthenticationError("no token")))
+
+
+def test_object_storage_waits_are_bounded():
+    """The clients' own defaults wait far longer (GCS retries for 15 minutes); no network needed."""
+    from datetime import timedelta
+
+    gcs, path = store.resolve("gs://bucket/study")
+    assert path == "bucket/study"
+    assert gcs.__reduce__()[1][0]["retry_time_limit"] == timedelta(seconds=store.REMOTE_TIMEOUT_S)
+    s3, _ = store.resolve("s3://bucket/study?region=eu-west-1&endpoint_override=127.0.0.1:9&scheme=http")
+    options = s3.__reduce__()[1][0]  # the URI's own options survive the rebuild
+    assert options["connect_timeout"] == store.CONNECT_TIMEOUT_S
+    assert (options["region"], options["endpoint_override"], options["scheme"]) == ("eu-west-1", "127.0.0.1:9", "http")
