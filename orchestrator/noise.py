@@ -41,19 +41,32 @@ class Seeds:
     order: int
     augment: int
 
+    @property
+    def global_rng(self) -> int:
+        """Seed of torch's global RNG (dropout, stochastic depth): held fixed or varied with the
+        augment source, yet a stream of its own, so that dropout masks never replay the crop and
+        flip draws of the augment generator."""
+        return derive_seed(self.augment, "global")
+
 
 def seeds_for(base_seed: int, vary: frozenset[str], replica: int) -> Seeds:
     """The seed each algorithmic source uses in this replica."""
     return Seeds(**{s: derive_seed(base_seed, s, replica if s in vary else None) for s in ALGO})
 
 
-def apply_impl(deterministic: bool, warn_only: bool = False) -> dict[str, object]:
+def apply_impl(deterministic: bool, cudnn_benchmark: bool = False, compile: bool = False,
+               warn_only: bool = False) -> dict[str, object]:
     """Set torch's kernel-selection switches and return exactly what was set.
 
     Must run before the model is built and before CUDA starts: cuBLAS reads
     CUBLAS_WORKSPACE_CONFIG once, when its handle is created. Ops with no deterministic kernel
     raise under `use_deterministic_algorithms(True)`; that is the point. `warn_only` makes them
     warn instead, which the overhead probe uses to record them by name and keep timing.
+
+    `cudnn_benchmark` (cuDNN autotuning) is a tooling axis of its own, not part of `impl`: PyTorch's
+    default is off whatever the determinism switches say. For compiled runs, inductor's own
+    deterministic mode (no on-device benchmarking of generated kernels) follows `deterministic`;
+    each compiled run sets it both ways, since a reused worker keeps the previous trial's value.
     """
     import torch
 
@@ -66,10 +79,17 @@ def apply_impl(deterministic: bool, warn_only: bool = False) -> dict[str, object
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
-    return {
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    flags = {
         "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     }
+    if compile:
+        import torch._inductor.config as inductor  # imported only by compiled runs: ~1.5 s
+
+        if hasattr(inductor, "deterministic"):  # torch >= 2.6
+            inductor.deterministic = deterministic
+            flags["inductor_deterministic"] = inductor.deterministic
+    return flags

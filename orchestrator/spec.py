@@ -14,7 +14,7 @@ import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError,
@@ -66,6 +66,49 @@ class Workload(Strict):
         return v
 
 
+class EntrypointWorkload(Strict):
+    """The user's own training function, called as `fn(ctx, **args)` (orchestrator/entrypoint.py)
+    after the run's noise settings are applied. `name` fills the `arch` column."""
+
+    entrypoint: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]  # package.module:function
+    name: Name
+    dataset: Name  # names the test set: runs of one dataset must return the same labels, in the same order
+    args: dict[str, Any] = {}  # keyword arguments of the function (JSON-able values)
+    replicas: PositiveInt | None = None  # overrides the sweep's replicas for this workload
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _imports(cls, v: str) -> str:
+        try:
+            fn = builder(v)
+        except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a spec error
+            raise ValueError(f"cannot import {v!r} ({type(e).__name__}: {e}); check the module is on "
+                             "PYTHONPATH and the function exists") from None
+        if not callable(fn):
+            raise ValueError(f"{v!r} is not a function; give package.module:function")
+        return v
+
+    @property
+    def arch(self) -> str:
+        return self.name
+
+    @property
+    def epochs(self) -> None:
+        """Unknown until the function returns: the row then counts its `ctx.report` calls."""
+        return None
+
+
+def _workload_kind(v: object) -> str:
+    return "entrypoint" if isinstance(v, EntrypointWorkload) or (isinstance(v, dict) and "entrypoint" in v) \
+        else "builtin"
+
+
+# A workload with an `entrypoint` key is the user's own training; anything else the built-in loop.
+AnyWorkload = Annotated[Annotated[Workload, Tag("builtin")] | Annotated[EntrypointWorkload, Tag("entrypoint")],
+                        Discriminator(_workload_kind)]
+WORKLOAD_TAGS = ("builtin", "entrypoint")
+
+
 class NoiseSet(Strict):
     """An explicit set of varying sources, for combinations no preset names."""
 
@@ -81,15 +124,18 @@ def _known_preset(v: str) -> str:
 
 # A noise entry is a preset name or a {name, vary} set. Choosing the branch by the entry's type
 # (instead of trying both) makes the error the one of that branch: `unknown preset 'algoo'`, not
-# a union message about both shapes. The tags are dropped from error locations by `_format`.
-UNION_TAGS = ("preset", "noise_set")
+# a union message about both shapes.
+NOISE_TAGS = ("preset", "noise_set")
+# pydantic puts a union's tag in error locations (workloads.0.builtin.epochs); _format drops it
+UNION_TAGS = {"workloads": WORKLOAD_TAGS, "noise": NOISE_TAGS}
 NoiseEntry = Annotated[
     Union[Annotated[Annotated[str, AfterValidator(_known_preset)], Tag("preset")], Annotated[NoiseSet, Tag("noise_set")]],
     Discriminator(lambda v: "preset" if isinstance(v, str) else "noise_set" if isinstance(v, (dict, NoiseSet)) else None,
                   custom_error_type="noise_entry", custom_error_message="expected a preset name or {name, vary}")]
 
 Precision = Literal["fp32", "tf32", "bf16"]
-TOOLING_DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False}  # left out of run ids
+# left out of run ids; cudnn_benchmark's default is PyTorch's own (autotuning off)
+TOOLING_DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False, "cudnn_benchmark": False}
 
 
 class Tooling(Strict):
@@ -100,6 +146,7 @@ class Tooling(Strict):
     precision: list[Precision] = ["fp32"]
     channels_last: list[bool] = [False]  # NHWC memory format for model and inputs
     compile: list[bool] = [False]  # torch.compile the model; compile time lands in epoch 1 (CPU needs a C++ compiler)
+    cudnn_benchmark: list[bool] = [False]  # cuDNN autotuning: picks conv algorithms by timing them (GPU only)
 
 
 class Overhead(Strict):
@@ -130,7 +177,7 @@ class SweepSpec(Strict):
     resources: Resources = Resources()
     max_retries: Annotated[int, Field(ge=0)] = 1  # retries after a worker process dies
     overhead: Overhead | None = None  # determinism-cost probes, one per (workload, accelerator); absent = none
-    workloads: Annotated[list[Workload], Field(min_length=1)]
+    workloads: Annotated[list[AnyWorkload], Field(min_length=1)]
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> SweepSpec:
@@ -148,10 +195,9 @@ MAX_RUNS = 1_000_000  # a bigger grid is a typo (replicas: 100000000), not a stu
 
 
 def n_runs(spec: SweepSpec) -> int:
-    """What `expand` would return, counted without building it."""
-    t = spec.tooling
-    per_replica = math.prod(map(len, (spec.noise, t.num_threads, t.precision, t.channels_last, t.compile,
-                                      spec.accelerators)))
+    """What `expand` would return, counted without building it (every tooling axis is a list)."""
+    axes = [spec.noise, spec.accelerators, *(getattr(spec.tooling, f) for f in Tooling.model_fields)]
+    per_replica = math.prod(map(len, axes))
     return per_replica * sum(w.replicas or spec.replicas for w in spec.workloads)
 
 
@@ -166,6 +212,12 @@ def _something_to_run(s: SweepSpec) -> str | None:
                 "for a sweep of probes only")
 
 
+def _probes_need_data_in_memory(s: SweepSpec) -> str | None:
+    if s.overhead is not None and any(isinstance(w, Workload) and w.dataset_args.get("stream") for w in s.workloads):
+        return ("overhead: the probe replays batches held in memory, so it cannot time a "
+                "workload with dataset_args.stream; remove the overhead section or stream")
+
+
 def _bounded(s: SweepSpec) -> str | None:
     if (n := n_runs(s)) > MAX_RUNS:
         return (f"replicas: the sweep expands to {n:,} runs, more than the {MAX_RUNS:,} one sweep may hold; "
@@ -175,6 +227,7 @@ def _bounded(s: SweepSpec) -> str | None:
 # Rules between fields, each with the fields it reads. `parse` also checks them when other fields
 # are invalid, skipping a rule only while a field it reads is itself wrong: every problem at once.
 CROSS_FIELD = {_pinned_runs_need_gpus: {"accelerators", "resources"}, _something_to_run: {"noise", "overhead"},
+               _probes_need_data_in_memory: {"overhead", "workloads"},
                _bounded: {"workloads", "replicas", "noise", "tooling", "accelerators"}}
 
 
@@ -187,7 +240,7 @@ class RunSpec(Strict):
 
     run_id: str
     sweep: str
-    workload: Workload
+    workload: AnyWorkload
     noise: str
     vary: frozenset[Literal["init", "order", "augment", "impl"]]
     replica: int
@@ -200,6 +253,7 @@ class RunSpec(Strict):
     precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False
 
 
 def _noise_sets(spec: SweepSpec) -> list[tuple[str, frozenset[str]]]:
@@ -214,7 +268,8 @@ def file_safe(text: str) -> str:
 def run_id(spec: SweepSpec, workload: Workload, noise: str, num_threads: int, accelerator: str, replica: int,
            tooling: dict | None = None) -> str:
     """Readable prefix + hash of what defines the run. Defaults are left out of the hash so that a
-    field added later with a default keeps old ids valid (`tooling`: precision, channels_last, compile)."""
+    field added later with a default keeps old ids valid (`tooling`: precision, channels_last, compile,
+    cudnn_benchmark)."""
     key = {"sweep": spec.name, "base_seed": spec.base_seed,
            "workload": workload.model_dump(mode="json", exclude_defaults=True),
            "noise": noise, "num_threads": num_threads, "accelerator": accelerator, "replica": replica}
@@ -230,10 +285,10 @@ def expand(spec: SweepSpec) -> list[RunSpec]:
     """Every (workload, noise, tooling, accelerator, replica) as a RunSpec, in a stable order."""
     runs = []
     t = spec.tooling
-    for w, (noise, vary), threads, prec, cl, comp, acc in itertools.product(
+    for w, (noise, vary), threads, prec, cl, comp, bench, acc in itertools.product(
             spec.workloads, _noise_sets(spec), t.num_threads, t.precision, t.channels_last, t.compile,
-            spec.accelerators):
-        tooling = {"precision": prec, "channels_last": cl, "compile": comp}
+            t.cudnn_benchmark, spec.accelerators):
+        tooling = {"precision": prec, "channels_last": cl, "compile": comp, "cudnn_benchmark": bench}
         for r in range(w.replicas or spec.replicas):
             runs.append(RunSpec(
                 run_id=run_id(spec, w, noise, threads, acc, r, tooling), sweep=spec.name, workload=w,
@@ -257,20 +312,23 @@ class ProbeSpec(Strict):
     precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False  # both modes run at this setting: the overhead is determinism's alone
     cpus: float
     gpus: float  # 0 or 1: a probe never shares a GPU, another trial's kernels would land in its timings
     max_retries: int
 
 
 def expand_probes(spec: SweepSpec) -> list[ProbeSpec]:
-    """One probe per (workload, accelerator) when the sweep has an `overhead` section, with the first
+    """One probe per (built-in workload, accelerator) when the sweep has an `overhead` section, with the first
     value of every tooling axis. Ids hash like run ids, with their own prefix."""
     if spec.overhead is None:
         return []
     t = spec.tooling
-    tooling = {"precision": t.precision[0], "channels_last": t.channels_last[0], "compile": t.compile[0]}
+    tooling = {"precision": t.precision[0], "channels_last": t.channels_last[0], "compile": t.compile[0],
+               "cudnn_benchmark": t.cudnn_benchmark[0]}
     probes = []
-    for w, acc in itertools.product(spec.workloads, spec.accelerators):
+    builtin = [w for w in spec.workloads if isinstance(w, Workload)]  # user training has no probe
+    for w, acc in itertools.product(builtin, spec.accelerators):
         key = json.dumps({"kind": "probe", "sweep": spec.name, "base_seed": spec.base_seed,
                           "workload": w.model_dump(mode="json", exclude_defaults=True), "accelerator": acc,
                           "overhead": spec.overhead.model_dump(mode="json", exclude_defaults=True),
@@ -296,7 +354,7 @@ def _format(err: ValidationError) -> list[str]:
         msg = e["msg"].removeprefix("Value error, ")  # cross-field checks name their field themselves
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or fix its spelling"
-        loc = [p for p in e["loc"] if p not in UNION_TAGS]
+        loc = [p for i, p in enumerate(e["loc"]) if not (i == 2 and p in UNION_TAGS.get(e["loc"][0], ()))]
         field = ".".join(str(p) if isinstance(p, int) or p.isidentifier() else repr(p) for p in loc)
         lines += [f"{field}: {m}" if field else m for m in msg.splitlines()]
     return lines

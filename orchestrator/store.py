@@ -44,6 +44,13 @@ RUN_SCHEMA = pa.schema([
     ("per_class_accuracy", pa.list_(pa.float64())), ("predictions", pa.list_(pa.int32())),
     ("weights_sha256", pa.string()), ("weights_norm", pa.float64()),
     ("precision", pa.string()), ("channels_last", pa.bool_()), ("compiled", pa.bool_()),  # tooling options
+    ("epoch_metrics", pa.string()),  # JSON list of a user function's ctx.report calls: epoch, seconds, metrics
+    ("cudnn_benchmark", pa.bool_()),  # tooling option: cuDNN autotuning on
+    ("cublas_version", pa.string()), ("triton_version", pa.string()),  # loaded cuBLAS (GPU); Triton (compiled)
+    ("tf32_override", pa.string()),  # NVIDIA_TF32_OVERRIDE: the driver-level TF32 switch, hashed in fingerprint_id
+    ("tf32_settings", pa.string()),  # JSON of torch's TF32 switches as the GPU run used them; null on a CPU
+    ("fingerprint_complete", pa.bool_()),  # false: a part that should be known was not (e.g. NVML failed)
+    ("fingerprint_missing", pa.string()),  # comma-joined names of those parts; "" when complete
 ])
 
 LABELS_SCHEMA = pa.schema([("label", pa.int32()), ("subgroup", pa.int32())])

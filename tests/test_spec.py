@@ -105,7 +105,7 @@ def test_a_bad_noise_set_does_not_hide_an_unknown_preset():
 
 
 def test_the_run_count_is_computed_without_expanding():
-    s = spec.parse(doc(replicas=3, noise=["control", "algo"], tooling={"num_threads": [1, 2], "precision": ["fp32", "bf16"]},
+    s = spec.parse(doc(replicas=3, noise=["control", "algo"], tooling={"num_threads": [1, 2], "cudnn_benchmark": [False, True]},
                        workloads=[{"arch": "small_cnn", "dataset": "digits"},
                                   {"arch": "mlp", "dataset": "digits", "replicas": 1}]))
     assert spec.n_runs(s) == len(spec.expand(s)) == 2 * 2 * 2 * (3 + 1)
@@ -128,10 +128,38 @@ def test_apply_impl_sets_and_reports_the_switches():
         assert torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         free = noise.apply_impl(False)
-        assert free["use_deterministic_algorithms"] is False and free["cudnn_benchmark"] is True
+        assert free["use_deterministic_algorithms"] is False and free["cudnn_deterministic"] is False
+        assert free["cudnn_benchmark"] is False  # PyTorch's default: autotuning is its own axis, not impl
         assert free["cublas_workspace_config"] is None
+        for det in (True, False):  # autotuning follows its own switch whatever the determinism mode
+            assert noise.apply_impl(det, cudnn_benchmark=True)["cudnn_benchmark"] is True
+            assert torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic is det
     finally:
         noise.apply_impl(False)
+
+
+def test_compiled_runs_set_inductor_determinism_both_ways():
+    import torch._inductor.config as inductor
+
+    try:
+        assert noise.apply_impl(True, compile=True)["inductor_deterministic"] is True
+        assert inductor.deterministic is True
+        assert noise.apply_impl(False, compile=True)["inductor_deterministic"] is False
+        assert inductor.deterministic is False  # a reused worker's next compiled run starts clean
+        assert "inductor_deterministic" not in noise.apply_impl(True)  # eager runs: not applicable
+    finally:
+        noise.apply_impl(False, compile=True)
+        noise.apply_impl(False)
+
+
+def test_global_rng_seed_is_apart_from_augment_yet_follows_it():
+    runs = spec.expand(spec.parse({"name": "g", "replicas": 2, "noise": ["control", "augment"],
+                                   "workloads": [{"arch": "mlp", "dataset": "digits"}]}))
+    control, augment = runs[:2], runs[2:]
+    assert all(r.seeds.global_rng != r.seeds.augment for r in runs)
+    assert control[0].seeds.global_rng == control[1].seeds.global_rng  # fixed with the augment source
+    assert augment[0].seeds.global_rng != augment[1].seeds.global_rng  # varies with it
+    assert 0 <= runs[0].seeds.global_rng < 2**63
 
 
 def test_default_sweep_ships_in_the_package():
