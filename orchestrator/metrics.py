@@ -293,3 +293,128 @@ def class_accuracy(preds: np.ndarray, labels: np.ndarray) -> tuple[float, list[f
     n = int(labels.max()) + 1
     hits = np.bincount(labels, weights=correct, minlength=n)
     return float(correct.mean()), (hits / np.maximum(np.bincount(labels, minlength=n), 1)).tolist()
+
+
+# --- decisions: which source makes the variance, is a difference real, how many replicas ---------
+
+def variance_share_ci(num: Sequence[float], den: Sequence[float], seed: int, paired: bool,
+                      n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """var(num) / var(den) (ddof=1) and a seeded percentile bootstrap interval over replicas.
+
+    `paired`: num[i] and den[i] are replica i of two presets, which share that replica's seeds;
+    resampling replicas jointly keeps that correlation and narrows the interval. Exactly 0 with
+    [0, 0] when num has no spread at all (a preset that varies nothing on this stack), NaN when
+    den has none (nothing to be a share of) or either side has fewer than two values.
+    """
+    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2 or np.ptp(b) == 0:
+        return math.nan, math.nan, math.nan
+    if np.ptp(a) == 0:
+        return 0.0, 0.0, 0.0
+
+    def ratio(x, y, axis=-1):
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample of 3 replicas can repeat one
+            return _std(x, axis=axis) ** 2 / _std(y, axis=axis) ** 2
+    res = stats.bootstrap((a, b), ratio, paired=paired, n_resamples=n_boot, confidence_level=level,
+                          method="percentile", rng=np.random.default_rng(seed))
+    return float(ratio(a, b)), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _pair_means(d: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Mean of pair matrix d (R, R) over the pairs of each resample in `ids` (B, R'), leaving
+    out pairs of a replica with its own copy (0 by construction: they would pull churn down).
+    With c the (B, R) counts of each replica in a resample, the sum over pairs is c·d·c, and
+    pairs of distinct replicas number R'² - Σc². NaN for a resample of one replica only."""
+    ids = np.atleast_2d(ids)
+    b, r = len(ids), len(d)
+    c = np.bincount((ids + r * np.arange(b)[:, None]).ravel(), minlength=b * r).reshape(b, r).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ((c @ d) * c).sum(axis=1) / (ids.shape[1] ** 2 - (c * c).sum(axis=1))
+
+
+def churn_share_ci(num_preds: np.ndarray, den_preds: np.ndarray, seed: int, paired: bool,
+                   n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """churn(num) / churn(den) and a seeded percentile bootstrap interval over replicas (jointly
+    resampled when `paired`, as in `variance_share_ci`). preds: (R, N) int. Exactly 0 with
+    [0, 0] when num's replicas all agree, NaN when den's do or a side has fewer than two runs."""
+    if len(num_preds) < 2 or len(den_preds) < 2:
+        return math.nan, math.nan, math.nan
+    dn, dd = pairwise_disagreement(num_preds), pairwise_disagreement(den_preds)
+    if not dd.any():
+        return math.nan, math.nan, math.nan
+    if not dn.any():
+        return 0.0, 0.0, 0.0
+
+    def ratio(i, j=None, axis=-1):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return _pair_means(dn, i) / _pair_means(dd, i if j is None else j)
+    data = (np.arange(len(dn)),) if paired else (np.arange(len(dn)), np.arange(len(dd)))
+    res = stats.bootstrap(data, ratio, n_resamples=n_boot, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return churn(num_preds) / churn(den_preds), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def mean_diff_ci(a: Sequence[float], b: Sequence[float], seed: int, paired: bool,
+                 n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and a seeded percentile bootstrap interval (replicas resampled jointly
+    when `paired`: replica i of each side shares its seeds, so seed luck cancels)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return (float(a.mean() - b.mean()) if len(a) and len(b) else math.nan), math.nan, math.nan
+    res = stats.bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis=axis) - y.mean(axis=axis), paired=paired,
+                          n_resamples=n_boot, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return float(a.mean() - b.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def prob_improvement(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """P(A > B) + P(A = B)/2 for one run drawn from each side: the Mann–Whitney U of a over
+    n_a·n_b (Agarwal et al. 2021's probability of improvement), 0.5 when the sides are equal.
+    From midranks of the pooled values: U = (rank sum of a) - n_a(n_a+1)/2."""
+    a = np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1)
+    b = np.moveaxis(np.asarray(b, dtype=np.float64), axis, -1)
+    na, nb = a.shape[-1], b.shape[-1]
+    ranks = stats.rankdata(np.concatenate((a, b), axis=-1), axis=-1)
+    return (ranks[..., :na].sum(axis=-1) - na * (na + 1) / 2) / (na * nb)
+
+
+def prob_improvement_ci(a: Sequence[float], b: Sequence[float], seed: int, n_boot: int = 2000,
+                        level: float = 0.95) -> tuple[float, float, float]:
+    """P(A > B) and a seeded percentile bootstrap interval, the sides resampled independently
+    (the probability is defined over independent draws). NaN below two runs a side."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan, math.nan
+    res = stats.bootstrap((a, b), prob_improvement, n_resamples=n_boot, confidence_level=level,
+                          method="percentile", rng=np.random.default_rng(seed))
+    return float(prob_improvement(a, b)), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def welch_power(effect: float, std_a: float, std_b: float, n: int, alpha: float = 0.05) -> float:
+    """Power of a two-sided Welch t-test at level alpha with n runs a side, when the true means
+    differ by `effect` and the true stds are std_a, std_b: the noncentral t with the
+    Welch–Satterthwaite degrees of freedom."""
+    va, vb = std_a ** 2 / n, std_b ** 2 / n
+    if va + vb == 0:
+        return 1.0 if effect else alpha
+    df = (va + vb) ** 2 / ((va ** 2 + vb ** 2) / (n - 1))
+    ncp, crit = abs(effect) / math.sqrt(va + vb), stats.t.ppf(1 - alpha / 2, df)
+    return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+
+
+def replicas_needed(effect: float, std_a: float, std_b: float, power: float = 0.8, alpha: float = 0.05,
+                    n_max: int = 10 ** 7) -> float:
+    """Smallest n (runs per side, >= 2) at which a two-sided Welch t-test at level alpha detects a
+    true mean difference `effect` with probability `power`, given the sides' stds. inf when no
+    n up to n_max does (a zero effect is never detected), NaN when an input is NaN."""
+    if any(math.isnan(x) for x in (effect, std_a, std_b)):
+        return math.nan
+    if effect == 0 or welch_power(effect, std_a, std_b, n_max, alpha) < power:
+        return math.inf
+    lo, hi = 1, 2  # power grows with n: double, then bisect; power(lo) < target <= power(hi)
+    while welch_power(effect, std_a, std_b, hi, alpha) < power:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if welch_power(effect, std_a, std_b, mid, alpha) >= power else (mid, hi)
+    return float(hi)

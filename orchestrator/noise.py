@@ -1,4 +1,4 @@
-"""The four noise sources of a replica, their presets, seed derivation and determinism switches.
+"""The noise sources of a replica, their presets, seed derivation and determinism switches.
 
 A source that *varies* gets a seed derived from (base seed, source, replica) by a stable hash,
 so replica 3 of any sweep with the same base seed sees the same data order on any machine. A
@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-SOURCES = ("init", "order", "augment", "impl")
+SOURCES = ("init", "order", "augment", "impl", "bitflip")
 ALGO = ("init", "order", "augment")
 
 # Named as in the reference study; single-source presets isolate one algorithmic source.
@@ -20,10 +20,12 @@ PRESETS: dict[str, frozenset[str]] = {
     "control": frozenset(),
     "algo": frozenset(ALGO),
     "impl": frozenset({"impl"}),
-    "algo+impl": frozenset(SOURCES),
+    "algo+impl": frozenset({*ALGO, "impl"}),
     "init": frozenset({"init"}),
     "order": frozenset({"order"}),
     "augment": frozenset({"augment"}),
+    # The instability control (Summers & Dinneen 2021): everything fixed but one bit of one initial weight.
+    "bitflip": frozenset({"bitflip"}),
 }
 
 CUBLAS_WORKSPACE = ":4096:8"
@@ -40,6 +42,7 @@ class Seeds:
     init: int
     order: int
     augment: int
+    bitflip: int | None = None  # which initial weight gets its lowest bit flipped; None: no flip
 
     @property
     def global_rng(self) -> int:
@@ -50,8 +53,27 @@ class Seeds:
 
 
 def seeds_for(base_seed: int, vary: frozenset[str], replica: int) -> Seeds:
-    """The seed each algorithmic source uses in this replica."""
-    return Seeds(**{s: derive_seed(base_seed, s, replica if s in vary else None) for s in ALGO})
+    """The seed each algorithmic source uses in this replica; a bit-flip seed only where it varies."""
+    return Seeds(**{s: derive_seed(base_seed, s, replica if s in vary else None) for s in ALGO},
+                 bitflip=derive_seed(base_seed, "bitflip", replica) if "bitflip" in vary else None)
+
+
+def flip_lowest_bit(model, seed: int) -> str:
+    """Flip the lowest mantissa bit of one floating-point parameter element, chosen uniformly over
+    all of them by `seed`, in place; returns `name[flat index]` for the row. One ulp of one weight
+    is the smallest change training can be given: whatever spread it causes is instability alone."""
+    import torch
+
+    params = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.numel()]
+    sizes = torch.tensor([p.numel() for _, p in params])
+    pick = int(torch.randint(int(sizes.sum()), (1,), generator=torch.Generator().manual_seed(seed)))
+    k = int(torch.searchsorted(torch.cumsum(sizes, 0), pick, right=True))
+    name, p = params[k]
+    index = pick - int(sizes[:k].sum())
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[p.element_size()]
+    with torch.no_grad():  # IEEE formats keep the mantissa in the low bits: xor 1 is one ulp
+        p.view(-1)[index : index + 1].view(ints).bitwise_xor_(1)
+    return f"{name}[{index}]"
 
 
 def apply_impl(deterministic: bool, cudnn_benchmark: bool = False, compile: bool = False,

@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from safetensors import SafetensorError, safe_open
 
-from orchestrator import metrics, store
+from orchestrator import metrics, sources, store
 
 # Tooling axes are grouping keys: a thread count or a precision is not noise, it changes the bits.
 # Run columns and the RunSpec fields they come from, for the axes the run schema has.
@@ -566,7 +566,7 @@ def write_tables(fs: pafs.FileSystem, root: str, tables: dict[str, pd.DataFrame]
 
 def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0) -> dict[str, pd.DataFrame]:
     """Every table of the results tree at `out_uri`, written to OUT/tables in the formats `fmt`
-    and returned by name: variance, subgroups, cross_stack, overhead. `by` overrides the variance
+    and returned by name: variance, subgroups, sources, cross_stack, overhead. `by` overrides the variance
     grouping (default DEFAULT_BY); `seed` seeds the bootstrap intervals."""
     asked = list(dict.fromkeys(by or DEFAULT_BY))
     unknown = [c for c in asked if c not in store.RUN_SCHEMA.names and c != "workload"]
@@ -579,6 +579,7 @@ def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0
     by = asked if by else [c for c in asked if c not in TOOLING or runs.meta[c].notna().any()]
     variance, subgroups = variance_tables(runs, fs, root, by)
     tables = {"variance": variance, "subgroups": subgroups,
+              "sources": sources.sources_table(variance, runs.meta, runs.matrix, by, lambda key: _seed(seed, key)),
               "cross_stack": cross_stack_table(runs, fs, root), "overhead": overhead_table(fs, root, seed)}
     write_tables(fs, root, tables, fmt)
     return tables

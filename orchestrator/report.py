@@ -213,6 +213,46 @@ def churn_l2_by_noise(variance: pd.DataFrame) -> Figure:
     return fig
 
 
+def source_shares(sources: pd.DataFrame) -> Figure:
+    """Share of the reference preset's accuracy variance and churn per noise source, with the 95%
+    bootstrap intervals as error bars; 1 (dashed) is the reference itself. One panel per workload
+    group of the sources table."""
+    title = "Which source makes the variance: share of the reference preset's"
+    if sources.empty:
+        return _empty(title, sources.attrs.get("message", NONE) + f" ({NONE})", size=(8, 1.8))
+    keys = [k for k in sources.columns if k in KEYS]
+    groups = list(sources.groupby(keys, sort=True, dropna=False)) if keys else [((), sources)]
+    names = _labels(sources, keys)
+    fig, axes = _grid(len(groups), width=6.5, height=0.5 * sources["source"].nunique() + 1.6)
+    for ax, (_, g) in zip(axes, groups):
+        y = np.arange(len(g))
+        for off, (col, label, color) in zip((-0.18, 0.18), (("share", "accuracy variance", COLORS[0]),
+                                                            ("churn_share", "churn", COLORS[1]))):
+            v, lo, hi = (g[c].to_numpy(float) for c in (col, f"{col}_lo", f"{col}_hi"))
+            err = np.nan_to_num(np.abs(np.vstack([v - lo, hi - v])))  # no bar where the interval is NaN
+            ax.barh(y + off, np.nan_to_num(v), 0.36, xerr=err, color=color, label=label, capsize=2)
+            for yi, vi in zip(y + off, v):  # a bar of length 0 is a measured zero, not a missing value
+                if vi == 0 or math.isnan(vi):
+                    ax.text(0.01, yi, "0" if vi == 0 else "n/a", va="center", fontsize=7,
+                            transform=ax.get_yaxis_transform())
+        ax.axvline(1.0, color="#555", ls="--", lw=1)
+        ax.set_yticks(y, [f"{s} (n={n})" for s, n in zip(g["source"], g["n_runs"])])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"share of {g['reference'].iloc[0]}")
+        ax.set_title(names[g.index[0]] or "all runs", loc="left", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper right", ncols=2, fontsize=8)
+    fig.suptitle(title, x=0.01, ha="left")
+    return fig
+
+
+def load_compare(out_uri: str) -> pd.DataFrame | None:
+    """OUT/tables/compare.parquet as `python -m orchestrator.compare` last wrote it, or None."""
+    fs, root = store.resolve(out_uri)
+    path = f"{root}/tables/compare.parquet"
+    return pd.read_parquet(path, filesystem=fs) if store.exists(fs, path) else None
+
+
 def class_std_table(runs: reduce.Runs) -> pd.DataFrame:
     """Across-replica std of each class's accuracy per group (the variance table's grouping), one
     row per (group, class): the numbers behind per_class_std_max / worst_class."""
@@ -379,6 +419,14 @@ GUIDE = {
                 "accelerator and workload; error bars are the 95% bootstrap interval over det/nondet pairs "
                 "of blocks (none below 2 pairs). Measured side by side in one probe per (workload, tooling, "
                 "accelerator).",
+    "sources": "Each single-source preset's accuracy variance (blue) and churn (orange) as a share of the "
+               "reference preset's (algo+impl, else algo), with 95% bootstrap intervals over replicas, "
+               "resampled jointly where presets ran the same replicas (paired: they share seeds). "
+               "A share near 1 means that source alone gives nearly all the variance; control and, on a "
+               "CPU, impl are exact zeros.",
+    "compare": "The last `python -m orchestrator.compare` of this tree: mean difference A - B with its "
+               "bootstrap interval, P(A > B), Welch's test, and the replicas per side a two-sided Welch "
+               "t-test at alpha 0.05 needs for 80% power.",
     "variance": "The full variance table: one row per group. Columns that are the same in every row "
                 "are listed above it rather than repeated.",
     "subgroups": "Accuracy, false-positive and false-negative rates per subgroup, for datasets that define them.",
@@ -446,6 +494,9 @@ def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame]
         _section("Churn and L2 per noise preset", GUIDE["churn"],
                  _img(churn_l2_by_noise(table("variance")), "churn and L2")),
         _section("Per-class accuracy std", GUIDE["per_class"], _img(per_class_std(runs), "per-class std")),
+        _section("Noise sources", GUIDE["sources"], _img(source_shares(table("sources")), "share per source")
+                 + (table_html(table("sources")) if len(table("sources")) else "")),
+        *([_section("Comparison", GUIDE["compare"], table_html(table("compare")))] if "compare" in tables else []),
         _section("Cross-stack pairs", GUIDE["cross_stack"], table_html(table("cross_stack"))),
         _section("Overhead of determinism", GUIDE["overhead"],
                  _img(overhead_bars(table("overhead")), "overhead")
@@ -462,7 +513,11 @@ def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame]
 
 def write_report(out_uri: str) -> str:
     """Compute the tables, write OUT/tables/report.html (atomically) and return its path."""
-    page = render_html(out_uri, load_runs(out_uri), load_tables(out_uri), load_progress(out_uri))
+    tables = load_tables(out_uri)
+    compared = load_compare(out_uri)
+    if compared is not None:
+        tables["compare"] = compared
+    page = render_html(out_uri, load_runs(out_uri), tables, load_progress(out_uri))
     fs, root = store.resolve(out_uri)
     path = f"{root}/tables/report.html"
     store.write_bytes(fs, path, page.encode())

@@ -62,7 +62,8 @@ def base_row(spec: RunSpec) -> dict:
     return {"run_id": spec.run_id, "sweep": spec.sweep, "arch": w.arch, "dataset": w.dataset,
             "noise": spec.noise, **{f"vary_{s}": s in spec.vary for s in noise.SOURCES},
             "replica": spec.replica, "seed_init": spec.seeds.init, "seed_order": spec.seeds.order,
-            "seed_augment": spec.seeds.augment, "accelerator_requested": spec.accelerator,
+            "seed_augment": spec.seeds.augment, "seed_bitflip": spec.seeds.bitflip,
+            "accelerator_requested": spec.accelerator,
             "spec_json": spec.model_dump_json(), "epochs": w.epochs,
             "precision": spec.precision, "channels_last": spec.channels_last, "compiled": spec.compile,
             "cudnn_benchmark": spec.cudnn_benchmark}
@@ -127,18 +128,20 @@ def train_one(spec: RunSpec, fs, root: str, device: torch.device) -> dict:
     malloc.keep_freed_memory()  # no page-fault churn per step on a CPU; timing only, never bits
     torch.set_num_threads(spec.num_threads)
     flags = noise.apply_impl("impl" not in spec.vary, spec.cudnn_benchmark, spec.compile)
-    buffers = None  # unknown for a user function's state_dict: no module to ask
+    buffers, flipped = None, None  # buffers unknown for a user function's state_dict: no module to ask
     if isinstance(spec.workload, EntrypointWorkload):  # the user's own training function
         result, labels, extra = entrypoint.call(spec, device)
         _check_labels(fs, root, spec.workload.dataset, labels)
     else:
         data, model, cfg = build_workload(spec)
+        if spec.seeds.bitflip is not None:
+            flipped = noise.flip_lowest_bit(model, spec.seeds.bitflip)
         _write_labels(fs, root, spec.workload.dataset, data.test_y, data.subgroups)
         aug = augment_streams(spec.seeds, device)
         order = torch.Generator().manual_seed(spec.seeds.order)
         result, extra = train(model, data, cfg, order, aug, device), {}
         buffers = buffer_names(model)
-    row = {"status": "ok", "impl_flags": json.dumps(flags, sort_keys=True),
+    row = {"status": "ok", "bitflip": flipped, "impl_flags": json.dumps(flags, sort_keys=True),
            "train_seconds": sum(result.epoch_seconds), "epoch_seconds": result.epoch_seconds,
            "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
            "per_class_accuracy": result.per_class_accuracy,

@@ -113,7 +113,7 @@ class NoiseSet(Strict):
     """An explicit set of varying sources, for combinations no preset names."""
 
     name: Name
-    vary: list[Literal["init", "order", "augment", "impl"]]
+    vary: list[Literal["init", "order", "augment", "impl", "bitflip"]]
 
 
 def _known_preset(v: str) -> str:
@@ -242,7 +242,7 @@ class RunSpec(Strict):
     sweep: str
     workload: AnyWorkload
     noise: str
-    vary: frozenset[Literal["init", "order", "augment", "impl"]]
+    vary: frozenset[Literal["init", "order", "augment", "impl", "bitflip"]]
     replica: int
     seeds: Seeds
     accelerator: str

@@ -51,6 +51,8 @@ RUN_SCHEMA = pa.schema([
     ("tf32_settings", pa.string()),  # JSON of torch's TF32 switches as the GPU run used them; null on a CPU
     ("fingerprint_complete", pa.bool_()),  # false: a part that should be known was not (e.g. NVML failed)
     ("fingerprint_missing", pa.string()),  # comma-joined names of those parts; "" when complete
+    ("vary_bitflip", pa.bool_()), ("seed_bitflip", pa.int64()),
+    ("bitflip", pa.string()),  # the initial weight whose lowest bit was flipped, `name[flat index]`
 ])
 
 LABELS_SCHEMA = pa.schema([("label", pa.int32()), ("subgroup", pa.int32())])

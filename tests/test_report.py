@@ -91,8 +91,8 @@ def test_report_is_self_contained_and_renders_in_headless_chromium(out, tmp_path
     path = report.write_report(str(out))
     assert path == f"{out}/tables/report.html"
     page = Path(path).read_text()
-    assert page.count('src="data:image/png;base64,') == 4  # accuracy, churn/L2, per-class, overhead
-    for heading in ("Accuracy per replica", "Churn and L2", "Per-class accuracy std", "Cross-stack pairs",
+    assert page.count('src="data:image/png;base64,') == 5  # accuracy, churn/L2, per-class, sources, overhead
+    for heading in ("Accuracy per replica", "Churn and L2", "Per-class accuracy std", "Noise sources", "Cross-stack pairs",
                     "Overhead of determinism", "Variance table", "Fingerprints"):
         assert heading in page
     assert "http://" not in page and "https://" not in page  # readable offline, nothing fetched
@@ -197,10 +197,11 @@ def test_absent_data_says_none_instead_of_crashing(tmp_path):
     empty = report.load_runs(str(tmp_path))
     tables = report.load_tables(str(tmp_path))
     for fig in (report.accuracy_by_noise(empty), report.churn_l2_by_noise(tables["variance"]),
-                report.per_class_std(empty), report.overhead_bars(tables["overhead"])):
+                report.per_class_std(empty), report.overhead_bars(tables["overhead"]),
+                report.source_shares(tables["sources"])):
         assert report.NONE in texts(fig)
     assert "no overhead probes" in texts(report.overhead_bars(pd.DataFrame()))
     assert report.NONE in report.table_html(tables["cross_stack"])
     assert report.NONE in report.table_html(report.fingerprints(empty))
     page = Path(report.write_report(str(tmp_path))).read_text()
-    assert page.count(report.NONE) == 4 and page.count("data:image/png;base64,") == 4  # 4 tables, 4 figures
+    assert page.count(report.NONE) == 4 and page.count("data:image/png;base64,") == 5  # 4 tables, 5 figures
