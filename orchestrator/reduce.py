@@ -597,11 +597,15 @@ def warnings_on_stderr() -> Iterator[None]:
 
 
 def no_tree(uri: str) -> bool:
-    """True, with a one-line error, when there is no results tree at `uri`."""
-    fs, root = store.resolve(uri)
-    if store.exists(fs, root):
-        return False
-    print(f"error: {uri}: no such results tree", file=sys.stderr)
+    """True, with a one-line error, when there is no results tree at `uri` or its storage cannot
+    be reached (object storage: within the store's timeouts)."""
+    try:
+        fs, root = store.resolve(uri)
+        if store.exists(fs, root):
+            return False
+        print(f"error: {uri}: no such results tree", file=sys.stderr)
+    except OSError as e:
+        print(f"error: {store.unreachable(uri, e)}", file=sys.stderr)
     return True
 
 
@@ -615,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="files to write under OUT/tables, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     args = parser.parse_args(argv)
-    fmt = tuple(f for f in args.format.split(",") if f)
+    fmt = tuple(f.strip() for f in args.format.split(",") if f.strip())
     if not set(fmt) <= set(FORMATS):
         parser.error(f"--format: choose from {', '.join(FORMATS)}")
     if no_tree(args.out):
@@ -628,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name, df in tables.items():
         print(f"## {name}\n\n{format_markdown(df)}\n")
-    print(f"tables written to {store.resolve(args.out)[1]}/tables ({', '.join(fmt)})")
+    print(f"tables written to {args.out.rstrip('/')}/tables ({', '.join(fmt)})")
     return 0
 
 

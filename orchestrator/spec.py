@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 from orchestrator.noise import PRESETS, Seeds, seeds_for
 from workloads.data import DATASETS
@@ -105,7 +106,7 @@ def _workload_kind(v: object) -> str:
 # A workload with an `entrypoint` key is the user's own training; anything else the built-in loop.
 AnyWorkload = Annotated[Annotated[Workload, Tag("builtin")] | Annotated[EntrypointWorkload, Tag("entrypoint")],
                         Discriminator(_workload_kind)]
-WORKLOAD_TAGS = ("builtin", "entrypoint")  # pydantic puts the tag in error locations; _format drops it
+WORKLOAD_TAGS = ("builtin", "entrypoint")
 
 
 class NoiseSet(Strict):
@@ -114,6 +115,23 @@ class NoiseSet(Strict):
     name: Name
     vary: list[Literal["init", "order", "augment", "impl", "bitflip"]]
 
+
+def _known_preset(v: str) -> str:
+    if v not in PRESETS:
+        raise ValueError(f"unknown preset {v!r}; choose from {', '.join(PRESETS)} or give {{name, vary}}")
+    return v
+
+
+# A noise entry is a preset name or a {name, vary} set. Choosing the branch by the entry's type
+# (instead of trying both) makes the error the one of that branch: `unknown preset 'algoo'`, not
+# a union message about both shapes.
+NOISE_TAGS = ("preset", "noise_set")
+# pydantic puts a union's tag in error locations (workloads.0.builtin.epochs); _format drops it
+UNION_TAGS = {"workloads": WORKLOAD_TAGS, "noise": NOISE_TAGS}
+NoiseEntry = Annotated[
+    Union[Annotated[Annotated[str, AfterValidator(_known_preset)], Tag("preset")], Annotated[NoiseSet, Tag("noise_set")]],
+    Discriminator(lambda v: "preset" if isinstance(v, str) else "noise_set" if isinstance(v, (dict, NoiseSet)) else None,
+                  custom_error_type="noise_entry", custom_error_message="expected a preset name or {name, vary}")]
 
 Precision = Literal["fp32", "tf32", "bf16"]
 # left out of run ids; cudnn_benchmark's default is PyTorch's own (autotuning off)
@@ -153,7 +171,7 @@ class SweepSpec(Strict):
     base_seed: int = 0
     out: str | None = None  # local path, s3://bucket/prefix or gs://bucket/prefix; default results/<name>
     replicas: PositiveInt = 5
-    noise: list[str | NoiseSet] = ["control", "algo", "impl", "algo+impl"]  # presets or {name, vary}
+    noise: list[NoiseEntry] = ["control", "algo", "impl", "algo+impl"]  # presets or {name, vary}
     accelerators: list[Name] = ["any"]  # V100, T4, A100, L4, H100, ... or any
     tooling: Tooling = Tooling()
     resources: Resources = Resources()
@@ -161,38 +179,60 @@ class SweepSpec(Strict):
     overhead: Overhead | None = None  # determinism-cost probes, one per (workload, accelerator); absent = none
     workloads: Annotated[list[AnyWorkload], Field(min_length=1)]
 
-    @field_validator("noise")
-    @classmethod
-    def _known_presets(cls, v: list[str | NoiseSet]) -> list[str | NoiseSet]:
-        for n in v:
-            if isinstance(n, str) and n not in PRESETS:
-                raise ValueError(f"unknown preset {n!r}; choose from {', '.join(PRESETS)} or give {{name, vary}}")
-        return v
-
     @model_validator(mode="after")
-    def _pinned_runs_need_gpus(self) -> SweepSpec:
-        if any(a != "any" for a in self.accelerators) and self.resources.gpus == 0:
-            raise ValueError("resources.gpus: runs pinned to an accelerator need gpus > 0 (e.g. 1 or 0.5)")
-        return self
-
-    @model_validator(mode="after")
-    def _something_to_run(self) -> SweepSpec:
-        if not self.noise and self.overhead is None:
-            raise ValueError("noise: empty, so there are no replica runs; list presets, or add an "
-                             "overhead section for a sweep of probes only")
-        return self
-
-    @model_validator(mode="after")
-    def _probes_need_data_in_memory(self) -> SweepSpec:
-        if self.overhead is not None and any(isinstance(w, Workload) and w.dataset_args.get("stream")
-                                             for w in self.workloads):
-            raise ValueError("overhead: the probe replays batches held in memory, so it cannot time a "
-                             "workload with dataset_args.stream; remove the overhead section or stream")
+    def _cross_field(self, info: ValidationInfo) -> SweepSpec:
+        problems = [] if (info.context or {}).get("fields_only") else cross_field_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
     def out_uri(self) -> str:
         return self.out or f"results/{self.name}"
+
+
+MAX_RUNS = 1_000_000  # a bigger grid is a typo (replicas: 100000000), not a study
+
+
+def n_runs(spec: SweepSpec) -> int:
+    """What `expand` would return, counted without building it (every tooling axis is a list)."""
+    axes = [spec.noise, spec.accelerators, *(getattr(spec.tooling, f) for f in Tooling.model_fields)]
+    per_replica = math.prod(map(len, axes))
+    return per_replica * sum(w.replicas or spec.replicas for w in spec.workloads)
+
+
+def _pinned_runs_need_gpus(s: SweepSpec) -> str | None:
+    if any(a != "any" for a in s.accelerators) and s.resources.gpus == 0:
+        return "resources.gpus: runs pinned to an accelerator need gpus > 0 (e.g. 1 or 0.5)"
+
+
+def _something_to_run(s: SweepSpec) -> str | None:
+    if not s.noise and s.overhead is None:
+        return ("noise: empty, so there are no replica runs; list presets, or add an overhead section "
+                "for a sweep of probes only")
+
+
+def _probes_need_data_in_memory(s: SweepSpec) -> str | None:
+    if s.overhead is not None and any(isinstance(w, Workload) and w.dataset_args.get("stream") for w in s.workloads):
+        return ("overhead: the probe replays batches held in memory, so it cannot time a "
+                "workload with dataset_args.stream; remove the overhead section or stream")
+
+
+def _bounded(s: SweepSpec) -> str | None:
+    if (n := n_runs(s)) > MAX_RUNS:
+        return (f"replicas: the sweep expands to {n:,} runs, more than the {MAX_RUNS:,} one sweep may hold; "
+                "lower replicas or split the grid into several sweeps")
+
+
+# Rules between fields, each with the fields it reads. `parse` also checks them when other fields
+# are invalid, skipping a rule only while a field it reads is itself wrong: every problem at once.
+CROSS_FIELD = {_pinned_runs_need_gpus: {"accelerators", "resources"}, _something_to_run: {"noise", "overhead"},
+               _probes_need_data_in_memory: {"overhead", "workloads"},
+               _bounded: {"workloads", "replicas", "noise", "tooling", "accelerators"}}
+
+
+def cross_field_problems(spec: SweepSpec, skip: set[str] = frozenset()) -> list[str]:
+    return [p for rule, fields in CROSS_FIELD.items() if not fields & skip and (p := rule(spec))]
 
 
 class RunSpec(Strict):
@@ -308,23 +348,42 @@ class SpecError(ValueError):
     """Bad input: the message names the field and the fix, one line per problem."""
 
 
-def _format(err: ValidationError, source: str) -> str:
+def _format(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")  # cross-field checks name their field themselves
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or fix its spelling"
-        loc = [p for i, p in enumerate(e["loc"]) if not (i == 2 and e["loc"][0] == "workloads" and p in WORKLOAD_TAGS)]
+        loc = [p for i, p in enumerate(e["loc"]) if not (i == 2 and p in UNION_TAGS.get(e["loc"][0], ()))]
         field = ".".join(str(p) if isinstance(p, int) or p.isidentifier() else repr(p) for p in loc)
-        lines.append(f"{source}: {field}: {msg}" if field else f"{source}: {msg}")
-    return "\n".join(lines)
+        lines += [f"{field}: {m}" if field else m for m in msg.splitlines()]
+    return lines
+
+
+# Stand-ins for required fields that are themselves invalid, so that the other fields can still
+# be checked against each other (rules reading a stand-in are skipped).
+_STAND_INS = {"name": "x", "workloads": [{"arch": "mlp", "dataset": "digits"}]}
+
+
+def _rules_beside_field_errors(doc: object, err: ValidationError) -> list[str]:
+    """The cross-field problems among the fields that did validate."""
+    bad = {str(e["loc"][0]) for e in err.errors() if e["loc"]}
+    if not isinstance(doc, dict) or not bad:
+        return []
+    rest = {k: v for k, v in doc.items() if k not in bad} | {k: v for k, v in _STAND_INS.items() if k in bad}
+    try:
+        valid = SweepSpec.model_validate(rest, context={"fields_only": True})
+    except ValidationError:
+        return []
+    return cross_field_problems(valid, skip=bad)
 
 
 def parse(doc: object, source: str = "spec") -> SweepSpec:
     try:
         return SweepSpec.model_validate(doc)
     except ValidationError as e:
-        raise SpecError(_format(e, source)) from None
+        lines = _format(e) + _rules_beside_field_errors(doc, e)
+        raise SpecError("\n".join(f"{source}: {line}" for line in lines)) from None
 
 
 def load(path: str | Path | None) -> SweepSpec:
@@ -334,9 +393,12 @@ def load(path: str | Path | None) -> SweepSpec:
     else:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise SpecError(f"{source}: cannot read the sweep file ({e.strerror}); check the path") from None
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{source}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                            "give a YAML sweep file") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:

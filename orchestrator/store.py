@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import uuid
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -57,12 +58,43 @@ RUN_SCHEMA = pa.schema([
 LABELS_SCHEMA = pa.schema([("label", pa.int32()), ("subgroup", pa.int32())])
 
 
+# How long one object-storage call may wait and retry. The SDK defaults are far longer (the GCS
+# client retries for 15 minutes), so an unreachable bucket looked like a hang, not an error.
+CONNECT_TIMEOUT_S = 5
+REMOTE_TIMEOUT_S = 30
+
+
+class StoreError(OSError):
+    """OUT cannot be reached or read: one line naming the URI and what to check."""
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow file system and a path in it. s3:// and gs:// take their endpoint and credentials
-    from the usual environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), absolute(uri)
+    from the usual environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), and every call
+    on them gives up after REMOTE_TIMEOUT_S."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), absolute(uri)
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)  # s3: resolves the bucket's region (SDK timeouts)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise unreachable(uri, e) from None
+    # from_uri takes no timeouts; rebuild the same file system (its pickling arguments) with them
+    rebuild, (kwargs,) = fs.__reduce__()
+    if isinstance(fs, pafs.S3FileSystem):
+        kwargs |= {"connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": REMOTE_TIMEOUT_S}
+    elif isinstance(fs, pafs.GcsFileSystem):
+        kwargs |= {"retry_time_limit": timedelta(seconds=REMOTE_TIMEOUT_S)}
+    return rebuild(kwargs), path
+
+
+def unreachable(uri: str, error: BaseException) -> StoreError:
+    """An OSError of a file-system call as one line naming OUT (and, for object storage, what to check)."""
+    if isinstance(error, StoreError):
+        return error
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    hint = ("; check the network, the credentials and the endpoint (AWS_ENDPOINT_URL, "
+            "GOOGLE_APPLICATION_CREDENTIALS)" if "://" in uri else "")
+    return StoreError(f"{uri}: cannot access the results storage ({first}){hint}")
 
 
 def absolute(uri: str) -> str:
@@ -119,6 +151,11 @@ def overhead_path(root: str, probe_id: str) -> str:
     return f"{root}/overhead/{probe_id}.parquet"
 
 
+def log_path(root: str, trial_id: str) -> str:
+    """The full error of a run or probe whose worker died (the terminal shows one line of it)."""
+    return f"{root}/logs/{trial_id}.log"
+
+
 def labels_path(root: str, dataset: str) -> str:
     return f"{root}/datasets/{dataset}.parquet"
 
@@ -161,7 +198,8 @@ def read_runs(uri: str, columns: list[str] | None = None) -> pa.Table:
     ours = table.filter(pc.is_valid(table["run_id"]))
     skipped = len(paths) - ours.num_rows
     if skipped:
-        warnings.warn(f"skipped {skipped} unreadable or foreign Parquet file(s) under {root}/runs", stacklevel=2)
+        warnings.warn(f"skipped {skipped} unreadable or foreign Parquet file(s) under {uri.rstrip('/')}/runs",
+                      stacklevel=2)
     return ours.select(cols)
 
 

@@ -80,6 +80,40 @@ def test_every_error_is_reported_at_once():
     assert len(str(e.value).splitlines()) == 2
 
 
+def test_cross_field_rules_are_reported_with_field_errors():
+    """A pinned run without GPUs is reported beside a field error, not only after it is fixed."""
+    with pytest.raises(SpecError) as e:
+        spec.parse(doc(replicas=0, accelerators=["T4"]), "x.yaml")
+    assert str(e.value).splitlines() == ["x.yaml: replicas: Input should be greater than 0",
+                                         "x.yaml: resources.gpus: runs pinned to an accelerator need gpus > 0 (e.g. 1 or 0.5)"]
+
+
+def test_a_rule_reading_an_invalid_field_is_not_guessed():
+    with pytest.raises(SpecError) as e:
+        spec.parse(doc(accelerators=["T4"], resources={"gpus": "lots"}), "x.yaml")
+    assert len(str(e.value).splitlines()) == 1 and "resources.gpus: Input should be a valid number" in str(e.value)
+
+
+def test_a_bad_noise_set_does_not_hide_an_unknown_preset():
+    with pytest.raises(SpecError) as e:
+        spec.parse(doc(noise=["algoo", {"name": "x", "vary": ["bogus"]}, 3]), "x.yaml")
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("x.yaml: noise.0: unknown preset 'algoo'")
+    assert lines[1].startswith("x.yaml: noise.1.vary.0: Input should be 'init'")
+    assert lines[2] == "x.yaml: noise.2: expected a preset name or {name, vary}"
+    assert len(lines) == 3
+
+
+def test_the_run_count_is_computed_without_expanding():
+    s = spec.parse(doc(replicas=3, noise=["control", "algo"], tooling={"num_threads": [1, 2], "cudnn_benchmark": [False, True]},
+                       workloads=[{"arch": "small_cnn", "dataset": "digits"},
+                                  {"arch": "mlp", "dataset": "digits", "replicas": 1}]))
+    assert spec.n_runs(s) == len(spec.expand(s)) == 2 * 2 * 2 * (3 + 1)
+    with pytest.raises(SpecError, match=r"x.yaml: replicas: the sweep expands to 2,000,000 runs"):
+        spec.parse(doc(replicas=1_000_000, noise=["control", "algo"]), "x.yaml")
+    assert spec.n_runs(spec.parse(doc(replicas=spec.MAX_RUNS, noise=["control"]))) == spec.MAX_RUNS
+
+
 def test_derive_seed_is_a_pure_function_of_its_inputs():
     assert noise.derive_seed(0, "init", 3) == noise.derive_seed(0, "init", 3)
     assert len({noise.derive_seed(b, s, r) for b in (0, 1) for s in noise.ALGO for r in (None, 0, 1)}) == 18
