@@ -218,6 +218,14 @@ def _probes_need_data_in_memory(s: SweepSpec) -> str | None:
                 "workload with dataset_args.stream; remove the overhead section or stream")
 
 
+def _bitflip_needs_builtin_model(s: SweepSpec) -> str | None:
+    """The flip lands on a model the harness builds; a user's function builds its own, unseen."""
+    if any("bitflip" in vary for _, vary in _noise_sets(s)) and any(
+            isinstance(w, EntrypointWorkload) for w in s.workloads):
+        return ("noise: bitflip flips a bit of the model the built-in loop builds; entrypoint workloads "
+                "build their own, so drop bitflip or run it on built-in workloads in another sweep")
+
+
 def _bounded(s: SweepSpec) -> str | None:
     if (n := n_runs(s)) > MAX_RUNS:
         return (f"replicas: the sweep expands to {n:,} runs, more than the {MAX_RUNS:,} one sweep may hold; "
@@ -228,6 +236,7 @@ def _bounded(s: SweepSpec) -> str | None:
 # are invalid, skipping a rule only while a field it reads is itself wrong: every problem at once.
 CROSS_FIELD = {_pinned_runs_need_gpus: {"accelerators", "resources"}, _something_to_run: {"noise", "overhead"},
                _probes_need_data_in_memory: {"overhead", "workloads"},
+               _bitflip_needs_builtin_model: {"noise", "workloads"},
                _bounded: {"workloads", "replicas", "noise", "tooling", "accelerators"}}
 
 

@@ -190,3 +190,12 @@ def test_any_document_gives_a_spec_or_a_spec_error(document):
         assert str(e) and all(line.startswith("spec: ") for line in str(e).splitlines())
     else:
         assert spec.expand(s)
+
+
+def test_bitflip_on_an_entrypoint_workload_is_refused():
+    """The flip needs the model the built-in loop builds; a user function's model is out of reach."""
+    user = {"entrypoint": "examples.own_training:train", "name": "mine", "dataset": "sklearn_digits"}
+    with pytest.raises(SpecError) as e:
+        spec.parse(doc(noise=["control", {"name": "flip", "vary": ["bitflip"]}], workloads=[user]), "x.yaml")
+    assert str(e.value).startswith("x.yaml: noise: bitflip flips a bit of the model the built-in loop builds")
+    spec.parse(doc(noise=["control", "bitflip"]), "x.yaml")  # built-in workloads take it
