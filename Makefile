@@ -20,7 +20,8 @@ $(VENV)/.test: pyproject.toml $(VENV)/.demo
 demo: $(VENV)/.demo  ## install, then run the embedded default sweep (digits, CPU, local Ray)
 	$(PY) -m orchestrator.sweep
 
-test: $(VENV)/.test  ## install with test extras, then run the whole suite
+test: $(VENV)/.test  ## install with test extras, lint, then run the whole suite
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.test

@@ -165,15 +165,17 @@ def overhead_summary(p: spec.ProbeSpec, result: dict, seed: int = 0) -> dict:
     times (deterministic / default) with a seeded bootstrap interval over det/nondet pairs, in percent."""
     w = p.workload
     args = ",".join(f"{k}={v}" for k, v in sorted(w.arch_args.items()))
-    row = {"arch": w.arch, "arch_args": w.arch_args, "label": f"{w.arch}({args})" if args else w.arch, "batch_size": w.batch_size,
-           "image_size": w.dataset_args.get("image_size"), "device": "cuda" if p.gpus else "cpu"}
+    row = {"arch": w.arch, "arch_args": w.arch_args, "label": f"{w.arch}({args})" if args else w.arch,
+           "batch_size": w.batch_size, "image_size": w.dataset_args.get("image_size"),
+           "device": "cuda" if p.gpus else "cpu"}
     if "error" in result:
-        return row | {"overhead_pct": None, "lo": None, "hi": None, "nondeterministic_ops": [], "error": result["error"]}
+        return row | {"overhead_pct": None, "lo": None, "hi": None, "nondeterministic_ops": [],
+                      "error": result["error"]}
     rows = result["rows"]
     ratio, lo, hi = metrics.median_ratio_ci(pair_units(rows, "det"), pair_units(rows, "nondet"), seed, paired=True)
     med = {m: float(np.median([r["step_ms"] for r in rows if r["mode"] == m])) for m in probe.MODES}
-    return row | {"overhead_pct": _finite((ratio - 1) * 100), "lo": _finite((lo - 1) * 100), "hi": _finite((hi - 1) * 100),
-                  "nondeterministic_ops": result["ops"], "step_ms_det": med["det"],
+    return row | {"overhead_pct": _finite((ratio - 1) * 100), "lo": _finite((lo - 1) * 100),
+                  "hi": _finite((hi - 1) * 100), "nondeterministic_ops": result["ops"], "step_ms_det": med["det"],
                   "step_ms_nondet": med["nondet"], "n_steps": len(rows), "error": None}
 
 
@@ -227,17 +229,24 @@ def verdicts(report: dict) -> list[str]:
         if o["error"]:
             out.append(f"overhead {o['label']}: probe failed ({o['error']})")
             continue
-        ops = f"; no deterministic kernel for {', '.join(o['nondeterministic_ops'])}" if o["nondeterministic_ops"] else ""
+        missing = o["nondeterministic_ops"]
+        ops = f"; no deterministic kernel for {', '.join(missing)}" if missing else ""
         out.append(f"overhead {o['label']}: deterministic steps cost {_pct(o['overhead_pct'])} "
                    f"[{_pct(o['lo'])}, {_pct(o['hi'])}] on {o['device']}{ops}")
     return out
+
+
+def _differs(check: dict) -> bool | None:
+    """Whether a replica check found different bits; None when it could not tell (a replica failed)."""
+    return None if check["identical"] is None else not check["identical"]
 
 
 # --- the command -----------------------------------------------------------------------------------
 
 def overhead_table(overhead: list[dict]) -> str:
     """The probes as a markdown table: step times in ms, overhead and its interval in percent."""
-    lines = ["| workload | batch | image | step_ms_nondet | step_ms_det | overhead_pct | lo | hi | no deterministic kernel |",
+    lines = ["| workload | batch | image | step_ms_nondet | step_ms_det | overhead_pct | lo | hi "
+             "| no deterministic kernel |",
              "|---|---|---|---|---|---|---|---|---|"]
     for o in overhead:
         ms = [f"{o[k]:.2f}" if o.get(k) is not None else "n/a" for k in ("step_ms_nondet", "step_ms_det")]
@@ -308,9 +317,8 @@ def diagnose(device: str, note: str, minutes: float, probes_file: str | None, ar
     control_flags = [json.loads(r.get("impl_flags") or "{}") for r in control if r["status"] == "ok"]
     report = {
         "device": device, "device_note": note, "fingerprint": fingerprint,
-        "impl_differs": None if replicas["impl"]["identical"] is None else not replicas["impl"]["identical"],
-        "control_identical": replicas["control"]["identical"],
-        "threads_change_bits": None if replicas["threads"]["identical"] is None else not replicas["threads"]["identical"],
+        "impl_differs": _differs(replicas["impl"]), "control_identical": replicas["control"]["identical"],
+        "threads_change_bits": _differs(replicas["threads"]),
         "cublas_workspace_before_cuda": None if device == "cpu" else (
             not started and bool(control_flags)
             and all(f.get("cublas_workspace_config") == noise.CUBLAS_WORKSPACE for f in control_flags)),

@@ -346,8 +346,10 @@ def variance_p(a: pd.Series, b: pd.Series) -> tuple[float, str]:
     replica index repeats within a group (--by pooled several settings) or fewer than 3 are shared."""
     shared = a.index.intersection(b.index)
     if a.index.is_unique and b.index.is_unique and len(shared) >= 3:
-        return metrics.pitman_morgan_p(a[shared].to_numpy(), b[shared].to_numpy()), f"Pitman–Morgan, {len(shared)} pairs"
-    why = "replica indices repeat" if not (a.index.is_unique and b.index.is_unique) else f"{len(shared)} shared replicas"
+        p = metrics.pitman_morgan_p(a[shared].to_numpy(), b[shared].to_numpy())
+        return p, f"Pitman–Morgan, {len(shared)} pairs"
+    unique = a.index.is_unique and b.index.is_unique
+    why = f"{len(shared)} shared replicas" if unique else "replica indices repeat"
     return metrics.brown_forsythe_p(a.to_numpy(), b.to_numpy()), f"Brown–Forsythe, unpaired: {why}"
 
 

@@ -332,9 +332,9 @@ def overhead_bars(overhead: pd.DataFrame) -> Figure:
         lo = np.nan_to_num(pct - g["overhead_lo"].to_numpy(float), nan=0).clip(min=0)
         hi = np.nan_to_num(g["overhead_hi"].to_numpy(float) - pct, nan=0).clip(min=0)
         ax.bar(x, pct, w * 0.9, yerr=[lo, hi], capsize=4, color=COLORS[i % len(COLORS)], label=name)
-        for xi, p, l, h in zip(x, pct, g["overhead_lo"].to_numpy(float), g["overhead_hi"].to_numpy(float)):
-            ci = f"[{l:+.0f}, {h:+.0f}]" if np.isfinite([l, h]).all() else "no interval"
-            ax.annotate(f"{p:+.0f}%\n{ci}", (xi, max(p, 0 if math.isnan(h) else h)),
+        for xi, p, low, high in zip(x, pct, g["overhead_lo"].to_numpy(float), g["overhead_hi"].to_numpy(float)):
+            ci = f"[{low:+.0f}, {high:+.0f}]" if np.isfinite([low, high]).all() else "no interval"
+            ax.annotate(f"{p:+.0f}%\n{ci}", (xi, max(p, 0 if math.isnan(high) else high)),
                         xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(accels)), accels)

@@ -128,9 +128,16 @@ def _known_preset(v: str) -> str:
 NOISE_TAGS = ("preset", "noise_set")
 # pydantic puts a union's tag in error locations (workloads.0.builtin.epochs); _format drops it
 UNION_TAGS = {"workloads": WORKLOAD_TAGS, "noise": NOISE_TAGS}
+Preset = Annotated[str, AfterValidator(_known_preset)]
+
+
+def _noise_tag(v: object) -> str | None:
+    return "preset" if isinstance(v, str) else "noise_set" if isinstance(v, (dict, NoiseSet)) else None
+
+
 NoiseEntry = Annotated[
-    Union[Annotated[Annotated[str, AfterValidator(_known_preset)], Tag("preset")], Annotated[NoiseSet, Tag("noise_set")]],
-    Discriminator(lambda v: "preset" if isinstance(v, str) else "noise_set" if isinstance(v, (dict, NoiseSet)) else None,
+    Union[Annotated[Preset, Tag("preset")], Annotated[NoiseSet, Tag("noise_set")]],
+    Discriminator(_noise_tag,
                   custom_error_type="noise_entry", custom_error_message="expected a preset name or {name, vary}")]
 
 Precision = Literal["fp32", "tf32", "bf16"]

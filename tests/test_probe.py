@@ -119,7 +119,7 @@ def test_recorder_names_alerts_and_lets_other_warnings_through():
             with probe.recording_nondeterministic_ops() as ops:
                 alert_not_deterministic("fake_scatter_op")
                 alert_not_deterministic("fake_scatter_op")
-                warnings.warn("unrelated", UserWarning)
+                warnings.warn("unrelated", UserWarning, stacklevel=1)
     finally:
         torch.use_deterministic_algorithms(False)
     assert ops == {"fake_scatter_op"}

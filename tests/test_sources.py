@@ -189,7 +189,7 @@ def test_distribution_wise_std_is_about_zero_for_independent_per_example_flips(t
                 "spec_json": "{}", "test_accuracy": float((preds == labels).mean()), "predictions": preds.tolist()})
     table = reduce.reduce(str(tmp_path), fmt=("md",))["sources"].set_index("source")
     assert list(table.index) == ["init", "order", "algo+impl"]
-    for name, row in table.iterrows():
+    for _, row in table.iterrows():
         assert row["acc_std"] > 0.002
         assert row["acc_std_dist_lo"] == 0.0
         assert row["acc_std_dist"] ** 2 < 0.3 * row["acc_std"] ** 2
