@@ -13,13 +13,15 @@ $(VENV)/.demo: pyproject.toml
 $(VENV)/.test: pyproject.toml $(VENV)/.demo
 	$(PIP) install -e '.[test]'
 	$(PY) -m ipykernel install --sys-prefix --name python3  # notebook tests: kernel python3 = this venv's python
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)  # report screenshot test
+	# report screenshot test: Debian's chromium where apt-get exists; elsewhere that one test skips, saying why
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $@
 
 demo: $(VENV)/.demo  ## install, then run the embedded default sweep (digits, CPU, local Ray)
 	$(PY) -m orchestrator.sweep
 
-test: $(VENV)/.test  ## install with test extras, then run the whole suite
+test: $(VENV)/.test  ## install with test extras, lint, then run the whole suite
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.test

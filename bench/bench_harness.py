@@ -64,7 +64,7 @@ def bare() -> tuple[list[float], str]:
     data = datasets.load(w.dataset, **w.dataset_args)
     torch.manual_seed(run.seeds.init)
     model = models.build(w.arch, data.image_shape, data.num_classes)
-    torch.manual_seed(run.seeds.augment)
+    torch.manual_seed(run.seeds.global_rng)
     order = torch.Generator().manual_seed(run.seeds.order)
     opt = torch.optim.SGD(model.parameters(), lr=w.lr, momentum=w.momentum)
     x, y = data.train_x, data.train_y

@@ -1,8 +1,14 @@
 """What hardware and software a run really used, read inside the worker that ran it.
 
-`fingerprint_id` hashes the parts that change kernels and bits (GPU, driver, CUDA, cuDNN, torch,
-torchvision, CPU model), so results group by stack. Environment variables are copied from a fixed
-allow-list only: secrets such as AWS keys or Ray tokens must never reach a results file.
+`fingerprint_id` hashes the parts that change kernels and bits (GPU, driver, CUDA, cuDNN and cuBLAS
+as loaded, torch, torchvision, Triton for compiled runs, NVIDIA_TF32_OVERRIDE, CPU model), so
+results group by stack. It describes the device the run used, not the node: a CPU run on a GPU node
+is a CPU run, and never touches CUDA (which would also stop a later trial in the same worker from
+setting CUBLAS_WORKSPACE_CONFIG). A part that should be known but could not be read (NVML failing
+leaves the driver unknown) is listed in `fingerprint_missing` and makes `fingerprint_complete` false,
+rather than hashing alike with every other unknown. Environment variables are copied from a fixed
+allow-list only: secrets such as AWS keys or Ray tokens must never reach a results file. Ray is
+imported lazily: this module runs where Ray is absent.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ ENV_ALLOW = ("CUDA_VISIBLE_DEVICES", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS
              "CUDA_LAUNCH_BLOCKING", "NCCL_ALGO", "OPENBLAS_CORETYPE")
 STACK_KEYS = ("gpu_name", "gpu_driver", "cuda_version", "cudnn_version", "torch_version",
               "torchvision_version", "cpu_model")
+# Hashed only when set, so that CPU rows keep the ids they had before these keys existed.
+STACK_KEYS_IF_SET = ("cublas_version", "triton_version", "tf32_override")
+REQUIRED = ("torch_version", "torchvision_version", "cpu_model")  # every run
+REQUIRED_CUDA = ("gpu_name", "gpu_driver", "cuda_version", "cudnn_version", "cublas_version")  # GPU runs
 
 
 def cpu_model() -> str:
@@ -50,19 +60,85 @@ def _nvml(device_uuid: str) -> dict:
         return {}
 
 
-def _gpu() -> dict:
+def loaded_library(name: str) -> str | None:
+    """Path of the shared library `name` (e.g. "libcublas.so") mapped into this process, from
+    /proc/self/maps: the one really loaded, whatever torch was built against. None if absent."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split(maxsplit=5)[5].strip() for line in f
+                            if line.count(" ") >= 5 and f"/{name}" in line})
+    except OSError:  # not Linux
+        return None
+    return paths[0] if paths else None
+
+
+def cublas_version(path: str) -> str | None:
+    """Version of the cuBLAS library at `path` by its own cublasGetProperty (major.minor.patch;
+    needs no GPU); None if it cannot be read."""
+    import ctypes
+
+    try:
+        get = ctypes.CDLL(path).cublasGetProperty
+    except (OSError, AttributeError):
+        return None
+    parts = []
+    for prop in range(3):  # MAJOR_VERSION, MINOR_VERSION, PATCH_LEVEL
+        v = ctypes.c_int()
+        if get(prop, ctypes.byref(v)) != 0:
+            return None
+        parts.append(str(v.value))
+    return ".".join(parts)
+
+
+def _loaded_cublas_version() -> str | None:
     import torch
 
-    if not torch.cuda.is_available():
+    torch.cuda.current_blas_handle()  # loads cuBLAS if no matmul has yet
+    path = loaded_library("libcublas.so")
+    return cublas_version(path) if path else None
+
+
+def _tf32() -> str:
+    """TF32 as torch will use it (the run's precision sets the per-backend switches)."""
+    import torch
+
+    if hasattr(torch.backends, "fp32_precision"):
+        s = {"cuda_matmul": torch.backends.cuda.matmul.fp32_precision,
+             "cudnn_conv": torch.backends.cudnn.conv.fp32_precision}
+    else:  # pragma: no cover - torch < 2.9
+        s = {"cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
+    return json.dumps(s | {"float32_matmul_precision": torch.get_float32_matmul_precision()}, sort_keys=True)
+
+
+def _gpu(device) -> dict:
+    """The CUDA device the run used; a CPU run gets CPU values without a single torch.cuda call."""
+    import torch
+
+    if device.type != "cuda":
         return {"accelerator": "cpu", "gpu_name": None, "gpu_count": 0}
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
     info = {"accelerator": props.name, "gpu_name": props.name, "gpu_count": torch.cuda.device_count(),
             "gpu_capability": f"{props.major}.{props.minor}",
-            "cudnn_version": str(torch.backends.cudnn.version())}
+            "cudnn_version": str(torch.backends.cudnn.version()), "cublas_version": _loaded_cublas_version(),
+            "tf32_settings": _tf32()}
     uuid = str(getattr(props, "uuid", ""))
     if uuid:
         info.update(_nvml(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"))
     return info
+
+
+def _triton_version() -> str | None:
+    """Triton's version from package metadata: importing triton would cost seconds."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            pass
+    return None
 
 
 def _ray() -> dict:
@@ -82,25 +158,39 @@ def _ray() -> dict:
         return {}
 
 
-def collect() -> dict:
-    """The fingerprint columns of a run row, read now, in this process."""
+def collect(device=None, compiled: bool = False) -> dict:
+    """The fingerprint columns of a run row, read now, in this process, for the torch.device the
+    run used (None: this node's, the GPU when torch sees one). `compiled` runs add Triton's version."""
     import torch
     import torchvision
 
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fp = {"hostname": socket.gethostname(), "python_version": platform.python_version(),
           "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
           "cuda_version": torch.version.cuda, "cpu_model": cpu_model(),
-          "num_threads": torch.get_num_threads(),
+          "num_threads": torch.get_num_threads(), "tf32_override": os.environ.get("NVIDIA_TF32_OVERRIDE"),
+          "triton_version": _triton_version() if compiled else None,
           "env": json.dumps({k: os.environ[k] for k in ENV_ALLOW if k in os.environ}, sort_keys=True)}
-    fp.update(_gpu())
+    fp.update(_gpu(device))
     fp.update(_ray())
+    missing = missing_parts(fp, device.type, compiled)
+    fp["fingerprint_complete"], fp["fingerprint_missing"] = not missing, ",".join(missing)
     fp["fingerprint_id"] = fingerprint_id(fp)
     return fp
 
 
+def missing_parts(fp: dict, device_type: str, compiled: bool) -> list[str]:
+    """The stack parts a run on `device_type` should have recorded but did not."""
+    needed = list(REQUIRED)
+    if device_type == "cuda":  # on a CPU, inductor generates C++, not Triton
+        needed += [*REQUIRED_CUDA, *(["triton_version"] if compiled else [])]
+    return [k for k in needed if not fp.get(k)]
+
+
 def fingerprint_id(fp: dict) -> str:
-    key = json.dumps({k: fp.get(k) for k in STACK_KEYS}, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+    stack = {k: fp.get(k) for k in STACK_KEYS} | {k: fp[k] for k in STACK_KEYS_IF_SET if fp.get(k) is not None}
+    return hashlib.sha256(json.dumps(stack, sort_keys=True).encode()).hexdigest()[:12]
 
 
 if __name__ == "__main__":

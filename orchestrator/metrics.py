@@ -99,26 +99,88 @@ def sample_std(values: Sequence[float]) -> float:
     return float(_std(v)) if len(v) >= 2 else math.nan
 
 
-def bootstrap_std_ci(values: Sequence[float], seed: int, n_boot: int = 2000,
-                     level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the sample std (ddof=1), from a seeded generator.
+def column_std(x: np.ndarray) -> np.ndarray:
+    """(C,) sample std (ddof=1) of each column of an (R, C) array across its rows, exactly 0 for a
+    column of equal values and bit-for-bit independent of the row order (columns are sorted
+    first). NaN below two rows."""
+    a = np.sort(np.asarray(x, dtype=np.float64), axis=0)
+    return _std(a, axis=0) if a.shape[0] >= 2 else np.full(a.shape[1], math.nan)
 
-    Values are sorted first, so the interval depends on the runs, not on their listing order.
-    With few replicas the interval is wide and sits low (a resample repeats values, which
-    shrinks its spread): read it beside n_runs, as a measure of how little 5 runs can say.
-    """
+
+def _var_ci(var: float, n: int, level: float) -> tuple[float, float]:
+    """Chi-square interval of a variance: (n-1)s²/σ² ~ χ²(n-1) for n independent normal values,
+    so [(n-1)s²/χ²_{1-α/2}, (n-1)s²/χ²_{α/2}] covers σ² with probability `level` exactly."""
+    alpha = 1.0 - level
+    df = n - 1
+    return df * var / stats.chi2.ppf(1.0 - alpha / 2, df), df * var / stats.chi2.ppf(alpha / 2, df)
+
+
+def std_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Interval of the sample std (ddof=1) with stated coverage: the chi-square interval, exact
+    when the values are independent draws of one normal distribution (accuracies of replicas are
+    close to that; heavy tails or a few diverged runs make it too narrow). Unlike a percentile
+    bootstrap, it does not under-cover at 5-10 runs: at n=5 the 95% interval is about
+    [0.60 s, 2.87 s]. NaN below two values; (0, 0) when all values are equal."""
     v = np.sort(np.asarray(values, dtype=np.float64))
     if len(v) < 2:
         return math.nan, math.nan
-    res = stats.bootstrap((v,), lambda s, axis: _std(s, axis=axis), n_resamples=n_boot,
-                          confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    s = float(_std(v))
+    if s == 0.0:
+        return 0.0, 0.0
+    lo, hi = _var_ci(s * s, len(v), level)
+    return math.sqrt(lo), math.sqrt(hi)
 
 
-def sampling_std(p: float, n: int) -> float:
-    """The accuracy std that a finite test set alone would give: a binomial proportion's
-    sqrt(p(1-p)/N). Run-to-run std well above it is the training's own noise."""
-    return math.sqrt(p * (1.0 - p) / n) if n > 0 and 0.0 <= p <= 1.0 else math.nan
+def per_example_std(correct: np.ndarray) -> float:
+    """The accuracy std that independent per-example flips alone would give (Jordan 2023, "On the
+    variance of neural network training with respect to test sets and distributions").
+
+    correct: (R, N) bool or 0/1, replica × test example. If example i is right in a run with
+    probability pᵢ, independently of the other examples, accuracy has variance Σᵢ pᵢ(1−pᵢ)/N².
+    pᵢ is estimated by example i's correctness rate across the R replicas, and pᵢ(1−pᵢ) by
+    p̂ᵢ(1−p̂ᵢ)·R/(R−1) (the ddof=1 variance of a 0/1 column), which makes the variance estimate
+    unbiased. Every replica is scored on the same test set, so this is not a binomial
+    sqrt(p(1-p)/N): an example all replicas get right (or all wrong) contributes nothing, and
+    the result is exactly 0 when the replicas agree on every example. NaN below two replicas or
+    with no examples."""
+    c = np.asarray(correct, dtype=np.float64)
+    r, n = c.shape
+    if r < 2 or n == 0:
+        return math.nan
+    return math.sqrt(_per_example_var(c))
+
+
+def _per_example_var(c: np.ndarray) -> float:
+    """Σᵢ p̂ᵢ(1−p̂ᵢ)·R/(R−1) / N², in integers until the last division: 0 exactly when no
+    example flips. c: (R, N) 0/1."""
+    r, n = c.shape
+    k = c.sum(axis=0)  # replicas that got example i right
+    return float((k * (r - k)).sum()) / (r * (r - 1)) / (n * n)
+
+
+def distribution_var(correct: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """The distribution-wise part of the accuracy variance and its interval: (var, lo, hi).
+
+    Jordan (2023) splits run-to-run accuracy variance into what independent per-example flips
+    give (`per_example_std`²) and a remainder, the covariance of examples, which is how much the
+    runs differ on the test *distribution* and is what would remain with an infinite test set.
+    Estimate: the sample variance (ddof=1) of the replicas' accuracies (row means of `correct`)
+    minus the per-example variance; both are unbiased, so the difference is, and it can come out
+    negative when the flips explain all the spread.
+
+    Interval: the chi-square interval of the accuracy variance (`std_ci`'s, assuming normal
+    accuracies) shifted by the per-example variance, treated as known. That part sums N
+    per-example terms, so its own sampling error is small beside the chi-square interval's width
+    at 5-50 replicas; a bootstrap over replicas would under-cover at those counts, as it does for
+    the std. Ends may be negative; the reducer reports sqrt(max(·, 0)). NaN below two replicas."""
+    c = np.asarray(correct, dtype=np.float64)
+    r, n = c.shape
+    if r < 2 or n == 0:
+        return math.nan, math.nan, math.nan
+    acc_var = float(_std(np.sort(c.mean(axis=1))) ** 2)
+    pe = _per_example_var(c)
+    lo, hi = _var_ci(acc_var, r, level)
+    return acc_var - pe, lo - pe, hi - pe
 
 
 def per_class_spread(per_class: np.ndarray) -> tuple[float, float, int | None]:
@@ -126,10 +188,10 @@ def per_class_spread(per_class: np.ndarray) -> tuple[float, float, int | None]:
     of a class, and the index of the class with the largest (lowest index on ties; None when no
     class moves at all). Top-1 accuracy averages these swings away; the worst class shows where
     the noise lands."""
-    a = np.sort(np.asarray(per_class, dtype=np.float64), axis=0)
+    a = np.asarray(per_class, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] < 2 or a.shape[1] == 0:
         return math.nan, math.nan, None
-    s = _std(a, axis=0)
+    s = column_std(a)
     return float(s.max()), float(s.mean()), int(np.argmax(s)) if s.max() > 0 else None
 
 
@@ -159,15 +221,39 @@ def brown_forsythe_p(a: Sequence[float], b: Sequence[float]) -> float:
         return float(stats.levene(a, b, center="median").pvalue)
 
 
+def pitman_morgan_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """p-value that two *paired* groups' accuracy variances differ: Pitman–Morgan test.
+
+    a[r] and b[r] are replica r of two presets that share seeds (common random numbers), so they
+    are correlated and a test for independent groups has the wrong size. For any bivariate normal
+    pair, var(a) = var(b) exactly when a+b and a−b are uncorrelated; the test is Pearson's
+    t-test of that correlation (n−2 degrees of freedom). NaN below three pairs; 1.0 when a+b or
+    a−b does not vary (the two spreads are then equal in the sample: both zero, or b = a + c)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) != len(b):
+        raise ValueError(f"paired samples of different lengths: {len(a)} and {len(b)}")
+    if len(a) < 3:
+        return math.nan
+    s, d = a + b, a - b
+    if np.ptp(s) == 0 or np.ptp(d) == 0:
+        return 1.0
+    return float(stats.pearsonr(s, d).pvalue)
+
+
 def median_ratio_ci(num_units: Sequence[np.ndarray], den_units: Sequence[np.ndarray], seed: int,
-                    n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+                    n_boot: int = 2000, level: float = 0.95, paired: bool = False) -> tuple[float, float, float]:
     """median(num) / median(den) and a seeded percentile bootstrap interval of it.
 
-    Each side is a list of units (arrays of step times); the bootstrap resamples whole units,
-    independently per side. Pass blocks of consecutive steps as units: steps within a block
-    share clocks and caches, and resampling them one by one would count correlated steps as
-    independent evidence and give too narrow an interval. NaN interval below two units a side.
+    Each side is a list of units (arrays of step times); the bootstrap resamples whole units.
+    Pass blocks of consecutive steps as units: steps within a block share clocks and caches, and
+    resampling them one by one would count correlated steps as independent evidence and give too
+    narrow an interval. Unpaired, each side is resampled on its own. `paired`: num_units[k] and
+    den_units[k] were measured together (a det/nondet pair of blocks, alternated to cancel drift),
+    so pair k is resampled as one unit and drift stays cancelled in every resample. NaN interval
+    below two units a side (two pairs when paired).
     """
+    if paired and len(num_units) != len(den_units):
+        raise ValueError(f"paired units of different counts: {len(num_units)} and {len(den_units)}")
     num, den = _Units(num_units), _Units(den_units)
     if not num.n or not den.n:
         return math.nan, math.nan, math.nan
@@ -176,7 +262,7 @@ def median_ratio_ci(num_units: Sequence[np.ndarray], den_units: Sequence[np.ndar
         return ratio, math.nan, math.nan
     res = stats.bootstrap((np.arange(num.n), np.arange(den.n)),
                           lambda i, j: np.median(num.take(i)) / np.median(den.take(j)), vectorized=False,
-                          n_resamples=n_boot, confidence_level=level, method="percentile",
+                          paired=paired, n_resamples=n_boot, confidence_level=level, method="percentile",
                           rng=np.random.default_rng(seed))
     return ratio, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
@@ -198,3 +284,137 @@ class _Units:
         ends = np.cumsum(lengths)
         offset = np.repeat(self.starts[ids] - (ends - lengths), lengths)
         return self.values[np.arange(ends[-1] if len(ends) else 0) + offset]
+
+
+def class_accuracy(preds: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
+    """Accuracy and per-class accuracy (index = class, 0 for a class with no test example), from
+    1-D integer predictions and labels of equal length."""
+    correct = preds == labels
+    n = int(labels.max()) + 1
+    hits = np.bincount(labels, weights=correct, minlength=n)
+    return float(correct.mean()), (hits / np.maximum(np.bincount(labels, minlength=n), 1)).tolist()
+
+
+# --- decisions: which source makes the variance, is a difference real, how many replicas ---------
+
+def variance_share_ci(num: Sequence[float], den: Sequence[float], seed: int, paired: bool,
+                      n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """var(num) / var(den) (ddof=1) and a seeded percentile bootstrap interval over replicas.
+
+    `paired`: num[i] and den[i] are replica i of two presets, which share that replica's seeds;
+    resampling replicas jointly keeps that correlation and narrows the interval. Exactly 0 with
+    [0, 0] when num has no spread at all (a preset that varies nothing on this stack), NaN when
+    den has none (nothing to be a share of) or either side has fewer than two values.
+    """
+    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2 or np.ptp(b) == 0:
+        return math.nan, math.nan, math.nan
+    if np.ptp(a) == 0:
+        return 0.0, 0.0, 0.0
+
+    def ratio(x, y, axis=-1):
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample of 3 replicas can repeat one
+            return _std(x, axis=axis) ** 2 / _std(y, axis=axis) ** 2
+    res = stats.bootstrap((a, b), ratio, paired=paired, n_resamples=n_boot, confidence_level=level,
+                          method="percentile", rng=np.random.default_rng(seed))
+    return float(ratio(a, b)), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _pair_means(d: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Mean of pair matrix d (R, R) over the pairs of each resample in `ids` (B, R'), leaving
+    out pairs of a replica with its own copy (0 by construction: they would pull churn down).
+    With c the (B, R) counts of each replica in a resample, the sum over pairs is c·d·c, and
+    pairs of distinct replicas number R'² - Σc². NaN for a resample of one replica only."""
+    ids = np.atleast_2d(ids)
+    b, r = len(ids), len(d)
+    c = np.bincount((ids + r * np.arange(b)[:, None]).ravel(), minlength=b * r).reshape(b, r).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ((c @ d) * c).sum(axis=1) / (ids.shape[1] ** 2 - (c * c).sum(axis=1))
+
+
+def churn_share_ci(num_preds: np.ndarray, den_preds: np.ndarray, seed: int, paired: bool,
+                   n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """churn(num) / churn(den) and a seeded percentile bootstrap interval over replicas (jointly
+    resampled when `paired`, as in `variance_share_ci`). preds: (R, N) int. Exactly 0 with
+    [0, 0] when num's replicas all agree, NaN when den's do or a side has fewer than two runs."""
+    if len(num_preds) < 2 or len(den_preds) < 2:
+        return math.nan, math.nan, math.nan
+    dn, dd = pairwise_disagreement(num_preds), pairwise_disagreement(den_preds)
+    if not dd.any():
+        return math.nan, math.nan, math.nan
+    if not dn.any():
+        return 0.0, 0.0, 0.0
+
+    def ratio(i, j=None, axis=-1):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return _pair_means(dn, i) / _pair_means(dd, i if j is None else j)
+    data = (np.arange(len(dn)),) if paired else (np.arange(len(dn)), np.arange(len(dd)))
+    res = stats.bootstrap(data, ratio, n_resamples=n_boot, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return churn(num_preds) / churn(den_preds), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def mean_diff_ci(a: Sequence[float], b: Sequence[float], seed: int, paired: bool,
+                 n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and a seeded percentile bootstrap interval (replicas resampled jointly
+    when `paired`: replica i of each side shares its seeds, so seed luck cancels)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return (float(a.mean() - b.mean()) if len(a) and len(b) else math.nan), math.nan, math.nan
+    res = stats.bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis=axis) - y.mean(axis=axis), paired=paired,
+                          n_resamples=n_boot, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return float(a.mean() - b.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def prob_improvement(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """P(A > B) + P(A = B)/2 for one run drawn from each side: the Mann–Whitney U of a over
+    n_a·n_b (Agarwal et al. 2021's probability of improvement), 0.5 when the sides are equal.
+    From midranks of the pooled values: U = (rank sum of a) - n_a(n_a+1)/2."""
+    a = np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1)
+    b = np.moveaxis(np.asarray(b, dtype=np.float64), axis, -1)
+    na, nb = a.shape[-1], b.shape[-1]
+    ranks = stats.rankdata(np.concatenate((a, b), axis=-1), axis=-1)
+    return (ranks[..., :na].sum(axis=-1) - na * (na + 1) / 2) / (na * nb)
+
+
+def prob_improvement_ci(a: Sequence[float], b: Sequence[float], seed: int, n_boot: int = 2000,
+                        level: float = 0.95) -> tuple[float, float, float]:
+    """P(A > B) and a seeded percentile bootstrap interval, the sides resampled independently
+    (the probability is defined over independent draws). NaN below two runs a side."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan, math.nan
+    res = stats.bootstrap((a, b), prob_improvement, n_resamples=n_boot, confidence_level=level,
+                          method="percentile", rng=np.random.default_rng(seed))
+    return float(prob_improvement(a, b)), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def welch_power(effect: float, std_a: float, std_b: float, n: int, alpha: float = 0.05) -> float:
+    """Power of a two-sided Welch t-test at level alpha with n runs a side, when the true means
+    differ by `effect` and the true stds are std_a, std_b: the noncentral t with the
+    Welch–Satterthwaite degrees of freedom."""
+    va, vb = std_a ** 2 / n, std_b ** 2 / n
+    if va + vb == 0:
+        return 1.0 if effect else alpha
+    df = (va + vb) ** 2 / ((va ** 2 + vb ** 2) / (n - 1))
+    ncp, crit = abs(effect) / math.sqrt(va + vb), stats.t.ppf(1 - alpha / 2, df)
+    return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+
+
+def replicas_needed(effect: float, std_a: float, std_b: float, power: float = 0.8, alpha: float = 0.05,
+                    n_max: int = 10 ** 7) -> float:
+    """Smallest n (runs per side, >= 2) at which a two-sided Welch t-test at level alpha detects a
+    true mean difference `effect` with probability `power`, given the sides' stds. inf when no
+    n up to n_max does (a zero effect is never detected), NaN when an input is NaN."""
+    if any(math.isnan(x) for x in (effect, std_a, std_b)):
+        return math.nan
+    if effect == 0 or welch_power(effect, std_a, std_b, n_max, alpha) < power:
+        return math.inf
+    lo, hi = 1, 2  # power grows with n: double, then bisect; power(lo) < target <= power(hi)
+    while welch_power(effect, std_a, std_b, hi, alpha) < power:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if welch_power(effect, std_a, std_b, mid, alpha) >= power else (mid, hi)
+    return float(hi)

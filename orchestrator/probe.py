@@ -10,9 +10,11 @@ busy neighbour) falls on both modes alike:
 Every block starts from the same initial weights, a fresh optimiser, the same global and augment
 seeds and the same fixed list of full-size batches, so both modes do exactly the same work and only
 the kernels differ. A block runs `warmup` untimed steps (cuDNN autotuning, torch.compile, caches)
-and then `steps` timed ones. Each step is timed with the device synchronised: CUDA events recorded
-around the step and read after one synchronisation at the block's end (no sync inside the block);
-`perf_counter` on a CPU, where eager kernels run synchronously.
+and then `steps` timed ones. With `compile`, each block compiles afresh under its own mode (inductor
+generates other kernels in deterministic mode), so its warm-up must cover the compilation. Each
+step is timed with the device synchronised: CUDA events recorded around the step and read after
+one synchronisation at the block's end (no sync inside the block); `perf_counter` on a CPU, where
+eager kernels run synchronously.
 
 What "deterministic" includes: torch's deterministic mode does two things, picks deterministic
 kernels and NaN-fills every new uninitialised tensor (`torch.utils.deterministic.
@@ -27,10 +29,12 @@ warnings are caught and the op names recorded (column `nondeterministic_ops`), a
 with the non-deterministic kernel. A det block that lists ops there was not fully deterministic.
 
 Caveat (GPU): cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when CUDA creates its handle, so the probe
-sets it (`:4096:8`) before any CUDA use and it stays set for both modes. Non-deterministic blocks
-still get cuDNN autotuning (`cudnn.benchmark`), non-deterministic cuDNN algorithms and atomic-add
-kernels, but their cuBLAS calls run under the deterministic workspace setting. What that setting
-alone costs (usually little: it constrains cuBLAS's workspaces) is therefore not in the overhead.
+sets it (`:4096:8`) before any CUDA use and it stays set for both modes. Both modes run at the
+probe's `cudnn_benchmark` setting (a tooling axis; off by default, as in PyTorch), so autotuning is
+never counted as a cost of determinism. Non-deterministic blocks get non-deterministic cuDNN
+algorithms and atomic-add kernels, but their cuBLAS calls run under the deterministic workspace
+setting. What that setting alone costs (usually little: it constrains cuBLAS's workspaces) is
+therefore not in the overhead.
 
 Output: OUT/overhead/<probe_id>.parquet, one row per timed step of both modes, with the
 fingerprint; `orchestrator.reduce` turns the files into the overhead table (medians, overhead_pct =
@@ -61,7 +65,9 @@ MODES = ("det", "nondet")
 FINGERPRINT_COLUMNS = ("accelerator", "fingerprint_id", "hostname", "ray_node_id", "ray_node_ip", "gpu_name",
                        "gpu_count", "gpu_capability", "gpu_driver", "gpu_memory_mb", "gpu_sm_clock_mhz",
                        "cuda_version", "cudnn_version", "torch_version", "torchvision_version", "ray_version",
-                       "python_version", "cpu_model", "num_threads", "instance_type", "env")
+                       "python_version", "cpu_model", "num_threads", "instance_type", "env",
+                       "cublas_version", "triton_version", "tf32_override", "tf32_settings",
+                       "fingerprint_complete", "fingerprint_missing")
 PROBE_SCHEMA = pa.schema([
     ("probe_id", pa.string()), ("sweep", pa.string()), ("arch", pa.string()), ("dataset", pa.string()),
     ("accelerator_requested", pa.string()),
@@ -75,6 +81,7 @@ PROBE_SCHEMA = pa.schema([
     ("impl_flags", pa.string()),  # JSON of the determinism switches of the block
     ("batch_size", pa.int32()), ("warmup", pa.int32()),
     ("precision", pa.string()), ("channels_last", pa.bool_()), ("compiled", pa.bool_()),
+    ("cudnn_benchmark", pa.bool_()),  # cuDNN autotuning, the same in both modes
     ("spec_json", pa.string()),
     *[store.RUN_SCHEMA.field(c) for c in FINGERPRINT_COLUMNS],
 ])
@@ -143,19 +150,20 @@ def fixed_batches(n: int, batch_size: int, count: int, seed: int, device: torch.
     return list(perm.to(device).view(count, batch_size))
 
 
-def run_block(net: torch.nn.Module, model: torch.nn.Module, init_state: dict, x: torch.Tensor, y: torch.Tensor,
+def run_block(model: torch.nn.Module, init_state: dict, x: torch.Tensor, y: torch.Tensor,
               batches: list[torch.Tensor], cfg, spec: ProbeSpec, deterministic: bool,
               device: torch.device) -> tuple[list[float], float, set[str], dict]:
-    """One block: reset weights, optimiser and seeds, set the mode, run warm-up then timed steps.
-    Returns (step times in ms, mean loss, ops without a deterministic kernel, switches set)."""
-    flags = noise.apply_impl(deterministic, warn_only=deterministic)
+    """One block: reset weights, optimiser and seeds, set the mode (and compile under it), run
+    warm-up then timed steps. Returns (step times in ms, mean loss, ops without a deterministic
+    kernel, switches set)."""
+    flags = noise.apply_impl(deterministic, spec.cudnn_benchmark, spec.compile, warn_only=deterministic)
     torch.utils.deterministic.fill_uninitialized_memory = spec.overhead.fill_uninitialized_memory
     flags["warn_only"] = torch.is_deterministic_algorithms_warn_only_enabled()
     flags["fill_uninitialized_memory"] = deterministic and spec.overhead.fill_uninitialized_memory
     model.load_state_dict(init_state)
+    net = prepare(model, cfg, device)
     opt = make_optimizer(model, cfg)
-    torch.manual_seed(spec.seeds.augment)  # dropout
-    aug = torch.Generator(device).manual_seed(spec.seeds.augment)
+    aug = runner.augment_streams(spec.seeds, device)  # and the global RNG (dropout)
     net.train()
     timer, total = StepTimer(device), torch.zeros((), device=device)
     warmup = spec.overhead.warmup
@@ -172,16 +180,15 @@ def run_block(net: torch.nn.Module, model: torch.nn.Module, init_state: dict, x:
     return times, float(total) / len(batches), ops, flags
 
 
-def measure(spec: ProbeSpec) -> tuple[list[dict], set[str]]:
+def measure(spec: ProbeSpec, device: torch.device) -> tuple[list[dict], set[str]]:
     """All blocks of one probe: (one dict per timed step, ops without a deterministic kernel)."""
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = noise.CUBLAS_WORKSPACE  # before any CUDA use (docstring)
     malloc.keep_freed_memory()  # as in the replica runner: no page-fault churn in the timed steps
     torch.set_num_threads(spec.num_threads)
-    device = runner.pick_device(spec)
     if device.type == "cuda":
         torch.cuda.init()  # now started with the workspace set: apply_impl(False) keeps it
     data, model, cfg = runner.build_workload(spec)
-    net = prepare(model, cfg, device)
+    model.to(device)  # before the copy below: every block then loads weights already on the device
     x, y = data.train_x.to(device), data.train_y.to(device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -193,7 +200,7 @@ def measure(spec: ProbeSpec) -> tuple[list[dict], set[str]]:
     try:
         for r in range(o.repeats):
             for i, mode in enumerate(MODES if r % 2 == 0 else MODES[::-1]):
-                times, loss, ops, flags = run_block(net, model, init_state, x, y, batches, cfg, spec,
+                times, loss, ops, flags = run_block(model, init_state, x, y, batches, cfg, spec,
                                                     mode == "det", device)
                 all_ops |= ops
                 rows += [{"mode": mode, "repeat": r, "block": 2 * r + i, "step": s, "step_ms": t,
@@ -208,8 +215,9 @@ def run(spec: ProbeSpec, out: str) -> dict:
     """Run one probe and write OUT/overhead/<probe_id>.parquet. An error is returned as status failed,
     never raised, and writes no file, so a re-run of the sweep tries the probe again."""
     fs, root = store.resolve(out)
+    device = runner.pick_device(spec)
     try:
-        steps, ops = measure(spec)
+        steps, ops = measure(spec, device)
     except Exception as e:  # the other trials go on; Ray forwards this line to the sweep's console
         error = f"{type(e).__name__}: {e}"
         print(f"overhead probe {spec.probe_id} failed: {error}", file=sys.stderr, flush=True)
@@ -218,8 +226,9 @@ def run(spec: ProbeSpec, out: str) -> dict:
     common = {"probe_id": spec.probe_id, "sweep": spec.sweep, "arch": w.arch, "dataset": w.dataset,
               "accelerator_requested": spec.accelerator, "nondeterministic_ops": ",".join(sorted(ops)),
               "batch_size": w.batch_size, "warmup": spec.overhead.warmup, "precision": spec.precision,
-              "channels_last": spec.channels_last, "compiled": spec.compile, "spec_json": spec.model_dump_json(),
-              **{k: v for k, v in fingerprint.collect().items() if k in FINGERPRINT_COLUMNS}}
+              "channels_last": spec.channels_last, "compiled": spec.compile, "cudnn_benchmark": spec.cudnn_benchmark,
+              "spec_json": spec.model_dump_json(),
+              **{k: v for k, v in fingerprint.collect(device, spec.compile).items() if k in FINGERPRINT_COLUMNS}}
     table = pa.Table.from_pylist([common | s for s in steps], schema=PROBE_SCHEMA)
     store.write_table(fs, store.overhead_path(root, spec.probe_id), table)
     med = {m: statistics.median(s["step_ms"] for s in steps if s["mode"] == m) for m in MODES}

@@ -12,6 +12,7 @@ statistic stands on. A statistic a group has too few runs for is NaN with a `not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -19,6 +20,7 @@ import math
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,12 +31,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from safetensors import SafetensorError, safe_open
 
-from orchestrator import metrics, store
+from orchestrator import metrics, sources, store
 
 # Tooling axes are grouping keys: a thread count or a precision is not noise, it changes the bits.
 # Run columns and the RunSpec fields they come from, for the axes the run schema has.
 TOOLING = {c: f for c, f in (("num_threads", "num_threads"), ("precision", "precision"),
-                             ("channels_last", "channels_last"), ("compiled", "compile"))
+                             ("channels_last", "channels_last"), ("compiled", "compile"),
+                             ("cudnn_benchmark", "cudnn_benchmark"))
            if c in store.RUN_SCHEMA.names}
 # `workload` hashes the training settings, so two learning rates never pool into one std.
 DEFAULT_BY = ("arch", "dataset", "accelerator_requested", "noise", *TOOLING, "workload")
@@ -49,19 +52,23 @@ SCALARS = ["run_id", "arch", "dataset", "noise", "replica", "seed_init", "seed_o
            "accelerator_requested", "accelerator", "fingerprint_id", *TOOLING, "spec_json",
            "status", "test_accuracy", "weights_sha256", "weights_norm"]
 LISTS = ["predictions", "per_class_accuracy"]
+REQUIRED = ("status", "arch", "dataset", "noise")  # a run row without one of these fits no group
 NUMPY_FLOATS = {"F16", "F32", "F64"}  # safetensors dtypes numpy reads; BF16 and F8_* go via torch
 
 VARIANCE = ["accelerator", "n_fingerprints", "n_runs", "n_failed", "n_test", "acc_mean", "acc_std",
-            "acc_std_lo", "acc_std_hi", "acc_std_sampling", "churn", "l2", "l2_rel",
-            "identical_fraction", "per_class_std_max", "per_class_std_mean", "worst_class",
+            "acc_std_lo", "acc_std_hi", "acc_std_sampling", "acc_std_dist", "acc_std_dist_lo",
+            "acc_std_dist_hi", "churn", "l2", "l2_rel",
+            "l2_buffers", "identical_fraction", "per_class_std_max", "per_class_std_mean", "worst_class",
             "subgroup_acc_std_max", "p_vs_control", "p_vs_algo", "note"]
 SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mean", "fpr_std",
              "fnr_mean", "fnr_std"]
 CROSS_STACK = ["arch", "dataset", "workload", "noise", *(f"{c}_a" for c in STACK), *(f"{c}_b" for c in STACK),
                "n_pairs", "identical_fraction", "churn", "l2", "l2_rel", "acc_diff_mean"]
-OVERHEAD = ["arch", "accelerator", "accelerator_requested", "n_probes", "n_fingerprints", "step_ms_nondet",
-            "step_ms_det", "overhead_pct", "overhead_lo", "overhead_hi", "n_steps", "n_steps_det",
-            "n_steps_nondet", "nondeterministic_ops", "note"]
+# Overhead: grouped like the variance table (workload hash, tooling values), per accelerator.
+PROBE_TOOLING = ("precision", "channels_last", "compiled", "cudnn_benchmark")  # the ones a probe row has
+OVERHEAD = ["arch", "workload", "accelerator", "accelerator_requested", "n_probes", "n_fingerprints",
+            "step_ms_nondet", "step_ms_det", "overhead_pct", "overhead_lo", "overhead_hi", "n_pairs", "n_steps",
+            "n_steps_det", "n_steps_nondet", "nondeterministic_ops", "note"]
 
 
 @dataclass(frozen=True)
@@ -93,33 +100,48 @@ class UsageError(ValueError):
 
 # --- reading ----------------------------------------------------------------------------------
 
-def _spec(spec_json: str | None) -> dict:
+def _spec(spec_json: object) -> dict:
+    """The RunSpec a row ran, as a dict; {} when the row has none (spec_json came after DESIGN.md's
+    columns, so older writers and other tools leave it null) or it is not a JSON object."""
     try:
-        return json.loads(spec_json) if spec_json else {}
+        spec = json.loads(spec_json) if isinstance(spec_json, str) and spec_json else {}
     except json.JSONDecodeError:
         return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 def workload_id(spec: dict) -> str:
     """Short hash of the training settings of a run (lr, epochs, batch size, arch_args, ...).
-    `replicas` only says how many runs there are, so it is left out."""
-    w = {k: v for k, v in spec.get("workload", {}).items() if k != "replicas"}
+    `replicas` only says how many runs there are, so it is left out. "" without settings."""
+    workload = spec.get("workload")
+    w = {k: v for k, v in workload.items() if k != "replicas"} if isinstance(workload, dict) else {}
     return hashlib.sha256(json.dumps(w, sort_keys=True).encode()).hexdigest()[:8] if w else ""
 
 
-def load_runs(out_uri: str, by: list[str]) -> Runs:
-    """Every run row, plus the derived `workload` column. A row written for a worker that died
-    has no fingerprint; its tooling values are taken from its spec so it lands in its group."""
-    columns = [c for c in dict.fromkeys(SCALARS + LISTS + by) if c != "workload"]
-    table = store.read_runs(out_uri, columns=columns).combine_chunks()  # 1 chunk, not 1 per file: fast take()
+def load_runs(out_uri: str, columns: Sequence[str] = (), lists: Sequence[str] = LISTS) -> Runs:
+    """The one reader of run rows (the tables and the report both use it): SCALARS plus `columns`
+    as a DataFrame, the list columns `lists` kept in Arrow, and the derived `workload` column.
+
+    Only DESIGN.md's columns are required; a column added since (spec_json, the tooling axes, ...)
+    reads back null where a row lacks it. A row written for a worker that died has no fingerprint;
+    its tooling values are taken from its spec so it lands in its group. A row without a column
+    every table needs (REQUIRED) cannot be placed: it is left out and counted in one warning."""
+    scalars = [c for c in dict.fromkeys([*SCALARS, *columns]) if c != "workload" and c not in LISTS]
+    table = store.read_runs(out_uri, columns=[*scalars, *lists]).combine_chunks()  # 1 chunk: fast take()
+    usable = np.logical_and.reduce([pc.is_valid(table[c]).to_numpy() for c in REQUIRED])
+    skipped = int(np.count_nonzero(~usable))
+    if skipped:
+        table = table.filter(pa.array(usable))
+        warnings.warn(f"skipped {skipped} run row(s) without {', '.join(REQUIRED[:-1])} or {REQUIRED[-1]}",
+                      stacklevel=2)
     ints = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
-    meta = table.drop_columns(LISTS).to_pandas(types_mapper=ints.get)
+    meta = table.drop_columns(list(lists)).to_pandas(types_mapper=ints.get)
     specs = [_spec(s) for s in meta["spec_json"]]
     meta["workload"] = [workload_id(s) for s in specs]
     for column, field in TOOLING.items():
         meta[column] = meta[column].fillna(
             pd.Series([s.get(field) for s in specs], index=meta.index, dtype=meta[column].dtype))
-    return Runs(meta, table.select(LISTS))
+    return Runs(meta, table.select(list(lists)))
 
 
 def _labels(fs: pafs.FileSystem, root: str, dataset: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -133,13 +155,22 @@ def _labels(fs: pafs.FileSystem, root: str, dataset: str) -> tuple[np.ndarray, n
 
 class _Weights:
     """One run's safetensors file, read a slice at a time through a memory map. numpy has no
-    bfloat16 or float8, so tensors of those types go through torch, imported only then."""
+    bfloat16 or float8, so tensors of those types go through torch, imported only then.
+
+    The runner writes metadata {"buffers": "<JSON list of buffer names>"}: BN running statistics
+    and other buffers are not parameters, so distances keep them apart. A file without that key
+    (older trees) has `buffers` None and every float tensor counts as a parameter."""
 
     def __init__(self, path: str):
         self.path, self.np, self._pt = path, safe_open(path, framework="numpy"), None
+        try:
+            names = json.loads((self.np.metadata() or {})["buffers"])
+        except (KeyError, TypeError, json.JSONDecodeError):
+            names = None
+        self.buffers = frozenset(names) if isinstance(names, list) else None
 
     def float_tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """name -> (dtype, shape) of the floating-point tensors (what weights_norm covers)."""
+        """name -> (dtype, shape) of the floating-point tensors."""
         out = {}
         for name in self.np.keys():
             s = self.np.get_slice(name)
@@ -159,34 +190,43 @@ class _Weights:
         return x.to(torch.float64).numpy().reshape(-1)
 
 
-def _weights_sq_dists(paths: list[str]) -> np.ndarray:
-    """(R, R) squared L2 distances between the runs' final weights, over all floating-point
-    tensors. Streamed: one tensor at a time, in slices of leading rows, so only about CHUNK values
-    of all R runs together are in memory, however large the model."""
-    files = [_Weights(p) for p in paths]
-    tensors = files[0].float_tensors()
-    if any(f.float_tensors() != tensors for f in files[1:]):
-        raise WeightsUnavailable("weight files differ in tensor names, shapes or dtypes")
+def _tensor_sq_dists(files: list[_Weights], name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """(R, R) squared distances over one tensor, in slices of leading rows so that only about
+    CHUNK values of all R runs together are in memory, however large the tensor."""
     d2 = np.zeros((len(files), len(files)))
-    for name, (dtype, shape) in sorted(tensors.items()):
-        row = math.prod(shape[1:]) if shape else 1
-        step = max(1, CHUNK // (len(files) * max(row, 1)))
-        for start in range(0, shape[0] if shape else 1, step):
-            stop = min(start + step, shape[0] if shape else 1)
-            d2 += metrics.sq_dists(np.stack([f.rows(name, dtype, shape, start, stop) for f in files]))
+    row = math.prod(shape[1:]) if shape else 1
+    step = max(1, CHUNK // (len(files) * max(row, 1)))
+    for start in range(0, shape[0] if shape else 1, step):
+        stop = min(start + step, shape[0] if shape else 1)
+        d2 += metrics.sq_dists(np.stack([f.rows(name, dtype, shape, start, stop) for f in files]))
     return d2
 
 
-def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> np.ndarray:
-    """(R, R) L2 distances between the final weights of `runs`. Runs with equal weights_sha256
-    are bitwise equal: each distinct digest is read once and equal ones are 0 without looking
-    (a control group on one machine costs one file, not R). Remote files are copied to a local
-    temp folder first, since safetensors reads through mmap."""
+def _weights_sq_dists(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(R, R) squared L2 distances between the runs' final weights: over the float parameters,
+    and over the float buffers (all NaN when a file does not say which tensors are buffers).
+    Streamed one tensor at a time."""
+    files = [_Weights(p) for p in paths]
+    tensors, buffers = files[0].float_tensors(), files[0].buffers
+    if any(f.float_tensors() != tensors or f.buffers != buffers for f in files[1:]):
+        raise WeightsUnavailable("weight files differ in tensor names, shapes, dtypes or buffers")
+    d2 = {"parameters": np.zeros((len(files), len(files))), "buffers": np.zeros((len(files), len(files)))}
+    for name, (dtype, shape) in sorted(tensors.items()):
+        d2["buffers" if buffers and name in buffers else "parameters"] += _tensor_sq_dists(files, name, dtype, shape)
+    return d2["parameters"], d2["buffers"] if buffers is not None else np.full_like(d2["buffers"], np.nan)
+
+
+def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(R, R) L2 distances between the final weights of `runs`: over parameters, and over
+    buffers (NaN for files without the buffers metadata). Runs with equal weights_sha256 (a
+    digest of every tensor of the file) are bitwise equal: each distinct digest is read once and
+    equal ones are 0 without looking (a control group on one machine costs one file, not R).
+    Remote files are copied to a local temp folder first, since safetensors reads through mmap."""
     digest = runs["weights_sha256"].fillna(runs["run_id"]).to_numpy(dtype=object)
     firsts, inverse = np.unique(digest, return_index=True, return_inverse=True)[1:]
     ids = runs["run_id"].to_numpy(dtype=object)[firsts]
     if len(ids) == 1:
-        return np.zeros((len(runs), len(runs)))
+        return np.zeros((len(runs), len(runs))), np.zeros((len(runs), len(runs)))
     paths = [store.weights_path(root, r) for r in ids]
     missing = [r for r, p in zip(ids, paths) if not store.exists(fs, p)]
     if missing:
@@ -201,35 +241,44 @@ def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> np.ndarray:
             d2 = _weights_sq_dists(paths)
         except SafetensorError as e:
             raise WeightsUnavailable(f"unreadable weights file: {e}") from None
-    return np.sqrt(d2)[np.ix_(inverse, inverse)]
+    return tuple(np.sqrt(d)[np.ix_(inverse, inverse)] for d in d2)
 
 
 # --- variance ---------------------------------------------------------------------------------
 
 def _seed(seed: int, key: dict) -> int:
-    """A bootstrap seed per group from the sweep seed and the group's key: each group's interval
+    """A bootstrap seed per group from the --seed and the group's key: each group's interval
     is reproducible whatever other groups the results tree holds."""
     text = json.dumps([seed, [str(v) for v in key.values()]])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
-def _accuracy_stats(acc: np.ndarray, n_test: int, seed: int) -> dict:
-    lo, hi = metrics.bootstrap_std_ci(acc, seed, n_boot=N_BOOT)
-    mean = float(acc.mean()) if len(acc) else math.nan
-    return {"acc_mean": mean, "acc_std": metrics.sample_std(acc), "acc_std_lo": lo, "acc_std_hi": hi,
-            "acc_std_sampling": metrics.sampling_std(mean, n_test)}
+def _accuracy_stats(acc: np.ndarray, correct: np.ndarray | None) -> dict:
+    """Mean and std of the replicas' accuracies with the std's chi-square interval, and, when the
+    labels give per-example correctness (R, N), the split of the variance into independent
+    per-example flips (acc_std_sampling) and the distribution-wise rest (acc_std_dist, Jordan 2023).
+    The rest's variance can be estimated below 0; its std and interval ends are sqrt(max(v, 0))."""
+    lo, hi = metrics.std_ci(acc)
+    dist = metrics.distribution_var(correct) if correct is not None else (math.nan,) * 3
+    d, d_lo, d_hi = (math.sqrt(max(v, 0.0)) if not math.isnan(v) else math.nan for v in dist)
+    return {"acc_mean": float(acc.mean()) if len(acc) else math.nan, "acc_std": metrics.sample_std(acc),
+            "acc_std_lo": lo, "acc_std_hi": hi,
+            "acc_std_sampling": metrics.per_example_std(correct) if correct is not None else math.nan,
+            "acc_std_dist": d, "acc_std_dist_lo": d_lo, "acc_std_dist_hi": d_hi}
 
 
 def _weight_stats(fs: pafs.FileSystem, root: str, ok: pd.DataFrame, notes: list[str]) -> dict:
-    """l2, l2_rel and identical_fraction over a group's ok runs; a run without a digest counts as
-    equal to no other."""
+    """identical_fraction, l2 (mean pairwise distance over parameters), l2_rel (l2 over the mean
+    weights_norm, which the runner takes over parameters too) and l2_buffers (over BN running
+    statistics and other float buffers, apart) of a group's ok runs; a run without a digest
+    counts as equal to no other."""
     digest = ok["weights_sha256"].fillna(ok["run_id"]).to_numpy(dtype=object)
     out = {"identical_fraction": metrics.mean_over_pairs(digest[:, None] == digest[None, :]),
-           "l2": math.nan, "l2_rel": math.nan}
+           "l2": math.nan, "l2_rel": math.nan, "l2_buffers": math.nan}
     if len(ok) < 2:
         return out
     try:
-        out["l2"] = metrics.mean_over_pairs(l2_matrix(fs, root, ok))
+        out["l2"], out["l2_buffers"] = map(metrics.mean_over_pairs, l2_matrix(fs, root, ok))
     except WeightsUnavailable as e:
         notes.append(f"l2: {e}")
     out["l2_rel"] = out["l2"] / ok["weights_norm"].mean()
@@ -258,7 +307,7 @@ def _distinct(df: pd.DataFrame, column: str) -> str:
     return ", ".join(sorted(str(v) for v in df[column].dropna().unique() if v != "")) if column in df else ""
 
 
-def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels, seed: int) -> tuple[dict, list[dict]]:
+def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels) -> tuple[dict, list[dict]]:
     """One variance row and its subgroup rows."""
     ok = g[g["status"] == "ok"]
     notes = [] if len(ok) >= 2 else [f"{len(ok)} ok run(s): spreads need 2"]
@@ -268,42 +317,64 @@ def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels, seed: 
     if len(ok) and preds is None:
         notes.append("predictions missing or of unequal length")
     n_test = preds.shape[1] if preds is not None else 0
+    if labels is not None and preds is not None and len(labels[0]) != n_test:
+        notes.append(f"labels file has {len(labels[0])} examples, predictions {n_test}: "
+                     "no per-example std, no subgroups")
+        labels = None
+    elif labels is None and preds is not None:
+        notes.append("no labels file under OUT/datasets: no per-example std")
+    correct = preds == labels[0] if labels is not None and preds is not None else None
     row = {"accelerator": _distinct(ok, "accelerator"), "n_fingerprints": ok["fingerprint_id"].nunique(),
            "n_runs": len(ok), "n_failed": len(g) - len(ok), "n_test": n_test,
-           **_accuracy_stats(ok["test_accuracy"].dropna().to_numpy(float), n_test, seed),
+           **_accuracy_stats(ok["test_accuracy"].dropna().to_numpy(float), correct),
            "churn": metrics.churn(preds) if preds is not None else math.nan,
            **_weight_stats(fs, root, ok, notes)}
     per_class = runs.matrix("per_class_accuracy", ok.index)
     row["per_class_std_max"], row["per_class_std_mean"], row["worst_class"] = (
         metrics.per_class_spread(per_class) if per_class is not None else (math.nan, math.nan, None))
-    subs = []
-    if labels is not None and preds is not None and len(ok) >= 2:
-        if len(labels[0]) == n_test:
-            subs = _subgroup_rows(preds, *labels, key)
-        else:
-            notes.append(f"labels file has {len(labels[0])} examples, predictions {n_test}: no subgroups")
+    subs = _subgroup_rows(preds, *labels, key) if correct is not None and len(ok) >= 2 else []
     row["subgroup_acc_std_max"] = max((s["acc_std"] for s in subs), default=math.nan)
     row["note"] = "; ".join(notes)
     return row | key, subs
 
 
-def _significance(table: pd.DataFrame, accs: list[np.ndarray], by: list[str]) -> None:
-    """p_vs_control / p_vs_algo: Brown–Forsythe p-value of a group's accuracy variance against
-    the group with the same key but noise control / algo. NaN when there is no such group, the
-    group is that group, or either has fewer than 2 ok runs."""
+def variance_p(a: pd.Series, b: pd.Series) -> tuple[float, str]:
+    """p-value that two groups' accuracy variances differ, and which test gave it. a, b: ok
+    accuracies indexed by replica. Replica r of algo, algo+impl and the single-source presets
+    share seeds (common random numbers), so groups pair by replica index: Pitman–Morgan on the
+    replicas both have. Brown–Forsythe (independent groups) only when they cannot be paired: a
+    replica index repeats within a group (--by pooled several settings) or fewer than 3 are shared."""
+    shared = a.index.intersection(b.index)
+    if a.index.is_unique and b.index.is_unique and len(shared) >= 3:
+        p = metrics.pitman_morgan_p(a[shared].to_numpy(), b[shared].to_numpy())
+        return p, f"Pitman–Morgan, {len(shared)} pairs"
+    unique = a.index.is_unique and b.index.is_unique
+    why = f"{len(shared)} shared replicas" if unique else "replica indices repeat"
+    return metrics.brown_forsythe_p(a.to_numpy(), b.to_numpy()), f"Brown–Forsythe, unpaired: {why}"
+
+
+def _significance(table: pd.DataFrame, accs: list[pd.Series], by: list[str]) -> None:
+    """p_vs_control / p_vs_algo: `variance_p` of a group's accuracies against the group with the
+    same key but noise control / algo, the test named in the note. NaN when there is no such
+    group or the group is that group."""
     table["p_vs_control"] = table["p_vs_algo"] = math.nan
     if "noise" not in by:
         return
     rest = [tuple(str(v) for v in vals) for vals in table[[c for c in by if c != "noise"]].itertuples(index=False)]
     where = {(r, n): i for i, (r, n) in enumerate(zip(rest, table["noise"]))}
+    notes = [[n] if n else [] for n in table["note"]]
     for col, ref in (("p_vs_control", "control"), ("p_vs_algo", "algo")):
-        table[col] = [metrics.brown_forsythe_p(accs[i], accs[where[(r, ref)]])
-                      if n != ref and (r, ref) in where else math.nan
-                      for i, (r, n) in enumerate(zip(rest, table["noise"]))]
+        ps = []
+        for i, (r, n) in enumerate(zip(rest, table["noise"])):
+            p, test = variance_p(accs[i], accs[where[(r, ref)]]) if n != ref and (r, ref) in where else (math.nan, "")
+            ps.append(p)
+            if test:
+                notes[i].append(f"{col}: {test}")
+        table[col] = ps
+    table["note"] = ["; ".join(n) for n in notes]
 
 
-def variance_tables(runs: Runs, fs: pafs.FileSystem, root: str, by: list[str], seed: int = 0
-                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def variance_tables(runs: Runs, fs: pafs.FileSystem, root: str, by: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The variance table (one row per group of `by`) and the subgroups table (one row per group
     and subgroup id, for datasets whose labels file defines subgroups)."""
     rows, subs, accs, labels = [], [], [], {}
@@ -312,11 +383,11 @@ def variance_tables(runs: Runs, fs: pafs.FileSystem, root: str, by: list[str], s
         datasets = g["dataset"].unique()
         if len(datasets) == 1 and datasets[0] not in labels:
             labels[datasets[0]] = _labels(fs, root, datasets[0])
-        row, sub = _group(runs, key, g, fs, root, labels.get(datasets[0]) if len(datasets) == 1 else None,
-                          _seed(seed, key))
+        row, sub = _group(runs, key, g, fs, root, labels.get(datasets[0]) if len(datasets) == 1 else None)
         rows.append(row)
         subs += sub
-        accs.append(g.loc[g["status"] == "ok", "test_accuracy"].dropna().to_numpy(float))
+        ok = g[(g["status"] == "ok") & g["test_accuracy"].notna()]
+        accs.append(pd.Series(ok["test_accuracy"].to_numpy(float), index=ok["replica"].to_numpy()))
     extra = [c for c in VARIANCE if c not in by]
     variance = pd.DataFrame(rows, columns=by + extra)
     _significance(variance, accs, by)
@@ -335,7 +406,7 @@ def _stack_pairs(runs: Runs, fs: pafs.FileSystem, root: str, g: pd.DataFrame, st
     preds = runs.matrix("predictions", g.index)
     churn = metrics.pairwise_disagreement(preds) if preds is not None else np.full((len(g), len(g)), np.nan)
     try:
-        l2 = l2_matrix(fs, root, g)
+        l2 = l2_matrix(fs, root, g)[0]
     except WeightsUnavailable:
         l2 = np.full((len(g), len(g)), np.nan)
     col = {c: g[c].to_numpy(dtype=object)
@@ -402,33 +473,55 @@ def _read_probes(fs: pafs.FileSystem, root: str) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _units(steps: pd.DataFrame) -> list[np.ndarray]:
-    """Bootstrap units: a probe's blocks of consecutive steps when a mode has at least two, else
-    single steps."""
-    if "block" in steps and steps.groupby(["probe_id", "block"]).ngroups >= 2:
-        return [b["step_ms"].to_numpy(float) for _, b in steps.groupby(["probe_id", "block"], sort=True)]
-    return [np.array([v]) for v in steps["step_ms"].to_numpy(float)]
+def _pairs(g: pd.DataFrame) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """The det and nondet step times of each complete det/nondet pair of blocks (probe_id,
+    repeat) of a group, in matching order, and how many incomplete pairs were left out. Probe
+    files from before the `repeat` column pair blocks 2r and 2r+1, as the probe wrote them."""
+    repeat = g["repeat"] if "repeat" in g else g["block"] // 2 if "block" in g else pd.Series(np.nan, g.index)
+    det, nondet, incomplete = [], [], 0
+    for _, p in g.assign(_pair=repeat).groupby(["probe_id", "_pair"], sort=True, dropna=False):
+        d, n = p.loc[p["mode"] == "det", "step_ms"], p.loc[p["mode"] == "nondet", "step_ms"]
+        if d.empty or n.empty:
+            incomplete += 1
+            continue
+        det.append(d.to_numpy(float))
+        nondet.append(n.to_numpy(float))
+    return det, nondet, incomplete
+
+
+def _overhead_row(key: dict, g: pd.DataFrame, seed: int) -> dict:
+    det, nondet, incomplete = _pairs(g)
+    ratio, lo, hi = metrics.median_ratio_ci(det, nondet, _seed(seed, key), n_boot=N_BOOT, paired=True)
+    n_det, n_nondet = sum(map(len, det)), sum(map(len, nondet))
+    notes = [f"{incomplete} incomplete det/nondet pair(s) left out"] if incomplete else []
+    if len(det) < 2:
+        notes.append(f"{len(det)} complete pair(s): the interval needs 2")
+    return {**key, "accelerator_requested": _distinct(g, "accelerator_requested"),
+            "n_probes": g["probe_id"].nunique(),
+            "n_fingerprints": g["fingerprint_id"].nunique() if "fingerprint_id" in g else 0,
+            "step_ms_nondet": np.median(np.concatenate(nondet)) if nondet else math.nan,
+            "step_ms_det": np.median(np.concatenate(det)) if det else math.nan,
+            "overhead_pct": (ratio - 1) * 100, "overhead_lo": (lo - 1) * 100, "overhead_hi": (hi - 1) * 100,
+            "n_pairs": len(det), "n_steps": n_det + n_nondet, "n_steps_det": n_det, "n_steps_nondet": n_nondet,
+            "nondeterministic_ops": _distinct(g, "nondeterministic_ops"), "note": "; ".join(notes)}
 
 
 def overhead_table(fs: pafs.FileSystem, root: str, seed: int = 0) -> pd.DataFrame:
-    """One row per (arch, accelerator): median step time with and without deterministic kernels,
-    the overhead in percent and a seeded block-bootstrap interval of it."""
+    """One row per (arch, workload, tooling values, accelerator): never pooled across workloads
+    that share an arch (the workload hash comes from the probe's spec, as for runs). Median step
+    time with and without deterministic kernels over the complete det/nondet pairs of blocks,
+    overhead_pct = their ratio - 1, and a seeded bootstrap interval that resamples whole pairs,
+    so the drift the alternation cancels stays cancelled; fewer than 2 pairs: NaN interval. A
+    tooling column no probe recorded (cudnn_benchmark in older trees) is not a key."""
     probes = _read_probes(fs, root)
-    rows = []
-    for (arch, acc), g in (probes.groupby(["arch", "accelerator"], sort=True) if probes is not None else ()):
-        det, nondet = g[g["mode"] == "det"], g[g["mode"] == "nondet"]
-        key = {"arch": arch, "accelerator": acc}
-        ratio, lo, hi = metrics.median_ratio_ci(_units(det), _units(nondet), _seed(seed, key), n_boot=N_BOOT)
-        rows.append({**key, "accelerator_requested": _distinct(g, "accelerator_requested"),
-                     "n_probes": g["probe_id"].nunique(),
-                     "n_fingerprints": g["fingerprint_id"].nunique() if "fingerprint_id" in g else 0,
-                     "step_ms_nondet": nondet["step_ms"].median(), "step_ms_det": det["step_ms"].median(),
-                     "overhead_pct": (ratio - 1) * 100,
-                     "overhead_lo": (lo - 1) * 100, "overhead_hi": (hi - 1) * 100,
-                     "n_steps": len(det) + len(nondet), "n_steps_det": len(det), "n_steps_nondet": len(nondet),
-                     "nondeterministic_ops": _distinct(g, "nondeterministic_ops"),
-                     "note": "; ".join(f"no {m} steps" for m, d in (("det", det), ("nondet", nondet)) if d.empty)})
-    table = pd.DataFrame(rows, columns=OVERHEAD)
+    keys, rows = ["arch", "workload", "accelerator"], []
+    if probes is not None:
+        specs = probes["spec_json"] if "spec_json" in probes else [None] * len(probes)
+        probes["workload"] = [workload_id(_spec(s)) for s in specs]
+        keys[2:2] = [c for c in PROBE_TOOLING if c in probes and probes[c].notna().any()]
+        rows = [_overhead_row(dict(zip(keys, vals)), g, seed)
+                for vals, g in probes.groupby(keys, sort=True, dropna=False)]
+    table = pd.DataFrame(rows, columns=keys + [c for c in OVERHEAD if c not in keys])
     table.attrs["message"] = ("no determinism-overhead probes under OUT/overhead; "
                               "run the overhead probe to fill this table")
     return table
@@ -475,7 +568,7 @@ def write_tables(fs: pafs.FileSystem, root: str, tables: dict[str, pd.DataFrame]
 
 def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0) -> dict[str, pd.DataFrame]:
     """Every table of the results tree at `out_uri`, written to OUT/tables in the formats `fmt`
-    and returned by name: variance, subgroups, cross_stack, overhead. `by` overrides the variance
+    and returned by name: variance, subgroups, sources, cross_stack, overhead. `by` overrides the variance
     grouping (default DEFAULT_BY); `seed` seeds the bootstrap intervals."""
     asked = list(dict.fromkeys(by or DEFAULT_BY))
     unknown = [c for c in asked if c not in store.RUN_SCHEMA.names and c != "workload"]
@@ -486,11 +579,36 @@ def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0
     runs = load_runs(out_uri, asked)
     # by default, a tooling axis no run recorded (results older than the axis) is not a column
     by = asked if by else [c for c in asked if c not in TOOLING or runs.meta[c].notna().any()]
-    variance, subgroups = variance_tables(runs, fs, root, by, seed)
+    variance, subgroups = variance_tables(runs, fs, root, by)
     tables = {"variance": variance, "subgroups": subgroups,
+              "sources": sources.sources_table(variance, runs.meta, runs.matrix, by, lambda key: _seed(seed, key)),
               "cross_stack": cross_stack_table(runs, fs, root), "overhead": overhead_table(fs, root, seed)}
     write_tables(fs, root, tables, fmt)
     return tables
+
+
+@contextlib.contextmanager
+def warnings_on_stderr() -> Iterator[None]:
+    """Warnings raised inside the block (skipped files, unusable rows) printed when it ends as one
+    `warning: ...` line each, without the source line Python would echo."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
+def no_tree(uri: str) -> bool:
+    """True, with a one-line error, when there is no results tree at `uri` or its storage cannot
+    be reached (object storage: within the store's timeouts)."""
+    try:
+        fs, root = store.resolve(uri)
+        if store.exists(fs, root):
+            return False
+        print(f"error: {uri}: no such results tree", file=sys.stderr)
+    except OSError as e:
+        print(f"error: {store.unreachable(uri, e)}", file=sys.stderr)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,31 +620,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default=",".join(FORMATS),
                         help="files to write under OUT/tables, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
-    parser.add_argument("--report", action="store_true", help="also write OUT/tables/report.html (figures and tables)")
     args = parser.parse_args(argv)
-    fmt = tuple(f for f in args.format.split(",") if f)
+    fmt = tuple(f.strip() for f in args.format.split(",") if f.strip())
     if not set(fmt) <= set(FORMATS):
         parser.error(f"--format: choose from {', '.join(FORMATS)}")
-    fs, root = store.resolve(args.out)
-    if not store.exists(fs, root):
-        print(f"error: {args.out}: no such results tree", file=sys.stderr)
+    if no_tree(args.out):
         return 2
-    with warnings.catch_warnings(record=True) as caught:  # skipped files: one line each, no source echo
-        warnings.simplefilter("default")
-        try:
+    try:
+        with warnings_on_stderr():
             tables = reduce(args.out, by=args.by.split(",") if args.by else None, fmt=fmt, seed=args.seed)
-        except UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name, df in tables.items():
         print(f"## {name}\n\n{format_markdown(df)}\n")
-    print(f"tables written to {root}/tables ({', '.join(fmt)})")
-    if args.report:
-        from orchestrator import report
-
-        print(f"report written to {report.write_report(args.out, tables)}")
+    print(f"tables written to {args.out.rstrip('/')}/tables ({', '.join(fmt)})")
     return 0
 
 

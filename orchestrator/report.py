@@ -1,8 +1,10 @@
 """Figures and an HTML report of a results tree: the same plots the notebook shows, readable without Jupyter.
 
-    python -m orchestrator.reduce OUT --report   # the tables, then OUT/tables/report.html
+    python -m orchestrator.report OUT   # computes the tables, writes OUT/tables/report.html
 
-Each plotting function takes DataFrames (run rows or a reducer table) and returns a matplotlib
+Data flows one way: the run rows come from the reducer's one reader (`reduce.load_runs`, a
+`reduce.Runs`) and the tables from `reduce.reduce`; the reducer never imports this module. Each
+plotting function takes the runs or a reducer table and returns a matplotlib
 Figure built with the object-oriented API (no pyplot, so no global figure state and no backend
 switch in a notebook kernel; PNGs are rendered by Agg). A figure whose data is absent says so in the
 figure itself instead of raising, so a notebook cell or report section always has an image.
@@ -11,18 +13,20 @@ figure itself instead of raising, so a notebook cell or report section always ha
 
 from __future__ import annotations
 
+import argparse
 import base64
 import datetime
 import html
 import io
 import json
 import math
+import sys
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from orchestrator import reduce, store
+from orchestrator import metrics, reduce, store
 from orchestrator.noise import PRESETS
 
 NONE = "none in this results tree"
@@ -35,29 +39,15 @@ FINGERPRINT = ["fingerprint_id", "accelerator", "gpu_name", "gpu_count", "gpu_ca
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
           "#bcbd22", "#17becf"]
 N_WORST = 3  # classes named per group in the per-class figure
+COLUMNS = [*FINGERPRINT, "sweep", "hostname", "error"]  # run columns read beyond the reducer's own
 
 
 # --- loading ----------------------------------------------------------------------------------
 
-def load_runs(out_uri: str) -> pd.DataFrame:
-    """Every run row of OUT except the per-example predictions (the tables hold what they give),
-    with the `workload` id the reducer groups by. Tooling values a dead worker never recorded are
-    taken from the run's spec, as the reducer does."""
-    columns = [c for c in store.RUN_SCHEMA.names if c != "predictions"]
-    runs = store.read_runs(out_uri, columns=columns).to_pandas()
-    specs = [_spec(s) for s in runs["spec_json"]]
-    runs["workload"] = [reduce.workload_id(s) for s in specs]
-    for column, field in reduce.TOOLING.items():
-        runs[column] = runs[column].astype(object).where(runs[column].notna(),
-                                                         pd.Series([s.get(field) for s in specs], index=runs.index))
-    return runs
-
-
-def _spec(spec_json: str | None) -> dict:
-    try:
-        return json.loads(spec_json) if spec_json else {}
-    except json.JSONDecodeError:
-        return {}
+def load_runs(out_uri: str) -> reduce.Runs:
+    """The run rows the figures and tables here need, read by the reducer's reader
+    (`reduce.load_runs`) with the fingerprint columns added; predictions stay unread."""
+    return reduce.load_runs(out_uri, COLUMNS, lists=["per_class_accuracy"])
 
 
 def load_tables(out_uri: str, by: list[str] | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
@@ -133,11 +123,11 @@ def _slots(n_series: int, width: float = 0.8) -> np.ndarray:
 
 # --- figures ----------------------------------------------------------------------------------
 
-def accuracy_by_noise(runs: pd.DataFrame) -> Figure:
+def accuracy_by_noise(runs: reduce.Runs) -> Figure:
     """Test accuracy of every ok replica (one dot each) per noise preset, one colour per tooling
     group, with the group mean (bar) and sample std printed under it. One panel per arch · dataset."""
     title = "Test accuracy per replica"
-    ok = runs[runs["status"] == "ok"].dropna(subset=["test_accuracy"]) if len(runs) else runs
+    ok = runs.meta[runs.meta["status"] == "ok"].dropna(subset=["test_accuracy"])
     if ok.empty:
         return _empty(title, f"no ok runs: {NONE}")
     panels = _panels(ok)
@@ -159,7 +149,7 @@ def accuracy_by_noise(runs: pd.DataFrame) -> Figure:
                            label=None if s in labelled else s or None)
                 labelled.add(s)
                 ax.hlines(acc.mean(), x0 - 0.4 * w, x0 + 0.4 * w, color="black", lw=1.5, zorder=4)
-                sd = f"{acc.std(ddof=1):.3g}" if len(acc) > 1 else "n/a"
+                sd = f"{metrics.sample_std(acc):.3g}" if len(acc) > 1 else "n/a"  # equal values: exactly 0
                 ax.annotate(f"n={len(acc)}\nsd={sd}", (x0, 0), xycoords=("data", "axes fraction"),
                             xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7,
                             color="#444")
@@ -223,28 +213,61 @@ def churn_l2_by_noise(variance: pd.DataFrame) -> Figure:
     return fig
 
 
-def _std0(a: np.ndarray) -> np.ndarray:
-    """Sample std (ddof=1) per column, exactly 0 for equal values (as the reducer computes it)."""
-    a = np.sort(a, axis=0)
-    return np.std(a - a[:1], axis=0, ddof=1)
+def source_shares(sources: pd.DataFrame) -> Figure:
+    """Share of the reference preset's accuracy variance and churn per noise source, with the 95%
+    bootstrap intervals as error bars; 1 (dashed) is the reference itself. One panel per workload
+    group of the sources table."""
+    title = "Which source makes the variance: share of the reference preset's"
+    if sources.empty:
+        return _empty(title, sources.attrs.get("message", NONE) + f" ({NONE})", size=(8, 1.8))
+    keys = [k for k in sources.columns if k in KEYS]
+    groups = list(sources.groupby(keys, sort=True, dropna=False)) if keys else [((), sources)]
+    names = _labels(sources, keys)
+    fig, axes = _grid(len(groups), width=6.5, height=0.5 * sources["source"].nunique() + 1.6)
+    for ax, (_, g) in zip(axes, groups):
+        y = np.arange(len(g))
+        for off, (col, label, color) in zip((-0.18, 0.18), (("share", "accuracy variance", COLORS[0]),
+                                                            ("churn_share", "churn", COLORS[1]))):
+            v, lo, hi = (g[c].to_numpy(float) for c in (col, f"{col}_lo", f"{col}_hi"))
+            err = np.nan_to_num(np.abs(np.vstack([v - lo, hi - v])))  # no bar where the interval is NaN
+            ax.barh(y + off, np.nan_to_num(v), 0.36, xerr=err, color=color, label=label, capsize=2)
+            for yi, vi in zip(y + off, v):  # a bar of length 0 is a measured zero, not a missing value
+                if vi == 0 or math.isnan(vi):
+                    ax.text(0.01, yi, "0" if vi == 0 else "n/a", va="center", fontsize=7,
+                            transform=ax.get_yaxis_transform())
+        ax.axvline(1.0, color="#555", ls="--", lw=1)
+        ax.set_yticks(y, [f"{s} (n={n})" for s, n in zip(g["source"], g["n_runs"])])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"share of {g['reference'].iloc[0]}")
+        ax.set_title(names[g.index[0]] or "all runs", loc="left", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper right", ncols=2, fontsize=8)
+    fig.suptitle(title, x=0.01, ha="left")
+    return fig
 
 
-def class_std_table(runs: pd.DataFrame) -> pd.DataFrame:
+def load_compare(out_uri: str) -> pd.DataFrame | None:
+    """OUT/tables/compare.parquet as `python -m orchestrator.compare` last wrote it, or None."""
+    fs, root = store.resolve(out_uri)
+    path = f"{root}/tables/compare.parquet"
+    return pd.read_parquet(path, filesystem=fs) if store.exists(fs, path) else None
+
+
+def class_std_table(runs: reduce.Runs) -> pd.DataFrame:
     """Across-replica std of each class's accuracy per group (the variance table's grouping), one
     row per (group, class): the numbers behind per_class_std_max / worst_class."""
-    ok = runs[(runs["status"] == "ok") & runs["per_class_accuracy"].notna()] if len(runs) else runs
-    keys = [k for k in KEYS if k in ok]
+    ok = runs.meta[runs.meta["status"] == "ok"]
     rows = []
-    for vals, g in (ok.groupby(keys, sort=True, dropna=False) if len(ok) else ()):
-        lengths = g["per_class_accuracy"].map(len)
-        if len(g) < 2 or lengths.nunique() != 1:
+    for vals, g in (ok.groupby(KEYS, sort=True, dropna=False) if len(ok) else ()):
+        per_class = runs.matrix("per_class_accuracy", g.index)
+        if len(g) < 2 or per_class is None:
             continue
-        std = _std0(np.stack(g["per_class_accuracy"].map(np.asarray).to_list()).astype(float))
-        rows += [{**dict(zip(keys, vals)), "n_runs": len(g), "class": c, "std": s} for c, s in enumerate(std)]
-    return pd.DataFrame(rows, columns=[*keys, "n_runs", "class", "std"])
+        rows += [{**dict(zip(KEYS, vals)), "n_runs": len(g), "class": c, "std": s}
+                 for c, s in enumerate(metrics.column_std(per_class))]
+    return pd.DataFrame(rows, columns=[*KEYS, "n_runs", "class", "std"])
 
 
-def per_class_std(runs: pd.DataFrame) -> Figure:
+def per_class_std(runs: reduce.Runs) -> Figure:
     """Bars of each class's across-replica accuracy std, one colour per group (noise preset and
     tooling); the legend names each group's worst classes. Top-1 accuracy averages these swings away."""
     title = "Per-class accuracy std across replicas"
@@ -286,28 +309,32 @@ def per_class_std(runs: pd.DataFrame) -> Figure:
 
 
 def overhead_bars(overhead: pd.DataFrame) -> Figure:
-    """Cost of deterministic kernels per accelerator and arch: median step time with them over
-    without, minus 1, in percent, with the bootstrap interval (overhead_lo..overhead_hi) as error bars."""
+    """Cost of deterministic kernels per accelerator and workload (arch, plus the settings and
+    tooling values that tell the overhead table's rows of one arch apart): median step time with
+    them over without, minus 1, in percent, with the bootstrap interval (overhead_lo..overhead_hi)
+    as error bars."""
     title = "Cost of determinism: step-time overhead of deterministic kernels"
     ok = overhead.dropna(subset=["overhead_pct"]) if len(overhead) and "overhead_pct" in overhead else overhead
     if ok.empty:
         return _empty(title, f"no overhead probes: {NONE} (add an `overhead:` section to the sweep)")
     accels = sorted(ok["accelerator"].astype(str).unique())
-    archs = sorted(ok["arch"].astype(str).unique())
-    slot = min(0.8, 0.3 * len(archs))  # a lone bar stays narrow
-    offsets, w = _slots(len(archs), slot), slot / len(archs)
-    fig = Figure(figsize=(min(14, 5 + 1.5 * len(accels) * len(archs) ** 0.5), 4.2), layout="constrained")
+    others = _labels(ok, ["workload", *reduce.PROBE_TOOLING])
+    series = ok["arch"].astype(str) + others.map(lambda o: f", {o}" if o else "")
+    names = sorted(series.unique())
+    slot = min(0.8, 0.3 * len(names))  # a lone bar stays narrow
+    offsets, w = _slots(len(names), slot), slot / len(names)
+    fig = Figure(figsize=(min(14, 5 + 1.5 * len(accels) * len(names) ** 0.5), 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for i, arch in enumerate(archs):
-        g = ok[ok["arch"].astype(str) == arch]
+    for i, name in enumerate(names):
+        g = ok[series == name]
         x = np.array([accels.index(a) for a in g["accelerator"].astype(str)]) + offsets[i]
         pct = g["overhead_pct"].to_numpy(float)
         lo = np.nan_to_num(pct - g["overhead_lo"].to_numpy(float), nan=0).clip(min=0)
         hi = np.nan_to_num(g["overhead_hi"].to_numpy(float) - pct, nan=0).clip(min=0)
-        ax.bar(x, pct, w * 0.9, yerr=[lo, hi], capsize=4, color=COLORS[i % len(COLORS)], label=arch)
-        for xi, p, l, h in zip(x, pct, g["overhead_lo"].to_numpy(float), g["overhead_hi"].to_numpy(float)):
-            ci = f"[{l:+.0f}, {h:+.0f}]" if np.isfinite([l, h]).all() else "no interval"
-            ax.annotate(f"{p:+.0f}%\n{ci}", (xi, max(p, 0 if math.isnan(h) else h)),
+        ax.bar(x, pct, w * 0.9, yerr=[lo, hi], capsize=4, color=COLORS[i % len(COLORS)], label=name)
+        for xi, p, low, high in zip(x, pct, g["overhead_lo"].to_numpy(float), g["overhead_hi"].to_numpy(float)):
+            ci = f"[{low:+.0f}, {high:+.0f}]" if np.isfinite([low, high]).all() else "no interval"
+            ax.annotate(f"{p:+.0f}%\n{ci}", (xi, max(p, 0 if math.isnan(high) else high)),
                         xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(accels)), accels)
@@ -317,16 +344,16 @@ def overhead_bars(overhead: pd.DataFrame) -> Figure:
     ax.set_title(title, loc="left")
     ax.grid(axis="y", alpha=0.3)
     ax.margins(y=0.2)
-    ax.legend(fontsize=8, title="arch")
+    ax.legend(fontsize=8, title="workload")
     return fig
 
 
 # --- tables -----------------------------------------------------------------------------------
 
-def fingerprints(runs: pd.DataFrame) -> pd.DataFrame:
+def fingerprints(runs: reduce.Runs) -> pd.DataFrame:
     """One row per hardware + software stack the runs used, with how many runs and which thread
     counts ran on it; columns nothing filled in (no GPU on any host) are left out."""
-    ok = runs.dropna(subset=["fingerprint_id"]) if len(runs) else runs
+    ok = runs.meta.dropna(subset=["fingerprint_id"])
     cols = [c for c in FINGERPRINT if c in ok]
     if ok.empty:
         out = pd.DataFrame(columns=[*cols, "n_runs", "num_threads", "hosts"])
@@ -389,8 +416,17 @@ GUIDE = {
                    "accelerator, software fingerprint), compared pair by pair. identical_fraction < 1 or "
                    "churn > 0 here is noise that no seed removes.",
     "overhead": "Median training-step time with deterministic kernels over without, minus 1, per "
-                "accelerator; error bars are the 95% block-bootstrap interval. Measured side by side in "
-                "one probe per (workload, accelerator).",
+                "accelerator and workload; error bars are the 95% bootstrap interval over det/nondet pairs "
+                "of blocks (none below 2 pairs). Measured side by side in one probe per (workload, tooling, "
+                "accelerator).",
+    "sources": "Each single-source preset's accuracy variance (blue) and churn (orange) as a share of the "
+               "reference preset's (algo+impl, else algo), with 95% bootstrap intervals over replicas, "
+               "resampled jointly where presets ran the same replicas (paired: they share seeds). "
+               "A share near 1 means that source alone gives nearly all the variance; control and, on a "
+               "CPU, impl are exact zeros.",
+    "compare": "The last `python -m orchestrator.compare` of this tree: mean difference A - B with its "
+               "bootstrap interval, P(A > B), Welch's test, and the replicas per side a two-sided Welch "
+               "t-test at alpha 0.05 needs for 80% power.",
     "variance": "The full variance table: one row per group. Columns that are the same in every row "
                 "are listed above it rather than repeated.",
     "subgroups": "Accuracy, false-positive and false-negative rates per subgroup, for datasets that define them.",
@@ -446,18 +482,21 @@ def _failed(runs: pd.DataFrame) -> str:
                     table_html(bad[["run_id", "noise", "replica", "error"]].sort_values("run_id")))
 
 
-def render_html(out_uri: str, runs: pd.DataFrame, tables: dict[str, pd.DataFrame],
+def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame],
                 progress: dict | None = None) -> str:
     """The whole report as one self-contained HTML page (figures inlined as base64 PNG)."""
     def table(name: str) -> pd.DataFrame:
         return tables.get(name, pd.DataFrame())
 
     parts = [
-        _header(out_uri, runs, progress),
+        _header(out_uri, runs.meta, progress),
         _section("Accuracy per replica", GUIDE["accuracy"], _img(accuracy_by_noise(runs), "accuracy per replica")),
         _section("Churn and L2 per noise preset", GUIDE["churn"],
                  _img(churn_l2_by_noise(table("variance")), "churn and L2")),
         _section("Per-class accuracy std", GUIDE["per_class"], _img(per_class_std(runs), "per-class std")),
+        _section("Noise sources", GUIDE["sources"], _img(source_shares(table("sources")), "share per source")
+                 + (table_html(table("sources")) if len(table("sources")) else "")),
+        *([_section("Comparison", GUIDE["compare"], table_html(table("compare")))] if "compare" in tables else []),
         _section("Cross-stack pairs", GUIDE["cross_stack"], table_html(table("cross_stack"))),
         _section("Overhead of determinism", GUIDE["overhead"],
                  _img(overhead_bars(table("overhead")), "overhead")
@@ -465,20 +504,39 @@ def render_html(out_uri: str, runs: pd.DataFrame, tables: dict[str, pd.DataFrame
         _section("Variance table", GUIDE["variance"], table_html(table("variance"))),
         _section("Subgroups", GUIDE["subgroups"], table_html(table("subgroups"))),
         _section("Fingerprints", GUIDE["fingerprints"], table_html(fingerprints(runs))),
-        _failed(runs),
+        _failed(runs.meta),
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>Tooling noise report</title><style>{CSS}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
 
 
-def write_report(out_uri: str, tables: dict[str, pd.DataFrame] | None = None) -> str:
-    """Write OUT/tables/report.html (atomically) and return its path. `tables` are the reducer's
-    tables when the caller has them already (`reduce --report`); otherwise they are computed."""
-    if tables is None:
-        tables = load_tables(out_uri)
+def write_report(out_uri: str) -> str:
+    """Compute the tables, write OUT/tables/report.html (atomically) and return its path."""
+    tables = load_tables(out_uri)
+    compared = load_compare(out_uri)
+    if compared is not None:
+        tables["compare"] = compared
     page = render_html(out_uri, load_runs(out_uri), tables, load_progress(out_uri))
     fs, root = store.resolve(out_uri)
     path = f"{root}/tables/report.html"
     store.write_bytes(fs, path, page.encode())
     return path if store.is_local(fs) else f"{out_uri.rstrip('/')}/tables/report.html"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 report written, 2 bad usage or no results tree (nothing written)."""
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.report",
+                                     description="Figures and tables of a results tree as one HTML page.")
+    parser.add_argument("out", help="results tree: local path, s3://bucket/prefix or gs://bucket/prefix")
+    args = parser.parse_args(argv)
+    if reduce.no_tree(args.out):
+        return 2
+    with reduce.warnings_on_stderr():
+        path = write_report(args.out)
+    print(f"report written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,11 +15,12 @@ import math
 import os
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from orchestrator import fingerprint, malloc, noise, store
-from orchestrator.spec import ProbeSpec, RunSpec
+from orchestrator import entrypoint, fingerprint, malloc, noise, store
+from orchestrator.spec import EntrypointWorkload, ProbeSpec, RunSpec
 from workloads import data as datasets
 from workloads import models
 from workloads.train import TrainConfig, train
@@ -30,27 +31,35 @@ _RUNS_IN_PROCESS = itertools.count()
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, root: str | None, args_json: str) -> datasets.ArrayDataset:
+def _dataset(name: str, root: str | None, args_json: str) -> datasets.ArrayDataset | datasets.ImageFolders:
     """Loaded once per worker process: Tune reuses actors, so replicas share the load cost."""
     return datasets.load(name, root, **json.loads(args_json))
 
 
-def load_dataset(spec: RunSpec) -> datasets.ArrayDataset:
+def load_dataset(spec: RunSpec) -> datasets.ArrayDataset | datasets.ImageFolders:
     w = spec.workload
     return _dataset(w.dataset, w.dataset_root, json.dumps(w.dataset_args, sort_keys=True))
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> tuple[str, float]:
-    """sha256 over (name, dtype, shape, bytes) in sorted-name order, and the L2 norm of the
-    floating-point tensors: equal digests mean bitwise-equal models."""
+def weights_digest(state: dict[str, torch.Tensor], buffers: frozenset[str] = frozenset()) -> tuple[str, float]:
+    """sha256 over every tensor's (name, dtype, shape, bytes) in sorted-name order, and the L2 norm
+    of the floating-point tensors not named in `buffers`: equal digests mean bitwise-equal models
+    (BatchNorm running statistics included), while the norm is the parameters' alone."""
     h, sq = hashlib.sha256(), 0.0
     for name in sorted(state):
         t = state[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        if t.is_floating_point():
+        if t.is_floating_point() and name not in buffers:
             sq += float(t.double().pow(2).sum())
     return h.hexdigest(), math.sqrt(sq)
+
+
+def buffer_names(model: torch.nn.Module) -> frozenset[str]:
+    """State-dict entries that are not parameters (BatchNorm running statistics, counters); a
+    parameter shared under two names is still a parameter."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return frozenset(n for n in model.state_dict() if n not in params)
 
 
 def base_row(spec: RunSpec) -> dict:
@@ -59,9 +68,11 @@ def base_row(spec: RunSpec) -> dict:
     return {"run_id": spec.run_id, "sweep": spec.sweep, "arch": w.arch, "dataset": w.dataset,
             "noise": spec.noise, **{f"vary_{s}": s in spec.vary for s in noise.SOURCES},
             "replica": spec.replica, "seed_init": spec.seeds.init, "seed_order": spec.seeds.order,
-            "seed_augment": spec.seeds.augment, "accelerator_requested": spec.accelerator,
+            "seed_augment": spec.seeds.augment, "seed_bitflip": spec.seeds.bitflip,
+            "accelerator_requested": spec.accelerator,
             "spec_json": spec.model_dump_json(), "epochs": w.epochs,
-            "precision": spec.precision, "channels_last": spec.channels_last, "compiled": spec.compile}
+            "precision": spec.precision, "channels_last": spec.channels_last, "compiled": spec.compile,
+            "cudnn_benchmark": spec.cudnn_benchmark}
 
 
 def pick_device(spec: RunSpec) -> torch.device:
@@ -70,17 +81,31 @@ def pick_device(spec: RunSpec) -> torch.device:
     return torch.device("cuda") if spec.gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _write_labels(fs, root: str, name: str, data: datasets.ArrayDataset) -> None:
+def _write_labels(fs, root: str, name: str, labels: torch.Tensor, subgroups: torch.Tensor | None = None) -> None:
     """Test labels (and subgroup ids) once per dataset, not once per run."""
     path = store.labels_path(root, name)
     if not store.exists(fs, path):
-        sub = data.subgroups if data.subgroups is not None else torch.full_like(data.test_y, -1)
-        store.write_table(fs, path, pa.table({"label": data.test_y.numpy().astype("int32"),
+        sub = subgroups if subgroups is not None else torch.full_like(labels, -1)
+        store.write_table(fs, path, pa.table({"label": labels.numpy().astype("int32"),
                                                "subgroup": sub.numpy().astype("int32")},
                                               schema=store.LABELS_SCHEMA))
 
 
-def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset, torch.nn.Module, TrainConfig]:
+def _check_labels(fs, root: str, name: str, labels) -> None:
+    """A user function's labels must be the test set every run of its dataset saw, in the same
+    order: predictions are compared example by example across runs (churn)."""
+    path = store.labels_path(root, name)
+    if store.exists(fs, path):
+        stored = pq.read_table(path, filesystem=fs, columns=["label"])["label"].to_numpy()
+        if len(stored) != len(labels) or (stored != labels).any():
+            raise entrypoint.ContractError(
+                f"labels differ from those of dataset {name!r} stored by an earlier run ({path}); "
+                "return the same test set in a fixed order (no shuffling in the eval loader)")
+    _write_labels(fs, root, name, torch.from_numpy(labels))
+
+
+def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset | datasets.ImageFolders, torch.nn.Module,
+                                                       TrainConfig]:
     """Dataset (cached per worker), model initialised from the init seed, and the training config:
     shared by the replica runner and the overhead probe, so both time and train the same thing."""
     w = spec.workload
@@ -94,26 +119,45 @@ def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset, to
     return data, model, cfg
 
 
-def train_one(spec: RunSpec, fs, root: str) -> dict:
-    """The successful path: returns the result columns and writes the weights file."""
+def augment_streams(seeds: noise.Seeds, device: torch.device) -> torch.Generator:
+    """Seed the augment source's two streams: torch's global RNG (dropout and any other global-RNG
+    op) from its own derived seed, and the returned crop/flip generator on `device`. Shared by the
+    replica runner and the overhead probe."""
+    torch.manual_seed(seeds.global_rng)
+    return torch.Generator(device).manual_seed(seeds.augment)
+
+
+def train_one(spec: RunSpec, fs, root: str, device: torch.device) -> dict:
+    """The successful path: returns the result columns and writes the weights file. For the built-in
+    loop its metadata names the buffers (`{"buffers": JSON list}`) so that readers can tell them from
+    parameters; a user function's state_dict comes without its module, so its buffers are unknown."""
     malloc.keep_freed_memory()  # no page-fault churn per step on a CPU; timing only, never bits
     torch.set_num_threads(spec.num_threads)
-    flags = noise.apply_impl(deterministic="impl" not in spec.vary)
-    device = pick_device(spec)
-    data, model, cfg = build_workload(spec)
-    _write_labels(fs, root, spec.workload.dataset, data)
-    torch.manual_seed(spec.seeds.augment)  # dropout and any other global-RNG op
-    order = torch.Generator().manual_seed(spec.seeds.order)
-    aug = torch.Generator(device).manual_seed(spec.seeds.augment)
-    result = train(model, data, cfg, order, aug, device)
-    digest, norm = weights_digest(result.state_dict)
-    store.write_bytes(fs, store.weights_path(root, spec.run_id), safetensors_bytes(result.state_dict))
-    return {"status": "ok", "impl_flags": json.dumps(flags, sort_keys=True),
-            "train_seconds": sum(result.epoch_seconds), "epoch_seconds": result.epoch_seconds,
-            "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
-            "per_class_accuracy": result.per_class_accuracy,
-            "predictions": result.predictions.to(torch.int32).tolist(),
-            "weights_sha256": digest, "weights_norm": norm}
+    flags = noise.apply_impl("impl" not in spec.vary, spec.cudnn_benchmark, spec.compile)
+    buffers, flipped = None, None  # buffers unknown for a user function's state_dict: no module to ask
+    if isinstance(spec.workload, EntrypointWorkload):  # the user's own training function
+        result, labels, extra = entrypoint.call(spec, device)
+        _check_labels(fs, root, spec.workload.dataset, labels)
+    else:
+        data, model, cfg = build_workload(spec)
+        if spec.seeds.bitflip is not None:
+            flipped = noise.flip_lowest_bit(model, spec.seeds.bitflip)
+        _write_labels(fs, root, spec.workload.dataset, data.test_y, data.subgroups)
+        aug = augment_streams(spec.seeds, device)
+        order = torch.Generator().manual_seed(spec.seeds.order)
+        result, extra = train(model, data, cfg, order, aug, device), {}
+        buffers = buffer_names(model)
+    row = {"status": "ok", "bitflip": flipped, "impl_flags": json.dumps(flags, sort_keys=True),
+           "train_seconds": sum(result.epoch_seconds), "epoch_seconds": result.epoch_seconds,
+           "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+           "per_class_accuracy": result.per_class_accuracy,
+           "predictions": result.predictions.to(torch.int32).tolist()}
+    if result.state_dict is not None:  # a user function may return no weights
+        digest, norm = weights_digest(result.state_dict, buffers or frozenset())
+        metadata = None if buffers is None else {"buffers": json.dumps(sorted(buffers))}
+        store.write_bytes(fs, store.weights_path(root, spec.run_id), safetensors_bytes(result.state_dict, metadata))
+        row |= {"weights_sha256": digest, "weights_norm": norm}
+    return row | extra
 
 
 def run(spec: RunSpec, out: str) -> dict:
@@ -121,10 +165,11 @@ def run(spec: RunSpec, out: str) -> dict:
     status=failed with the error and returned, never raised: one bad replica must not stop a sweep."""
     fs, root = store.resolve(out)
     row = base_row(spec) | {"worker_pid": os.getpid(), "worker_runs": next(_RUNS_IN_PROCESS)}
+    device = pick_device(spec)
     try:
-        row |= train_one(spec, fs, root)
+        row |= train_one(spec, fs, root, device)
     except Exception as e:  # recorded, not dropped: the row says what went wrong
         row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    row |= fingerprint.collect()
+    row |= fingerprint.collect(device, spec.compile)
     store.write_run(fs, root, row)
     return row

@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 from orchestrator.noise import PRESETS, Seeds, seeds_for
 from workloads.data import DATASETS
@@ -64,15 +66,83 @@ class Workload(Strict):
         return v
 
 
+class EntrypointWorkload(Strict):
+    """The user's own training function, called as `fn(ctx, **args)` (orchestrator/entrypoint.py)
+    after the run's noise settings are applied. `name` fills the `arch` column."""
+
+    entrypoint: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]  # package.module:function
+    name: Name
+    dataset: Name  # names the test set: runs of one dataset must return the same labels, in the same order
+    args: dict[str, Any] = {}  # keyword arguments of the function (JSON-able values)
+    replicas: PositiveInt | None = None  # overrides the sweep's replicas for this workload
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _imports(cls, v: str) -> str:
+        try:
+            fn = builder(v)
+        except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a spec error
+            raise ValueError(f"cannot import {v!r} ({type(e).__name__}: {e}); check the module is on "
+                             "PYTHONPATH and the function exists") from None
+        if not callable(fn):
+            raise ValueError(f"{v!r} is not a function; give package.module:function")
+        return v
+
+    @property
+    def arch(self) -> str:
+        return self.name
+
+    @property
+    def epochs(self) -> None:
+        """Unknown until the function returns: the row then counts its `ctx.report` calls."""
+        return None
+
+
+def _workload_kind(v: object) -> str:
+    return "entrypoint" if isinstance(v, EntrypointWorkload) or (isinstance(v, dict) and "entrypoint" in v) \
+        else "builtin"
+
+
+# A workload with an `entrypoint` key is the user's own training; anything else the built-in loop.
+AnyWorkload = Annotated[Annotated[Workload, Tag("builtin")] | Annotated[EntrypointWorkload, Tag("entrypoint")],
+                        Discriminator(_workload_kind)]
+WORKLOAD_TAGS = ("builtin", "entrypoint")
+
+
 class NoiseSet(Strict):
     """An explicit set of varying sources, for combinations no preset names."""
 
     name: Name
-    vary: list[Literal["init", "order", "augment", "impl"]]
+    vary: list[Literal["init", "order", "augment", "impl", "bitflip"]]
 
+
+def _known_preset(v: str) -> str:
+    if v not in PRESETS:
+        raise ValueError(f"unknown preset {v!r}; choose from {', '.join(PRESETS)} or give {{name, vary}}")
+    return v
+
+
+# A noise entry is a preset name or a {name, vary} set. Choosing the branch by the entry's type
+# (instead of trying both) makes the error the one of that branch: `unknown preset 'algoo'`, not
+# a union message about both shapes.
+NOISE_TAGS = ("preset", "noise_set")
+# pydantic puts a union's tag in error locations (workloads.0.builtin.epochs); _format drops it
+UNION_TAGS = {"workloads": WORKLOAD_TAGS, "noise": NOISE_TAGS}
+Preset = Annotated[str, AfterValidator(_known_preset)]
+
+
+def _noise_tag(v: object) -> str | None:
+    return "preset" if isinstance(v, str) else "noise_set" if isinstance(v, (dict, NoiseSet)) else None
+
+
+NoiseEntry = Annotated[
+    Union[Annotated[Preset, Tag("preset")], Annotated[NoiseSet, Tag("noise_set")]],
+    Discriminator(_noise_tag,
+                  custom_error_type="noise_entry", custom_error_message="expected a preset name or {name, vary}")]
 
 Precision = Literal["fp32", "tf32", "bf16"]
-TOOLING_DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False}  # left out of run ids
+# left out of run ids; cudnn_benchmark's default is PyTorch's own (autotuning off)
+TOOLING_DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False, "cudnn_benchmark": False}
 
 
 class Tooling(Strict):
@@ -83,6 +153,7 @@ class Tooling(Strict):
     precision: list[Precision] = ["fp32"]
     channels_last: list[bool] = [False]  # NHWC memory format for model and inputs
     compile: list[bool] = [False]  # torch.compile the model; compile time lands in epoch 1 (CPU needs a C++ compiler)
+    cudnn_benchmark: list[bool] = [False]  # cuDNN autotuning: picks conv algorithms by timing them (GPU only)
 
 
 class Overhead(Strict):
@@ -107,7 +178,7 @@ class SweepSpec(Strict):
     base_seed: int = 0
     out: str | None = None  # local path, s3://bucket/prefix or gs://bucket/prefix; default results/<name>
     replicas: PositiveInt = 5
-    noise: list[str | NoiseSet] = ["control", "algo", "impl", "algo+impl"]  # presets or {name, vary}
+    noise: list[NoiseEntry] = ["control", "algo", "impl", "algo+impl"]  # presets or {name, vary}
     accelerators: list[Name] = ["any"]  # V100, T4, A100, L4, H100, ... or any
     tooling: Tooling = Tooling()
     resources: Resources = Resources()
@@ -116,27 +187,13 @@ class SweepSpec(Strict):
     # other runs are recorded `skipped`); 0 = off
     fail_fast: Annotated[int, Field(ge=0)] = 3
     overhead: Overhead | None = None  # determinism-cost probes, one per (workload, accelerator); absent = none
-    workloads: Annotated[list[Workload], Field(min_length=1)]
-
-    @field_validator("noise")
-    @classmethod
-    def _known_presets(cls, v: list[str | NoiseSet]) -> list[str | NoiseSet]:
-        for n in v:
-            if isinstance(n, str) and n not in PRESETS:
-                raise ValueError(f"unknown preset {n!r}; choose from {', '.join(PRESETS)} or give {{name, vary}}")
-        return v
+    workloads: Annotated[list[AnyWorkload], Field(min_length=1)]
 
     @model_validator(mode="after")
-    def _pinned_runs_need_gpus(self) -> SweepSpec:
-        if any(a != "any" for a in self.accelerators) and self.resources.gpus == 0:
-            raise ValueError("resources.gpus: runs pinned to an accelerator need gpus > 0 (e.g. 1 or 0.5)")
-        return self
-
-    @model_validator(mode="after")
-    def _something_to_run(self) -> SweepSpec:
-        if not self.noise and self.overhead is None:
-            raise ValueError("noise: empty, so there are no replica runs; list presets, or add an "
-                             "overhead section for a sweep of probes only")
+    def _cross_field(self, info: ValidationInfo) -> SweepSpec:
+        problems = [] if (info.context or {}).get("fields_only") else cross_field_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -144,14 +201,67 @@ class SweepSpec(Strict):
         return self.out or f"results/{self.name}"
 
 
+MAX_RUNS = 1_000_000  # a bigger grid is a typo (replicas: 100000000), not a study
+
+
+def n_runs(spec: SweepSpec) -> int:
+    """What `expand` would return, counted without building it (every tooling axis is a list)."""
+    axes = [spec.noise, spec.accelerators, *(getattr(spec.tooling, f) for f in Tooling.model_fields)]
+    per_replica = math.prod(map(len, axes))
+    return per_replica * sum(w.replicas or spec.replicas for w in spec.workloads)
+
+
+def _pinned_runs_need_gpus(s: SweepSpec) -> str | None:
+    if any(a != "any" for a in s.accelerators) and s.resources.gpus == 0:
+        return "resources.gpus: runs pinned to an accelerator need gpus > 0 (e.g. 1 or 0.5)"
+
+
+def _something_to_run(s: SweepSpec) -> str | None:
+    if not s.noise and s.overhead is None:
+        return ("noise: empty, so there are no replica runs; list presets, or add an overhead section "
+                "for a sweep of probes only")
+
+
+def _probes_need_data_in_memory(s: SweepSpec) -> str | None:
+    if s.overhead is not None and any(isinstance(w, Workload) and w.dataset_args.get("stream") for w in s.workloads):
+        return ("overhead: the probe replays batches held in memory, so it cannot time a "
+                "workload with dataset_args.stream; remove the overhead section or stream")
+
+
+def _bitflip_needs_builtin_model(s: SweepSpec) -> str | None:
+    """The flip lands on a model the harness builds; a user's function builds its own, unseen."""
+    if any("bitflip" in vary for _, vary in _noise_sets(s)) and any(
+            isinstance(w, EntrypointWorkload) for w in s.workloads):
+        return ("noise: bitflip flips a bit of the model the built-in loop builds; entrypoint workloads "
+                "build their own, so drop bitflip or run it on built-in workloads in another sweep")
+
+
+def _bounded(s: SweepSpec) -> str | None:
+    if (n := n_runs(s)) > MAX_RUNS:
+        return (f"replicas: the sweep expands to {n:,} runs, more than the {MAX_RUNS:,} one sweep may hold; "
+                "lower replicas or split the grid into several sweeps")
+
+
+# Rules between fields, each with the fields it reads. `parse` also checks them when other fields
+# are invalid, skipping a rule only while a field it reads is itself wrong: every problem at once.
+CROSS_FIELD = {_pinned_runs_need_gpus: {"accelerators", "resources"}, _something_to_run: {"noise", "overhead"},
+               _probes_need_data_in_memory: {"overhead", "workloads"},
+               _bitflip_needs_builtin_model: {"noise", "workloads"},
+               _bounded: {"workloads", "replicas", "noise", "tooling", "accelerators"}}
+
+
+def cross_field_problems(spec: SweepSpec, skip: set[str] = frozenset()) -> list[str]:
+    return [p for rule, fields in CROSS_FIELD.items() if not fields & skip and (p := rule(spec))]
+
+
 class RunSpec(Strict):
     """One replica run: everything a worker needs, nothing it has to look up."""
 
     run_id: str
     sweep: str
-    workload: Workload
+    workload: AnyWorkload
     noise: str
-    vary: frozenset[Literal["init", "order", "augment", "impl"]]
+    vary: frozenset[Literal["init", "order", "augment", "impl", "bitflip"]]
     replica: int
     seeds: Seeds
     accelerator: str
@@ -162,6 +272,7 @@ class RunSpec(Strict):
     precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False
 
 
 def _noise_sets(spec: SweepSpec) -> list[tuple[str, frozenset[str]]]:
@@ -176,7 +287,8 @@ def file_safe(text: str) -> str:
 def run_id(spec: SweepSpec, workload: Workload, noise: str, num_threads: int, accelerator: str, replica: int,
            tooling: dict | None = None) -> str:
     """Readable prefix + hash of what defines the run. Defaults are left out of the hash so that a
-    field added later with a default keeps old ids valid (`tooling`: precision, channels_last, compile)."""
+    field added later with a default keeps old ids valid (`tooling`: precision, channels_last, compile,
+    cudnn_benchmark)."""
     key = {"sweep": spec.name, "base_seed": spec.base_seed,
            "workload": workload.model_dump(mode="json", exclude_defaults=True),
            "noise": noise, "num_threads": num_threads, "accelerator": accelerator, "replica": replica}
@@ -192,10 +304,10 @@ def expand(spec: SweepSpec) -> list[RunSpec]:
     """Every (workload, noise, tooling, accelerator, replica) as a RunSpec, in a stable order."""
     runs = []
     t = spec.tooling
-    for w, (noise, vary), threads, prec, cl, comp, acc in itertools.product(
+    for w, (noise, vary), threads, prec, cl, comp, bench, acc in itertools.product(
             spec.workloads, _noise_sets(spec), t.num_threads, t.precision, t.channels_last, t.compile,
-            spec.accelerators):
-        tooling = {"precision": prec, "channels_last": cl, "compile": comp}
+            t.cudnn_benchmark, spec.accelerators):
+        tooling = {"precision": prec, "channels_last": cl, "compile": comp, "cudnn_benchmark": bench}
         for r in range(w.replicas or spec.replicas):
             runs.append(RunSpec(
                 run_id=run_id(spec, w, noise, threads, acc, r, tooling), sweep=spec.name, workload=w,
@@ -219,20 +331,23 @@ class ProbeSpec(Strict):
     precision: Precision = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False  # both modes run at this setting: the overhead is determinism's alone
     cpus: float
     gpus: float  # 0 or 1: a probe never shares a GPU, another trial's kernels would land in its timings
     max_retries: int
 
 
 def expand_probes(spec: SweepSpec) -> list[ProbeSpec]:
-    """One probe per (workload, accelerator) when the sweep has an `overhead` section, with the first
+    """One probe per (built-in workload, accelerator) when the sweep has an `overhead` section, with the first
     value of every tooling axis. Ids hash like run ids, with their own prefix."""
     if spec.overhead is None:
         return []
     t = spec.tooling
-    tooling = {"precision": t.precision[0], "channels_last": t.channels_last[0], "compile": t.compile[0]}
+    tooling = {"precision": t.precision[0], "channels_last": t.channels_last[0], "compile": t.compile[0],
+               "cudnn_benchmark": t.cudnn_benchmark[0]}
     probes = []
-    for w, acc in itertools.product(spec.workloads, spec.accelerators):
+    builtin = [w for w in spec.workloads if isinstance(w, Workload)]  # user training has no probe
+    for w, acc in itertools.product(builtin, spec.accelerators):
         key = json.dumps({"kind": "probe", "sweep": spec.name, "base_seed": spec.base_seed,
                           "workload": w.model_dump(mode="json", exclude_defaults=True), "accelerator": acc,
                           "overhead": spec.overhead.model_dump(mode="json", exclude_defaults=True),
@@ -252,22 +367,42 @@ class SpecError(ValueError):
     """Bad input: the message names the field and the fix, one line per problem."""
 
 
-def _format(err: ValidationError, source: str) -> str:
+def _format(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
         msg = e["msg"].removeprefix("Value error, ")  # cross-field checks name their field themselves
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or fix its spelling"
-        field = ".".join(str(p) if isinstance(p, int) or p.isidentifier() else repr(p) for p in e["loc"])
-        lines.append(f"{source}: {field}: {msg}" if field else f"{source}: {msg}")
-    return "\n".join(lines)
+        loc = [p for i, p in enumerate(e["loc"]) if not (i == 2 and p in UNION_TAGS.get(e["loc"][0], ()))]
+        field = ".".join(str(p) if isinstance(p, int) or p.isidentifier() else repr(p) for p in loc)
+        lines += [f"{field}: {m}" if field else m for m in msg.splitlines()]
+    return lines
+
+
+# Stand-ins for required fields that are themselves invalid, so that the other fields can still
+# be checked against each other (rules reading a stand-in are skipped).
+_STAND_INS = {"name": "x", "workloads": [{"arch": "mlp", "dataset": "digits"}]}
+
+
+def _rules_beside_field_errors(doc: object, err: ValidationError) -> list[str]:
+    """The cross-field problems among the fields that did validate."""
+    bad = {str(e["loc"][0]) for e in err.errors() if e["loc"]}
+    if not isinstance(doc, dict) or not bad:
+        return []
+    rest = {k: v for k, v in doc.items() if k not in bad} | {k: v for k, v in _STAND_INS.items() if k in bad}
+    try:
+        valid = SweepSpec.model_validate(rest, context={"fields_only": True})
+    except ValidationError:
+        return []
+    return cross_field_problems(valid, skip=bad)
 
 
 def parse(doc: object, source: str = "spec") -> SweepSpec:
     try:
         return SweepSpec.model_validate(doc)
     except ValidationError as e:
-        raise SpecError(_format(e, source)) from None
+        lines = _format(e) + _rules_beside_field_errors(doc, e)
+        raise SpecError("\n".join(f"{source}: {line}" for line in lines)) from None
 
 
 def load(path: str | Path | None) -> SweepSpec:
@@ -277,9 +412,12 @@ def load(path: str | Path | None) -> SweepSpec:
     else:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise SpecError(f"{source}: cannot read the sweep file ({e.strerror}); check the path") from None
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{source}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                            "give a YAML sweep file") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:

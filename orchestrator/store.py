@@ -11,6 +11,7 @@ import io
 import time
 import uuid
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -45,18 +46,58 @@ RUN_SCHEMA = pa.schema([
     ("per_class_accuracy", pa.list_(pa.float64())), ("predictions", pa.list_(pa.int32())),
     ("weights_sha256", pa.string()), ("weights_norm", pa.float64()),
     ("precision", pa.string()), ("channels_last", pa.bool_()), ("compiled", pa.bool_()),  # tooling options
+    ("epoch_metrics", pa.string()),  # JSON list of a user function's ctx.report calls: epoch, seconds, metrics
+    ("cudnn_benchmark", pa.bool_()),  # tooling option: cuDNN autotuning on
+    ("cublas_version", pa.string()), ("triton_version", pa.string()),  # loaded cuBLAS (GPU); Triton (compiled)
+    ("tf32_override", pa.string()),  # NVIDIA_TF32_OVERRIDE: the driver-level TF32 switch, hashed in fingerprint_id
+    ("tf32_settings", pa.string()),  # JSON of torch's TF32 switches as the GPU run used them; null on a CPU
+    ("fingerprint_complete", pa.bool_()),  # false: a part that should be known was not (e.g. NVML failed)
+    ("fingerprint_missing", pa.string()),  # comma-joined names of those parts; "" when complete
+    ("vary_bitflip", pa.bool_()), ("seed_bitflip", pa.int64()),
+    ("bitflip", pa.string()),  # the initial weight whose lowest bit was flipped, `name[flat index]`
     ("worker_pid", pa.int64()), ("worker_runs", pa.int32()),  # the process that ran it, and its runs before
 ])
 
 LABELS_SCHEMA = pa.schema([("label", pa.int32()), ("subgroup", pa.int32())])
 
 
+# How long one object-storage call may wait and retry. The SDK defaults are far longer (the GCS
+# client retries for 15 minutes), so an unreachable bucket looked like a hang, not an error.
+CONNECT_TIMEOUT_S = 5
+REMOTE_TIMEOUT_S = 30
+
+
+class StoreError(OSError):
+    """OUT cannot be reached or read: one line naming the URI and what to check."""
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow file system and a path in it. s3:// and gs:// take their endpoint and credentials
-    from the usual environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), absolute(uri)
+    from the usual environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), and every call
+    on them gives up after REMOTE_TIMEOUT_S."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), absolute(uri)
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)  # s3: resolves the bucket's region (SDK timeouts)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise unreachable(uri, e) from None
+    # from_uri takes no timeouts; rebuild the same file system (its pickling arguments) with them
+    rebuild, (kwargs,) = fs.__reduce__()
+    if isinstance(fs, pafs.S3FileSystem):
+        kwargs |= {"connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": REMOTE_TIMEOUT_S}
+    elif isinstance(fs, pafs.GcsFileSystem):
+        kwargs |= {"retry_time_limit": timedelta(seconds=REMOTE_TIMEOUT_S)}
+    return rebuild(kwargs), path
+
+
+def unreachable(uri: str, error: BaseException) -> StoreError:
+    """An OSError of a file-system call as one line naming OUT (and, for object storage, what to check)."""
+    if isinstance(error, StoreError):
+        return error
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    hint = ("; check the network, the credentials and the endpoint (AWS_ENDPOINT_URL, "
+            "GOOGLE_APPLICATION_CREDENTIALS)" if "://" in uri else "")
+    return StoreError(f"{uri}: cannot access the results storage ({first}){hint}")
 
 
 def absolute(uri: str) -> str:
@@ -111,6 +152,11 @@ def weights_path(root: str, run_id: str) -> str:
 
 def overhead_path(root: str, probe_id: str) -> str:
     return f"{root}/overhead/{probe_id}.parquet"
+
+
+def log_path(root: str, trial_id: str) -> str:
+    """The full error of a run or probe whose worker died (the terminal shows one line of it)."""
+    return f"{root}/logs/{trial_id}.log"
 
 
 def labels_path(root: str, dataset: str) -> str:
@@ -195,7 +241,8 @@ def read_runs(uri: str, columns: list[str] | None = None) -> pa.Table:
     table = _read_ours(fs, paths, cols)
     skipped = len(set(paths) - set(table["__filename"].to_pylist()))
     if skipped:
-        warnings.warn(f"skipped {skipped} unreadable or foreign Parquet file(s) under {root}/runs", stacklevel=2)
+        warnings.warn(f"skipped {skipped} unreadable or foreign Parquet file(s) under {uri.rstrip('/')}/runs",
+                      stacklevel=2)
     return _newest_per_run(table, paths).select(cols)
 
 

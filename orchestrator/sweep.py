@@ -26,7 +26,15 @@ from orchestrator.spec import ProbeSpec, RunSpec, SpecError, SweepSpec, expand, 
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 # Resume reads OUT, never Tune's experiment state, so its periodic snapshot is bookkeeping only.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "300")
-OUT_ENTRIES = ("sweep.yaml", "runs", "weights", "datasets", "overhead", "tables", "tune", "progress.json")
+# A dead worker is one line per run in main's report (full text in the row and OUT/logs), not
+# Tune's traceback per failure; and Tune's own tables and boxes stay off the terminal (its newer
+# output engine prints them even at verbose=0), which shows the sweep's progress lines instead.
+os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Ctrl-C raises KeyboardInterrupt at once (main says how to resume) instead of Tune's own stop,
+# which waits for a checkpoint and then suggests Tuner.restore(...): resuming here is re-running.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+OUT_ENTRIES = ("sweep.yaml", "runs", "weights", "datasets", "overhead", "tables", "tune", "logs", "progress.json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,9 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prepare_out(spec: SweepSpec, out: str, fresh: bool) -> None:
-    """Refuse an OUT that is a file or holds another sweep's results; with --fresh, say what is
-    deleted. Then record the resolved spec as it runs."""
+def check_out(spec: SweepSpec, out: str, fresh: bool) -> list[str]:
+    """Refuse an OUT that is a file or holds another sweep's results (unless --fresh). Reads only:
+    returns the entries --fresh will delete once nothing else can refuse (see `start_out`)."""
     fs, root = store.resolve(out)
     if store.is_local(fs) and Path(root).is_file():
         raise SpecError(f"--out: {out} is a file; give a folder (or s3://bucket/prefix)")
@@ -52,15 +60,20 @@ def prepare_out(spec: SweepSpec, out: str, fresh: bool) -> None:
         if (old.get("name"), old.get("base_seed")) != (spec.name, spec.base_seed):
             raise SpecError(f"--out: {out} holds results of sweep {old.get('name')!r} (base_seed "
                             f"{old.get('base_seed')}); choose another --out or pass --fresh to delete them")
-    if fresh:
-        for entry in OUT_ENTRIES:
-            info = fs.get_file_info(f"{root}/{entry}")
-            if info.type == store.pafs.FileType.Directory:
-                print(f"--fresh: deleting {root}/{entry}/", file=sys.stderr)
-                fs.delete_dir(info.path)
-            elif info.is_file:
-                fs.delete_file(info.path)
-    store.write_bytes(fs, spec_path, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).encode())
+    return [entry for entry in OUT_ENTRIES if fresh and store.exists(fs, f"{root}/{entry}")]
+
+
+def start_out(spec: SweepSpec, out: str, doomed: list[str], progress: dict) -> None:
+    """The first write under OUT, once spec, OUT, connection and pre-flight have all passed: delete
+    what --fresh named (saying so, entry by entry), record the resolved spec and the starting counts."""
+    fs, root = store.resolve(out)
+    for entry in doomed:
+        info = fs.get_file_info(f"{root}/{entry}")
+        is_dir = info.type == store.pafs.FileType.Directory
+        print(f"--fresh: deleting {out}/{entry}{'/' if is_dir else ''}", file=sys.stderr)
+        fs.delete_dir(info.path) if is_dir else fs.delete_file(info.path)
+    store.write_bytes(fs, f"{root}/sweep.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).encode())
+    store.write_bytes(fs, f"{root}/progress.json", json.dumps(progress).encode())
 
 
 def resources(run: RunSpec) -> dict[str, float]:
@@ -114,23 +127,25 @@ def _trial(config: dict, table: tuple) -> None:
     tune.report({"status": row["status"], "test_accuracy": row.get("test_accuracy"), "error": row.get("error")})
 
 
-def make_progress(total: int, out: str, fail_fast: FailFast, by_id: dict):
+def make_progress(total: int, out: str, failure_row, fail_fast: FailFast, by_id: dict, done: int = 0):
     """A Tune callback that prints done/total, failed, elapsed and ETA and mirrors the counts to
-    OUT/progress.json, records a run whose worker died for good (Tune gave up retrying), and tells
-    fail-fast how each run ended. One instance serves every pool of a sweep."""
+    OUT/progress.json, records a trial that failed for good (Tune gave up retrying), and tells
+    fail-fast how each run ended. One instance serves every pool of a sweep.
+    `total` counts every run of the sweep and `done` starts at those already ok under OUT."""
     from ray.tune import Callback
 
-    record = row_writer(out)
+    from orchestrator.runner import base_row
+
     fs, root = store.resolve(out)
 
     class Progress(Callback):
         def __init__(self):
-            self.t0, self.done, self.failed, self.skipped, self.written = time.time(), 0, 0, 0, 0.0
+            self.t0, self.done, self.failed, self.skipped, self.written = time.time(), done, 0, 0, 0.0
 
         def _update(self, failed: bool, skipped: bool = False) -> None:
             self.done, self.failed, self.skipped = self.done + 1, self.failed + failed, self.skipped + skipped
             elapsed = time.time() - self.t0
-            eta = elapsed / self.done * (total - self.done)
+            eta = elapsed / (self.done - done) * (total - self.done)
             print(f"[{self.done}/{total}] failed {self.failed}" + (f"  skipped {self.skipped}" if self.skipped else "")
                   + f"  elapsed {elapsed:.0f}s  eta {eta:.0f}s", flush=True)
             if time.time() - self.written < 1 and self.done < total:
@@ -141,34 +156,48 @@ def make_progress(total: int, out: str, fail_fast: FailFast, by_id: dict):
             store.write_bytes(fs, f"{root}/progress.json", json.dumps(state).encode())
 
         def skip(self, run: RunSpec, error: str) -> None:
-            record(run, "skipped", error)
+            store.write_run(fs, root, base_row(run) | {"status": "skipped", "error": error})
             self._update(False, skipped=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
-            if isinstance(spec := by_id[trial.config["run"]], RunSpec):
-                fail_fast.record(spec, None if result.get("status") == "ok" else str(result.get("error")))
+            if isinstance(run := by_id[trial.config["run"]], RunSpec):
+                fail_fast.record(run, None if result.get("status") == "ok" else str(result.get("error")))
             self._update(result.get("status") != "ok")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            if isinstance(spec := by_id[trial.config["run"]], RunSpec):  # a dead probe leaves no file: main reports it
-                error = str(trial.get_error() or "").strip()
-                error = f"worker died: {error.splitlines()[-1] if error else 'worker died'}"
-                record(spec, "failed", error)
-                fail_fast.record(spec, error)
+            run = by_id[trial.config["run"]]
+            error = failure_row(run, trial_error(trial))
+            if isinstance(run, RunSpec):
+                fail_fast.record(run, error.splitlines()[0])
             self._update(True)
 
     return Progress()
 
 
-def row_writer(out: str):
-    """Writes the row of a run that has no row of its own: its worker died, or fail-fast skipped it."""
+def trial_error(trial) -> str:
+    """What Tune recorded of a trial's failures: its local error file (the copy under Tune's
+    storage is synced later, so `trial.get_error()` is still empty when the trial fails)."""
+    path = trial.error_file
+    return Path(path).read_text() if path and Path(path).exists() else str(trial.get_error() or "")
+
+
+def record_trial_error(out: str):
+    """A trial that raised or whose worker died (after its retries): the whole error goes to
+    OUT/logs/<id>.log, and a run also gets a failed row whose error opens with one line (the last
+    of Ray's text) followed by the whole text; returns that. A probe has no row: main reports it missing."""
     fs, root = store.resolve(out)
 
-    def write(run: RunSpec, status: str, error: str) -> None:
+    def write(run: RunSpec | ProbeSpec, error: str) -> str:
         from orchestrator.runner import base_row
 
-        store.write_run(fs, root, base_row(run) | {"status": status, "error": error})
+        last = error.strip().splitlines()[-1] if error.strip() else "no error text"
+        # a run's own errors are caught by the runner, so a run's trial error is a dead worker
+        full = f"{'worker died: ' if isinstance(run, RunSpec) else ''}{last}\n\n{error.strip()}\n"
+        store.write_bytes(fs, store.log_path(root, _trial_id(run)), full.encode())
+        if isinstance(run, RunSpec):
+            store.write_run(fs, root, base_row(run) | {"status": "failed", "error": full.strip()})
+        return full
 
     return write
 
@@ -260,7 +289,16 @@ def pools(runs: list[RunSpec | ProbeSpec]) -> list[list[RunSpec | ProbeSpec]]:
     return [pool for pool in by_mode.values() if pool]
 
 
-def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str) -> None:
+def quiet_tune() -> None:
+    """Tune log lines that repeat what main reports itself, one line per failed run."""
+    # the result grid would warn once per trial that the disabled loggers wrote no metrics
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not tune_log.filters:
+        tune_log.addFilter(lambda record: not record.getMessage().startswith("Trials did not complete"))
+
+
+def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: int) -> None:
     """Fan the runs out as Tune trials, one per replica or overhead probe, one Tune run per pool.
     Worker processes are reused within a pool (warm: torch imported, dataset cached, CUDA up)."""
     import ray
@@ -270,11 +308,10 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str) -> None
     # trials; allow one per CPU (at least 16, so the autoscaler sees demand).
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(16, int(ray.cluster_resources().get("CPU", 1)))))
     by_id = {_trial_id(r): r for r in runs}
-    # Tune's result grid would warn once per trial that the disabled loggers wrote no metrics.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    quiet_tune()
     fail_fast = FailFast(spec.fail_fast)
-    progress = make_progress(len(runs), out, fail_fast, by_id)
-    stamp = time.strftime('%Y%m%d-%H%M%S')
+    progress = make_progress(total, out, record_trial_error(out), fail_fast, by_id, total - len(runs))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     for n, pool in enumerate(pools(runs)):
         tuner = tune.Tuner(
             trainable(ray.put({_trial_id(r): r.model_dump_json() for r in pool})),
@@ -289,6 +326,10 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str) -> None
         tuner.fit()  # trial outcomes are in OUT/runs; Tune's own result grid is not needed
 
 
+class ConnectError(SpecError):
+    """The cluster cannot be joined: one line saying what to set."""
+
+
 def connect(address: str | None) -> None:
     """Join the cluster given by --address or RAY_ADDRESS (as inside `ray job submit`), or start
     a local one on this machine's cores."""
@@ -296,8 +337,27 @@ def connect(address: str | None) -> None:
 
     if ray.is_initialized():  # already connected (tests, notebooks): use that cluster
         return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-             logging_level="WARNING")
+    address = address or os.environ.get("RAY_ADDRESS")
+    print(f"joining the Ray cluster at {address} ..." if address else
+          f"starting a local Ray cluster on {os.cpu_count()} CPU cores (takes a few seconds) ...", flush=True)
+    # A local cluster turns token authentication on and says so in a warning, every run
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    except Exception as e:  # noqa: BLE001 - Ray raises RuntimeError, ConnectionError, AuthenticationError...
+        raise connect_error(address, e) from None
+
+
+def connect_error(address: str | None, error: Exception) -> ConnectError:
+    """Ray's connection failures (tracebacks of gRPC retries) as one line saying what to set."""
+    text = f"{type(error).__name__}: {error}"
+    if any(k in text for k in ("InvalidAuthToken", "UNAUTHENTICATED", "Unauthenticated", "AuthenticationError")):
+        return ConnectError(f"--address: the Ray cluster at {address} requires a token; export RAY_AUTH_MODE=token "
+                            "and RAY_AUTH_TOKEN=<the cluster's token> (or put it in ~/.ray/auth_token), see "
+                            "cluster/README.md step 3")
+    first = text.strip().splitlines()[0]
+    return ConnectError(f"--address: cannot join the Ray cluster at {address or 'this machine'} ({first}); "
+                        "check --address / RAY_ADDRESS and that the cluster is up")
 
 
 SUMMARY = ["n_runs", "n_failed", "acc_mean", "acc_std", "acc_std_lo", "acc_std_hi", "churn", "l2",
@@ -305,57 +365,96 @@ SUMMARY = ["n_runs", "n_failed", "acc_mean", "acc_std", "acc_std_lo", "acc_std_h
 
 
 def summary(variance):
-    """The variance table cut to what fits a terminal: the grouping columns that differ between
+    """The variance table cut to what fits a terminal: every grouping column that differs between
     rows (always noise), then the headline statistics. The full table is in OUT/tables."""
-    keys = [c for c in ("arch", "dataset", "accelerator_requested", "num_threads", "precision", "noise")
-            if c in variance and (c == "noise" or variance[c].nunique() > 1)]
+    from orchestrator.reduce import DEFAULT_BY
+
+    keys = [c for c in DEFAULT_BY if c in variance and (c == "noise" or variance[c].nunique(dropna=False) > 1)]
     return variance[keys + [c for c in SUMMARY if c in variance]]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        spec = load(args.config)
-        out = store.absolute(args.out or spec.out_uri)
-        runs = expand(spec)
-        probes = expand_probes(spec)
-        prepare_out(spec, out, args.fresh)
-    except SpecError as e:
+        return run_sweep(args)
+    except (SpecError, store.StoreError) as e:  # nothing started, nothing under OUT changed
         print(f"error: {e}", file=sys.stderr)
         return 2
-    todo = [r for r in runs if r.run_id not in store.ok_run_ids(out)]
-    todo_probes = [p for p in probes if p.probe_id not in store.done_probe_ids(out)]
+    except KeyboardInterrupt:
+        print("interrupted; runs already ok under OUT are kept and the same command resumes", file=sys.stderr)
+        return 130
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """build -> (check OUT, connect, pre-flight: all may refuse) -> first write -> run -> reduce."""
+    spec = load(args.config)
+    out = store.absolute(args.out or spec.out_uri)
+    runs, probes = expand(spec), expand_probes(spec)
+    try:
+        doomed = check_out(spec, out, args.fresh)
+        ok, done_probes = (set(), set()) if args.fresh else (store.ok_run_ids(out), store.done_probe_ids(out))
+    except OSError as e:
+        raise store.unreachable(out, e) from None
+    todo = [r for r in runs if r.run_id not in ok]
+    todo_probes = [p for p in probes if p.probe_id not in done_probes]
+    total, already = len(runs) + len(probes), len(runs) - len(todo) + len(probes) - len(todo_probes)
     print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already ok in {out}, {len(todo)} to run"
-          + (f"; {len(probes)} overhead probes, {len(todo_probes)} to run" if probes else ""))
+          + (f"; {len(probes)} overhead probes, {len(todo_probes)} to run" if probes else ""), flush=True)
     if todo or todo_probes:
         connect(args.address)
+        if not args.wait_for_autoscaling:
+            preflight(todo + todo_probes)
+    start_out(spec, out, doomed, {"done": already, "total": total, "failed": 0, "updated": time.time()})
+    if todo or todo_probes:
+        print(f"running {len(todo) + len(todo_probes)} trials with Ray Tune; progress also in {out}/progress.json",
+              flush=True)
         try:
-            if not args.wait_for_autoscaling:
-                preflight(todo + todo_probes)
-        except SpecError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        schedule(todo + todo_probes, spec, out)
+            schedule(todo + todo_probes, spec, out, total)
+        except KeyboardInterrupt:
+            return interrupted(out, runs)
     store.compact(out, at_least=store.COMPACT_AT)
+    return report(out, runs, probes)
+
+
+def report(out: str, runs: list[RunSpec], probes: list[ProbeSpec]) -> int:
+    """Reduce OUT, print the short tables, then one line per failed run; exit 1 if any failed."""
     from orchestrator.reduce import format_markdown, reduce
 
     tables = reduce(out)
-    print(format_markdown(summary(tables["variance"])))
+    if runs:
+        print(format_markdown(summary(tables["variance"])))
     if probes:
         print(format_markdown(tables["overhead"]))
+    fs, root = store.resolve(out)
+
+    def full_error(trial_id: str) -> str:
+        return f"  (full error: {out}/logs/{trial_id}.log)" if store.exists(fs, store.log_path(root, trial_id)) else ""
+
     missing = [p.probe_id for p in probes if p.probe_id not in store.done_probe_ids(out)]
     for probe_id in missing:
-        print(f"failed: {probe_id}: the overhead probe wrote no result (its error is in the log above)",
-              file=sys.stderr)
+        where = full_error(probe_id) or " (its error is in the log above)"  # a probe's own error: printed by it
+        print(f"failed: {probe_id}: the overhead probe wrote no result{where}", file=sys.stderr)
     failed = store.read_runs(out, columns=["run_id", "arch", "dataset", "status", "error"]).to_pandas()
     failed = failed[failed.run_id.isin({r.run_id for r in runs}) & (failed.status != "ok")]
-    for r in failed[failed.status != "skipped"].itertuples():
-        print(f"failed: {r.run_id}: {r.error}", file=sys.stderr)
     for (arch, dataset, error), g in failed[failed.status == "skipped"].groupby(["arch", "dataset", "error"]):
-        print(f"skipped: {len(g)} runs of {arch} on {dataset} (fail_fast: its first {spec.fail_fast} runs failed "
-              f"with the same error): {error}", file=sys.stderr)
+        first = error.strip().splitlines()[0]
+        print(f"skipped: {len(g)} runs of {arch} on {dataset} (fail_fast: the first runs of this workload all "
+              f"failed with the same error): {first[:200]}{'…' if len(first) > 200 else ''}", file=sys.stderr)
+    for r in failed[failed.status != "skipped"].itertuples():
+        first = (r.error or "no error recorded").strip().splitlines()[0]
+        print(f"failed: {r.run_id}: {first[:200]}{'…' if len(first) > 200 else ''}{full_error(r.run_id)}",
+              file=sys.stderr)
     print(f"results: {out}  (tables in {out}/tables)")
     return 1 if len(failed) or missing else 0
+
+
+def interrupted(out: str, runs: list[RunSpec]) -> int:
+    """Ctrl-C mid-sweep: finished runs are safe under OUT (each file written whole); say how many,
+    and that the same command resumes. 130 = 128 + SIGINT, the shell's convention."""
+    ok = len({r.run_id for r in runs} & store.ok_run_ids(out))
+    print(f"interrupted: {ok} of {len(runs)} runs are ok in {out}; run the same command again to resume "
+          "(runs already ok are not run again)", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -36,3 +36,15 @@ def cli(*args: str, env: dict | None = None, timeout: float = 600):
 
     return subprocess.run([sys.executable, "-m", "orchestrator.sweep", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def torch_switches():
+    """Put back the process-wide switches that an in-process `runner.run` sets (threads,
+    deterministic kernels), so later tests in the same process see torch's defaults."""
+    import torch
+
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)

@@ -81,3 +81,32 @@ def test_vgg16_small_image_head_and_batch_norm_option():
     assert isinstance(model.classifier, nn.Linear) and model.classifier.in_features == 512
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, NUM_CLASSES)
+
+
+def test_small_cnn_with_batch_norm_starts_with_untouched_running_stats():
+    """Sizing the head must not run the features: a trial forward pass in train mode would leave
+    running means of the conv biases and a batch count of 1 before training starts."""
+    model = _seeded("small_cnn", (1, 8, 8), 0, batch_norm=True)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 3 and model.training
+    for bn in bns:
+        assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+        assert int(bn.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 8, 8), (3, 30, 30)])
+def test_small_cnn_head_fits_its_features(shape):
+    model = _seeded("small_cnn", shape, 0)
+    features, head = model[0], model[1]
+    assert features(torch.zeros(2, *shape)).shape[1] == head.in_features
+
+
+def test_resnet18_cifar_stem_is_initialised_as_torchvision_inits_convs():
+    """Kaiming normal, fan_out, ReLU gain: std sqrt(2 / (64 · 3 · 3)) ≈ 0.059, mean 0. PyTorch's
+    default init (uniform, bound 1/sqrt(fan_in)) gives std 1/sqrt(3 · 27) ≈ 0.111 for 3 channels."""
+    for seed in range(3):
+        w = _seeded("resnet18", (3, 32, 32), seed).conv1.weight.detach()
+        assert w.shape == (64, 3, 3, 3)
+        assert abs(w.std().item() / (2 / (64 * 9)) ** 0.5 - 1) < 0.1
+        assert abs(w.mean().item()) < 0.01

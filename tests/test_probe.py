@@ -2,6 +2,7 @@
 no deterministic kernel are recorded by name (never a crash), and a sweep with an `overhead:`
 section schedules probes next to the runs and skips finished probes on resume."""
 
+import json
 import warnings
 
 import pyarrow.parquet as pq
@@ -35,9 +36,9 @@ def unpool_cnn(image_shape, num_classes):
     return Net()
 
 
-def probe_spec(workload=WORKLOAD, **overhead) -> spec.ProbeSpec:
+def probe_spec(workload=WORKLOAD, tooling=None, **overhead) -> spec.ProbeSpec:
     doc = {"name": "probe", "noise": [], "overhead": {"steps": 6, "warmup": 2, "repeats": 2} | overhead,
-           "workloads": [workload]}
+           "workloads": [workload], **({"tooling": tooling} if tooling else {})}
     (p,) = spec.expand_probes(spec.parse(doc))
     return p
 
@@ -66,6 +67,18 @@ def test_probe_writes_every_step_of_both_modes(tmp_path):
     assert '"use_deterministic_algorithms": true' in det_flags and '"warn_only": true' in det_flags
     assert '"fill_uninitialized_memory": true' in det_flags  # torch's default in deterministic mode
     assert '"use_deterministic_algorithms": false' in df[df["mode"] == "nondet"].impl_flags.iloc[0]
+
+
+def test_both_modes_run_at_the_probes_cudnn_benchmark_setting(tmp_path):
+    """The overhead is that of the determinism switches alone: autotuning is the same in both modes."""
+    for bench in (False, True):
+        p = probe_spec(tooling={"cudnn_benchmark": [bench]}, steps=2, warmup=1, repeats=1)
+        assert p.cudnn_benchmark is bench and probe.run(p, str(tmp_path))["status"] == "ok"
+        df = read(tmp_path, p)
+        flags = [json.loads(f) for f in df.impl_flags]
+        assert {f["cudnn_benchmark"] for f in flags} == {bench} and (df.cudnn_benchmark == bench).all()
+        assert {f["use_deterministic_algorithms"] for f in flags} == {True, False}
+        assert df.fingerprint_complete.all() and (df.fingerprint_missing == "").all()
 
 
 def test_fill_of_uninitialised_memory_can_be_left_out_and_is_restored(tmp_path):
@@ -106,7 +119,7 @@ def test_recorder_names_alerts_and_lets_other_warnings_through():
             with probe.recording_nondeterministic_ops() as ops:
                 alert_not_deterministic("fake_scatter_op")
                 alert_not_deterministic("fake_scatter_op")
-                warnings.warn("unrelated", UserWarning)
+                warnings.warn("unrelated", UserWarning, stacklevel=1)
     finally:
         torch.use_deterministic_algorithms(False)
     assert ops == {"fake_scatter_op"}

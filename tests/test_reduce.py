@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 from scipy import stats
 
-from orchestrator import reduce, store
+from orchestrator import metrics, reduce, store
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = np.array([0, 1, 0, 1, 0, 1, 0, 1], dtype=np.int32)
@@ -130,15 +130,20 @@ def test_cli_end_to_end(tree: Path):
     assert algo["identical_fraction"] == 0.0
     acc = [1.0, 7 / 8, 7 / 8]
     assert algo["acc_mean"] == pytest.approx(np.mean(acc)) and algo["acc_std"] == pytest.approx(np.std(acc, ddof=1))
-    assert algo["acc_std_sampling"] == pytest.approx(math.sqrt(np.mean(acc) * (1 - np.mean(acc)) / 8))
+    # examples 0 and 7 each flip in one of 3 runs (ddof=1 variance 1/3 each): (2/3) / 8²
+    assert algo["acc_std_sampling"] == pytest.approx(math.sqrt(1 / 96))
     assert algo["acc_std_lo"] <= algo["acc_std"] <= algo["acc_std_hi"]
+    # accuracy variance 1/192 is below the per-example 1/96: the flips explain it all
+    assert algo["acc_std_dist"] == 0.0 and algo["acc_std_dist_lo"] == 0.0
+    assert algo["acc_std_dist_hi"] == pytest.approx(math.sqrt(2 / 192 / stats.chi2.ppf(0.025, 2) - 1 / 96))
     # class 0 accuracy per run 1, 3/4, 1; class 1: 1, 1, 3/4 -> equal spreads, lowest index wins
     assert algo["per_class_std_max"] == pytest.approx(np.std([1, 0.75, 1], ddof=1)) and algo["worst_class"] == 0
     assert algo["subgroup_acc_std_max"] == pytest.approx(np.std([1, 0.75, 1], ddof=1))
-    # Brown–Forsythe by hand: deviations from the median, algo (1/8, 0, 0), control (0, 0, 0);
-    # group means 1/24 and 0, grand mean 1/48: between 6/48² over 1 df, within 6/24² over 4 df: F = 1
-    assert algo["p_vs_control"] == pytest.approx(stats.f.sf(1.0, 1, 4))
+    # replicas 0-2 of algo pair with replicas 0-2 of control (Pitman–Morgan): control does not
+    # move, so a+b and a-b are perfectly correlated
+    assert algo["p_vs_control"] == 0.0 and "p_vs_control: Pitman–Morgan, 3 pairs" in algo["note"]
     assert math.isnan(algo["p_vs_algo"])
+    assert (ctrl["acc_std_sampling"], ctrl["acc_std_dist"], ctrl["acc_std_dist_hi"]) == (0.0, 0.0, 0.0)
 
     single = by_noise(v, "init")
     assert single["n_runs"] == 1 and single["acc_mean"] == 1.0
@@ -210,9 +215,9 @@ def test_l2_streams_in_chunks(tree: Path, monkeypatch):
     fs, root = store.resolve(str(tree))
     runs = reduce.load_runs(str(tree), list(reduce.DEFAULT_BY))
     algo = runs.meta[(runs.meta["noise"] == "algo") & (runs.meta["status"] == "ok")]
-    whole = reduce.l2_matrix(fs, root, algo)
+    whole = reduce.l2_matrix(fs, root, algo)[0]
     monkeypatch.setattr(reduce, "CHUNK", 2)  # one row of w per slice
-    np.testing.assert_allclose(reduce.l2_matrix(fs, root, algo), whole, rtol=1e-12)
+    np.testing.assert_allclose(reduce.l2_matrix(fs, root, algo)[0], whole, rtol=1e-12)
     np.testing.assert_allclose(whole, [[0, 3, 4], [3, 0, 5], [4, 5, 0]], rtol=1e-12)
 
 
@@ -257,7 +262,7 @@ def test_cli_usage_errors(tmp_path: Path, capsys):
     assert e.value.code == 2
     assert reduce.main([str(tmp_path), "--format", "md", "--by", "arch,noise"]) == 0
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == [
-        "cross_stack.md", "overhead.md", "subgroups.md", "variance.md"]
+        "cross_stack.md", "overhead.md", "sources.md", "subgroups.md", "variance.md"]
 
 
 @pytest.mark.integration
@@ -301,3 +306,117 @@ def test_precision_is_a_stack_axis(tmp_path: Path):
     assert sorted(tables["variance"]["precision"]) == ["bf16", "fp32"]
     x = tables["cross_stack"].iloc[0]
     assert (x["precision_a"], x["precision_b"], x["churn"], x["l2"]) == ("bf16", "fp32", 0.0, 0.5)
+
+
+DESIGN_COLUMNS = [  # the run columns ../shared/DESIGN.md documents; everything added later is optional
+    "run_id", "sweep", "arch", "dataset", "noise", "vary_init", "vary_order", "vary_augment", "vary_impl",
+    "replica", "seed_init", "seed_order", "seed_augment", "accelerator_requested", "accelerator",
+    "fingerprint_id", "hostname", "ray_node_id", "gpu_name", "gpu_count", "gpu_capability", "gpu_driver",
+    "cuda_version", "cudnn_version", "torch_version", "torchvision_version", "ray_version", "python_version",
+    "cpu_model", "num_threads", "status", "error", "epochs", "train_seconds", "epoch_seconds", "test_accuracy",
+    "test_loss", "per_class_accuracy", "predictions", "weights_sha256", "weights_norm"]
+
+
+def test_tree_with_only_the_documented_columns(tmp_path: Path):
+    """Rows from an older writer or another tool: no spec_json, no tooling columns. The reducer
+    gives its tables; a row it cannot use (no status) is counted in one warning line."""
+    write_run(tmp_path, "a-0", P0, weights(), replica=0, seeds=(10, 20, 30))
+    write_run(tmp_path, "a-1", P1, weights({(0, 0): 3.0}), replica=1, seeds=(11, 21, 31))
+    write_run(tmp_path, "a-2", P2, weights({(1, 2): 4.0}), replica=2, seeds=(12, 22, 32))
+    write_run(tmp_path, "a-3", P0, weights(), replica=3, seeds=(13, 23, 33))
+    for path in (tmp_path / "runs").glob("*.parquet"):
+        t = pq.read_table(path).select(DESIGN_COLUMNS)
+        if path.stem == "a-3":
+            t = t.set_column(t.schema.get_field_index("status"), "status", pa.array([None], pa.string()))
+        pq.write_table(t, path)
+    res = cli(str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and "1 run row(s) without" in res.stderr
+    v = pd.read_parquet(tmp_path / "tables" / "variance.parquet")
+    assert len(v) == 1 and v.iloc[0]["n_runs"] == 3 and v.iloc[0]["l2"] == pytest.approx(4.0)
+    assert v.iloc[0]["workload"] == "" and v.iloc[0]["num_threads"] == 1
+
+
+def write_probe(root: Path, probe_id: str, ratios: list[float], *, batch_norm: bool, drift: float = 0.0,
+                steps: int = 3) -> None:
+    """A probe file as probe.py writes it: per repeat r a det/nondet pair of blocks, alternating
+    which goes first; nondet steps take 10 ms × (1 + drift·r), det steps ratios[r] times that."""
+    spec = {"probe_id": probe_id, "workload": {"arch": "small_cnn", "dataset": "digits",
+                                               "arch_args": {"batch_norm": batch_norm}, "replicas": 1}}
+    rows = []
+    for r, ratio in enumerate(ratios):
+        nondet = 10.0 * (1 + drift * r)
+        for i, mode in enumerate(("det", "nondet") if r % 2 == 0 else ("nondet", "det")):
+            rows += [{"probe_id": probe_id, "arch": "small_cnn", "dataset": "digits", "accelerator_requested": "T4",
+                      "accelerator": "Tesla T4", "fingerprint_id": "fp0", "mode": mode, "repeat": r,
+                      "block": 2 * r + i, "step": s, "step_ms": nondet * (ratio if mode == "det" else 1.0),
+                      "precision": "fp32", "channels_last": False, "compiled": False,
+                      "spec_json": json.dumps(spec)} for s in range(steps)]
+    (root / "overhead").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "overhead" / f"{probe_id}.parquet")
+
+
+def test_overhead_never_pools_workloads_of_one_arch(tmp_path: Path):
+    """small_cnn with and without batch norm on one GPU: two rows, each its own overhead (the
+    old table had one pooled row, the overhead of neither)."""
+    write_probe(tmp_path, "bn", [2.0] * 4, batch_norm=True)
+    write_probe(tmp_path, "plain", [1.2] * 4, batch_norm=False)
+    table = reduce.overhead_table(*store.resolve(str(tmp_path)))
+    assert len(table) == 2 and table["arch"].eq("small_cnn").all() and table["workload"].nunique() == 2
+    assert sorted(table["overhead_pct"].round(9)) == [20.0, 100.0]
+    assert table["n_pairs"].eq(4).all() and table["n_fingerprints"].eq(1).all()
+    assert {"precision", "channels_last", "compiled"} <= set(table.columns)
+    assert "cudnn_benchmark" not in table  # no probe recorded it
+
+
+def test_overhead_interval_resamples_pairs(tmp_path: Path):
+    """Every pair costs exactly +50% but the device slows down pair by pair (drift). Resampling
+    pairs keeps each det block beside its own nondet block: the interval is [50, 50]. Resampling
+    det and nondet blocks apart would mix slow and fast blocks into a wide interval."""
+    write_probe(tmp_path, "p", [1.5] * 5, batch_norm=False, drift=0.5)
+    o = reduce.overhead_table(*store.resolve(str(tmp_path))).iloc[0]
+    assert (o["overhead_lo"], o["overhead_hi"], o["n_pairs"]) == pytest.approx((50.0, 50.0, 5))
+
+
+def test_overhead_one_pair_has_no_interval(tmp_path: Path):
+    """One det/nondet pair is one unit of evidence: no step-level interval from its steps."""
+    write_probe(tmp_path, "p", [1.5], batch_norm=False, steps=20)
+    o = reduce.overhead_table(*store.resolve(str(tmp_path))).iloc[0]
+    assert o["overhead_pct"] == pytest.approx(50.0) and o["n_steps"] == 40
+    assert math.isnan(o["overhead_lo"]) and math.isnan(o["overhead_hi"]) and "needs 2" in o["note"]
+
+
+def test_l2_counts_parameters_and_keeps_buffers_apart(tmp_path: Path):
+    """BN running statistics are buffers, not parameters (the runner lists them in the file's
+    metadata): w differs by 3 and running_mean by 4, so l2 is 3, not 5, and l2_buffers is 4."""
+    meta = {"buffers": json.dumps(["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"])}
+    for run_id, dw, dm, seeds in (("a", 0.0, 0.0, (1, 2, 3)), ("b", 3.0, 4.0, (4, 5, 6))):
+        tensors = weights({(0, 0): dw}) | {"bn.running_mean": np.array([dm, 0.0], dtype=np.float32),
+                                           "bn.running_var": np.ones(2, dtype=np.float32),
+                                           "bn.num_batches_tracked": np.array(9, dtype=np.int64)}
+        write_run(tmp_path, run_id, P0, tensors, seeds=seeds)
+        save_file(tensors, str(tmp_path / "weights" / f"{run_id}.safetensors"), metadata=meta)
+    row = reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0]
+    assert (row["l2"], row["l2_buffers"]) == pytest.approx((3.0, 4.0))
+
+
+def test_l2_of_files_without_buffer_metadata_counts_every_float_tensor(tmp_path: Path):
+    """Older trees: no metadata says which tensors are buffers, so all count as parameters and
+    the buffers' distance is unknown."""
+    write_run(tmp_path, "a", P0, weights() | {"bn.running_mean": np.zeros(2, dtype=np.float32)}, seeds=(1, 2, 3))
+    write_run(tmp_path, "b", P0, weights({(0, 0): 3.0}) | {"bn.running_mean": np.full(2, 4.0, dtype=np.float32)},
+              seeds=(4, 5, 6))
+    row = reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0]
+    assert row["l2"] == pytest.approx(math.sqrt(9 + 16 + 16)) and math.isnan(row["l2_buffers"])
+
+
+def test_variance_p_pairs_by_replica_and_says_when_it_cannot():
+    a = pd.Series([0.90, 0.92, 0.88, 0.91, 0.89], index=[0, 1, 2, 3, 4])
+    b = pd.Series([0.97, 0.80, 0.95, 0.75, 0.82], index=[4, 1, 3, 2, 0])  # listed in another order
+    p, test = reduce.variance_p(a, b)
+    assert test == "Pitman–Morgan, 5 pairs" and p == metrics.pitman_morgan_p(a.to_numpy(), b.sort_index().to_numpy())
+    p, test = reduce.variance_p(a, b.drop([0, 1, 2]))  # 2 shared replicas: too few pairs
+    assert test == "Brown–Forsythe, unpaired: 2 shared replicas" and p == metrics.brown_forsythe_p(a, b.drop([0, 1, 2]))
+    pooled = pd.concat([a, a + 0.01])  # --by pooled two settings: replica indices repeat
+    assert reduce.variance_p(pooled, b)[1] == "Brown–Forsythe, unpaired: replica indices repeat"

@@ -1,6 +1,8 @@
 """Nothing lost, nothing counted twice: worker deaths, divergence, a killed driver, foreign OUTs
 and secrets, on a real local Ray cluster."""
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -35,13 +37,16 @@ def test_failures_are_retried_recorded_and_the_sweep_carries_on(ray_local, tmp_p
     df = store.read_runs(str(tmp_path / "out")).to_pandas().set_index("arch")
     assert always.read_text().count("attempt") == 3  # first try + max_retries
     died = df.loc["tests.faulty:exit_on_build"]
-    assert died.status == "failed" and died.error.startswith("worker died")
+    assert died.status == "failed" and died.error.startswith("worker died: ")
+    log = tmp_path / "out" / "logs" / f"{died.run_id}.log"  # the full error, every attempt, beside the row
+    assert log.read_text().strip() == died.error and "Failure # 3" in died.error
     assert df.loc["tests.faulty:exit_once"].status == "ok"  # a retry that succeeds counts once
     diverged = df[df.status == "failed"].drop(index="tests.faulty:exit_on_build")
     assert len(diverged) == 1 and diverged.error.iloc[0] == "Diverged: diverged at epoch 1"
     assert (df.status == "ok").sum() == 2 and len(df) == 4
     err = capsys.readouterr().err
-    assert err.count("failed: ") == 2
+    assert err.count("failed: ") == 2 and f"(full error: {log})" in err
+    assert all(len(line) < 500 for line in err.splitlines() if line.startswith("failed: "))
 
 
 def test_foreign_out_is_refused_then_replaced_with_fresh(ray_local, tmp_path, capsys):
@@ -54,9 +59,63 @@ def test_foreign_out_is_refused_then_replaced_with_fresh(ray_local, tmp_path, ca
     assert "holds results of sweep 'someone-elses'" in capsys.readouterr().err
     assert (out / "runs" / "theirs.parquet").exists()  # refused means untouched
     assert sweep.main([str(spec), "--out", str(out), "--fresh"]) == 0
-    assert f"--fresh: deleting {out}/runs/" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--fresh: deleting {out}/runs/" in err and f"--fresh: deleting {out}/sweep.yaml" in err
     assert not (out / "runs" / "theirs.parquet").exists()
     assert yaml.safe_load((out / "sweep.yaml").read_text())["name"] == "mine"
+
+
+def tree(folder):
+    return {f: f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+
+
+def test_a_refused_sweep_changes_nothing_under_out(ray_local, tmp_path, capsys):
+    """Pre-flight refuses (no node offers V100): --fresh has deleted nothing, and an empty OUT
+    stays empty (no sweep.yaml left behind to refuse the next sweep)."""
+    out, empty = tmp_path / "out", tmp_path / "empty"
+    assert sweep.main([str(write_spec(tmp_path / "a.yaml", name="a", replicas=1, workloads=[tiny()])),
+                       "--out", str(out)]) == 0
+    before = tree(out)
+    assert any(f.parent.name == "runs" for f in before)
+    pinned = write_spec(tmp_path / "b.yaml", name="b", replicas=1, accelerators=["V100"], resources={"gpus": 1},
+                        workloads=[tiny()])
+    assert sweep.main([str(pinned), "--out", str(out), "--fresh"]) == 2
+    err = capsys.readouterr().err
+    assert "no node offers V100" in err and "--fresh: deleting" not in err
+    assert tree(out) == before
+    empty.mkdir()
+    assert sweep.main([str(pinned), "--out", str(empty)]) == 2
+    assert not list(empty.iterdir())
+
+
+def test_sigint_exits_130_then_the_same_command_resumes(ray_local, tmp_path, capsys):
+    """Ctrl-C mid-sweep: non-zero exit, how many runs finished, how to resume (not Tune's
+    Tuner.restore); the same command then completes with one row per run."""
+    spec = write_spec(tmp_path / "s.yaml", name="int", replicas=6, noise=["algo"],
+                      workloads=[{"arch": "small_cnn", "dataset": "digits", "epochs": 2, "batch_size": 32}])
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(spec), "--out", str(out)], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while not list((out / "runs").glob("*.parquet")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
+    stdout, stderr = p.communicate(timeout=120)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)  # its local Ray processes, should any outlive it
+    assert p.returncode == 130, stderr[-2000:]
+    assert "run the same command again to resume" in stderr and "Tuner.restore" not in stdout + stderr
+    finished = int(stderr.split("interrupted: ")[1].split(" of 6")[0])
+    assert 1 <= finished <= len(list((out / "runs").glob("*.parquet"))) < 6, stdout  # runs in flight may land
+    assert json.loads((out / "progress.json").read_text())["total"] == 6
+
+    assert sweep.main([str(spec), "--out", str(out)]) == 0  # the same command, on this module's cluster
+    printed = capsys.readouterr().out
+    already = int(printed.split(" already ok")[0].rsplit(", ", 1)[1])
+    assert already >= finished and f"[{already + 1}/6]" in printed  # progress counts the whole sweep
+    df = store.read_runs(str(out)).to_pandas()
+    assert len(df) == df.run_id.nunique() == 6 and (df.status == "ok").all()
 
 
 def test_sigkill_of_the_driver_then_resume(tmp_path):
@@ -94,3 +153,14 @@ def test_sigkill_of_the_driver_then_resume(tmp_path):
     for f in out.rglob("*"):
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
+
+
+def test_a_probe_only_sweep_reports_no_missing_runs(ray_local, tmp_path, capsys):
+    """noise: [] runs probes only: the absent variance table is not reported as a problem."""
+    spec = write_spec(tmp_path / "s.yaml", name="probes", noise=[], overhead={"steps": 2, "warmup": 0, "repeats": 1},
+                      workloads=[tiny()])
+    out = tmp_path / "out"
+    assert sweep.main([str(spec), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "no runs under" not in printed.out + printed.err and "overhead_pct" in printed.out
+    assert json.loads((out / "progress.json").read_text())["total"] == 1

@@ -44,7 +44,9 @@ def test_sweep_and_reduce_on_s3(s3_cluster, tmp_path):
                       workloads=[{"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}])
     assert sweep.main([str(spec), "--out", out]) == 0
     fs, root = store.resolve(out)
-    names = lambda folder: sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}/{folder}")))
+
+    def names(folder):
+        return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}/{folder}")))
     assert len(names("runs")) == len(names("weights")) == 4
     assert {"variance.parquet", "variance.csv", "variance.md"} <= set(names("tables"))
     assert names("tune")  # Tune's experiment state lives beside the results

@@ -80,6 +80,40 @@ def test_every_error_is_reported_at_once():
     assert len(str(e.value).splitlines()) == 2
 
 
+def test_cross_field_rules_are_reported_with_field_errors():
+    """A pinned run without GPUs is reported beside a field error, not only after it is fixed."""
+    with pytest.raises(SpecError) as e:
+        spec.parse(doc(replicas=0, accelerators=["T4"]), "x.yaml")
+    assert str(e.value).splitlines() == ["x.yaml: replicas: Input should be greater than 0",
+                                         "x.yaml: resources.gpus: runs pinned to an accelerator need gpus > 0 (e.g. 1 or 0.5)"]
+
+
+def test_a_rule_reading_an_invalid_field_is_not_guessed():
+    with pytest.raises(SpecError) as e:
+        spec.parse(doc(accelerators=["T4"], resources={"gpus": "lots"}), "x.yaml")
+    assert len(str(e.value).splitlines()) == 1 and "resources.gpus: Input should be a valid number" in str(e.value)
+
+
+def test_a_bad_noise_set_does_not_hide_an_unknown_preset():
+    with pytest.raises(SpecError) as e:
+        spec.parse(doc(noise=["algoo", {"name": "x", "vary": ["bogus"]}, 3]), "x.yaml")
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("x.yaml: noise.0: unknown preset 'algoo'")
+    assert lines[1].startswith("x.yaml: noise.1.vary.0: Input should be 'init'")
+    assert lines[2] == "x.yaml: noise.2: expected a preset name or {name, vary}"
+    assert len(lines) == 3
+
+
+def test_the_run_count_is_computed_without_expanding():
+    s = spec.parse(doc(replicas=3, noise=["control", "algo"], tooling={"num_threads": [1, 2], "cudnn_benchmark": [False, True]},
+                       workloads=[{"arch": "small_cnn", "dataset": "digits"},
+                                  {"arch": "mlp", "dataset": "digits", "replicas": 1}]))
+    assert spec.n_runs(s) == len(spec.expand(s)) == 2 * 2 * 2 * (3 + 1)
+    with pytest.raises(SpecError, match=r"x.yaml: replicas: the sweep expands to 2,000,000 runs"):
+        spec.parse(doc(replicas=1_000_000, noise=["control", "algo"]), "x.yaml")
+    assert spec.n_runs(spec.parse(doc(replicas=spec.MAX_RUNS, noise=["control"]))) == spec.MAX_RUNS
+
+
 def test_derive_seed_is_a_pure_function_of_its_inputs():
     assert noise.derive_seed(0, "init", 3) == noise.derive_seed(0, "init", 3)
     assert len({noise.derive_seed(b, s, r) for b in (0, 1) for s in noise.ALGO for r in (None, 0, 1)}) == 18
@@ -94,10 +128,38 @@ def test_apply_impl_sets_and_reports_the_switches():
         assert torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         free = noise.apply_impl(False)
-        assert free["use_deterministic_algorithms"] is False and free["cudnn_benchmark"] is True
+        assert free["use_deterministic_algorithms"] is False and free["cudnn_deterministic"] is False
+        assert free["cudnn_benchmark"] is False  # PyTorch's default: autotuning is its own axis, not impl
         assert free["cublas_workspace_config"] is None
+        for det in (True, False):  # autotuning follows its own switch whatever the determinism mode
+            assert noise.apply_impl(det, cudnn_benchmark=True)["cudnn_benchmark"] is True
+            assert torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic is det
     finally:
         noise.apply_impl(False)
+
+
+def test_compiled_runs_set_inductor_determinism_both_ways():
+    import torch._inductor.config as inductor
+
+    try:
+        assert noise.apply_impl(True, compile=True)["inductor_deterministic"] is True
+        assert inductor.deterministic is True
+        assert noise.apply_impl(False, compile=True)["inductor_deterministic"] is False
+        assert inductor.deterministic is False  # a reused worker's next compiled run starts clean
+        assert "inductor_deterministic" not in noise.apply_impl(True)  # eager runs: not applicable
+    finally:
+        noise.apply_impl(False, compile=True)
+        noise.apply_impl(False)
+
+
+def test_global_rng_seed_is_apart_from_augment_yet_follows_it():
+    runs = spec.expand(spec.parse({"name": "g", "replicas": 2, "noise": ["control", "augment"],
+                                   "workloads": [{"arch": "mlp", "dataset": "digits"}]}))
+    control, augment = runs[:2], runs[2:]
+    assert all(r.seeds.global_rng != r.seeds.augment for r in runs)
+    assert control[0].seeds.global_rng == control[1].seeds.global_rng  # fixed with the augment source
+    assert augment[0].seeds.global_rng != augment[1].seeds.global_rng  # varies with it
+    assert 0 <= runs[0].seeds.global_rng < 2**63
 
 
 def test_default_sweep_ships_in_the_package():
@@ -128,3 +190,12 @@ def test_any_document_gives_a_spec_or_a_spec_error(document):
         assert str(e) and all(line.startswith("spec: ") for line in str(e).splitlines())
     else:
         assert spec.expand(s)
+
+
+def test_bitflip_on_an_entrypoint_workload_is_refused():
+    """The flip needs the model the built-in loop builds; a user function's model is out of reach."""
+    user = {"entrypoint": "examples.own_training:train", "name": "mine", "dataset": "sklearn_digits"}
+    with pytest.raises(SpecError) as e:
+        spec.parse(doc(noise=["control", {"name": "flip", "vary": ["bitflip"]}], workloads=[user]), "x.yaml")
+    assert str(e.value).startswith("x.yaml: noise: bitflip flips a bit of the model the built-in loop builds")
+    spec.parse(doc(noise=["control", "bitflip"]), "x.yaml")  # built-in workloads take it

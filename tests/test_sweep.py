@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import store, sweep
+from orchestrator import reduce, store, sweep
 from tests.conftest import write_spec
 
 pytestmark = pytest.mark.integration
@@ -93,15 +93,22 @@ def test_rerun_runs_nothing_and_keeps_one_row_per_run(presets_out, capsys):
     assert len(ids) == len(set(ids)) == 12
 
 
-def test_thread_count_changes_the_bits(ray_local, tmp_path, monkeypatch):
-    """Tooling noise that no seed removes: same seeds, 1 versus 2 intra-op threads. (OUT is given
-    relative to the caller's folder, as users do; workers run elsewhere and must write there.)"""
+def test_thread_count_is_applied_in_the_worker_recorded_and_paired(ray_local, tmp_path, monkeypatch):
+    """Tooling noise that no seed removes: same seeds, 1 versus 2 intra-op threads. Whether a given
+    model's bits change with the thread count depends on the CPU, so that is measured (cross-stack
+    table), never assumed here; the model used reduces in chunks that follow the thread count it
+    sees inside the worker (tests/instrumented.py), so its weights differ exactly when the worker
+    really applied different counts. (OUT is given relative to the caller's folder, as users do;
+    workers run elsewhere and must write there.)"""
     spec = write_spec(tmp_path / "s.yaml", name="threads", replicas=1, tooling={"num_threads": [1, 2]},
-                      workloads=[{"arch": "small_cnn", "dataset": "synthetic", "epochs": 1, "batch_size": 64,
-                                  "lr": 0.01, "dataset_args": {"n_train": 256, "n_test": 64}}])
+                      workloads=[{"arch": "tests.instrumented:thread_witness", "dataset": "synthetic", "epochs": 1,
+                                  "batch_size": 64, "lr": 0.01, "dataset_args": {"n_train": 256, "n_test": 64}}])
     monkeypatch.chdir(tmp_path)
     assert sweep.main([str(spec), "--out", "out"]) == 0
     df = store.read_runs(str(tmp_path / "out")).to_pandas().sort_values("num_threads")
     assert df.num_threads.tolist() == [1, 2]
     assert df.seed_init.nunique() == df.seed_order.nunique() == 1
     assert df.weights_sha256.nunique() == 2
+    (pair,) = reduce.reduce(str(tmp_path / "out"), fmt=())["cross_stack"].itertuples()
+    assert (pair.num_threads_a, pair.num_threads_b, pair.n_pairs) == (1, 2, 1)
+    assert pair.identical_fraction == 0 and pair.l2 > 0

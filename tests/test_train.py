@@ -87,12 +87,21 @@ def test_precision_and_layout_options_train_on_cpu(digits):
 
 
 @pytest.mark.integration
-def test_compile_trains_and_keeps_plain_weight_names(digits):
-    torch.manual_seed(0)
-    model = models.build("mlp", digits.image_shape, digits.num_classes)
+def test_compile_trains_and_keeps_plain_weight_names(digits, monkeypatch):
+    """Also: every run really compiles, in a worker that already compiled earlier runs' models. Each
+    new model recompiles the same code objects (training and evaluation: 2 graphs); past dynamo's
+    recompile limit (lowered to 2 here, 8 by default) it would silently run eagerly."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     cfg = TrainConfig(epochs=1, batch_size=64, lr=0.002, optimizer="adam", compile=True)
-    r = train(model, digits, cfg, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), CPU)
-    assert r.test_accuracy > 0.5 and not any(k.startswith("_orig_mod") for k in r.state_dict)
+    for _ in range(2):
+        graphs = counters["stats"]["unique_graphs"]
+        torch.manual_seed(0)
+        model = models.build("mlp", digits.image_shape, digits.num_classes)
+        r = train(model, digits, cfg, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), CPU)
+        assert r.test_accuracy > 0.5 and not any(k.startswith("_orig_mod") for k in r.state_dict)
+        assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
 def test_tooling_options_are_recorded_in_the_row(tmp_path):
@@ -118,7 +127,8 @@ def test_default_tooling_keeps_run_ids():
     doc = {"name": "ids", "replicas": 1, "noise": ["control"], "workloads": [{"arch": "mlp", "dataset": "digits"}]}
     plain = spec.expand(spec.parse(doc))[0]
     explicit = spec.expand(spec.parse(doc | {"tooling": {"num_threads": [1], "precision": ["fp32"],
-                                                         "channels_last": [False], "compile": [False]}}))[0]
+                                                         "channels_last": [False], "compile": [False],
+                                                         "cudnn_benchmark": [False]}}))[0]
     w = spec.parse(doc).workloads[0]
     assert plain.run_id == explicit.run_id == spec.run_id(spec.parse(doc), w, "control", 1, "any", 0)
     bf16 = spec.expand(spec.parse(doc | {"tooling": {"precision": ["bf16"]}}))[0]

@@ -1,8 +1,11 @@
-"""Datasets as tensors that fit in memory, so the training loop can keep them on the device.
+"""Datasets as tensors that fit in memory, so the training loop can keep them on the device, and
+image folders that do not fit, read batch by batch.
 
 Every loader returns an `ArrayDataset` with images in NCHW float32 (normalised with the train
 split's per-channel mean/std) and int64 labels. No DataLoader and no worker processes: their seeding
-would be one more noise source that no sweep setting controls.
+would be one more noise source that no sweep setting controls. The exception is `imagenet(...,
+stream=True)`: an `ImageFolders` of file lists, decoded by DataLoader workers (`DecodedImages`)
+with every random draw seeded per example from the run's generators, so no worker RNG is involved.
 
 Loaders take `(root, **options)`. Nothing is ever downloaded: a real dataset must already be on disk
 in the layout its loader documents, else the loader raises FileNotFoundError naming that layout.
@@ -19,6 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 
 @dataclass(frozen=True)
@@ -202,25 +206,96 @@ IMAGENET_LAYOUT = ("ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG (Image
                    "class folders, e.g. with the usual valprep.sh)")
 
 
-def imagenet(root: str | None, image_size: int = 64, max_per_class: int | None = None) -> ArrayDataset:
-    """ImageNet, or any ImageFolder pair of train/ and val/ trees, resized and centre-cropped to
-    `image_size` (test split = val/).
+def imagenet(root: str | None, image_size: int = 64, max_per_class: int | None = None, stream: bool = False,
+             num_workers: int = 0) -> ArrayDataset | ImageFolders:
+    """ImageNet, or any ImageFolder pair of train/ and val/ trees (test split = val/).
 
-    The whole split lives in memory, which full-resolution ImageNet cannot: at 224×224 the train set
-    is ~190 GB of uint8 (and 4× that as float32). Hence the small default; `image_size` exists for
-    downscaled ImageNet variants (32×32, 64×64) and `max_per_class` (applied to both splits, first
-    files in sorted order) for subsets. Class indices follow train/'s sorted folder names; val/
-    folders absent from train/ are ignored.
+    In memory (default): resized and centre-cropped to `image_size`. Full-resolution ImageNet does
+    not fit (at 224×224 the train set is ~190 GB of uint8, 4× that as float32), hence the small
+    default. `stream=True` keeps only the file lists and decodes batches as training reads them,
+    with `num_workers` DataLoader processes: any size, e.g. the study's 224. `max_per_class`
+    (applied to both splits, first files in sorted order) takes subsets. Class indices follow
+    train/'s sorted folder names; val/ folders absent from train/ are ignored.
     """
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
+    if num_workers and not stream:
+        raise ValueError("imagenet: num_workers needs stream: true (in-memory data has no DataLoader)")
     base = _require(root, "imagenet", IMAGENET_LAYOUT, ["train", "val"])
     train = ImageFolder(base / "train")
-    test = ImageFolder.make_dataset(base / "val", train.class_to_idx, extensions=IMG_EXTENSIONS)
-    tx, ty = _read_samples(_cap_per_class(train.samples, max_per_class), image_size)
-    vx, vy = _read_samples(_cap_per_class(test, max_per_class), image_size)
+    train_samples = _cap_per_class(train.samples, max_per_class)
+    test_samples = _cap_per_class(ImageFolder.make_dataset(base / "val", train.class_to_idx,
+                                                           extensions=IMG_EXTENSIONS), max_per_class)
+    if stream:
+        return ImageFolders(tuple(train_samples), tuple(test_samples), len(train.classes), image_size, num_workers)
+    tx, ty = _read_samples(train_samples, image_size)
+    vx, vy = _read_samples(test_samples, image_size)
     return from_arrays(tx, ty, vx, vy, num_classes=len(train.classes))
+
+
+# Per-channel mean/std of ImageNet's train split (RGB, [0, 1] scale): streamed folders cannot be
+# scanned for their own statistics before training, so they use these, as torchvision's recipes do.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageFolders:
+    """Train and test image files, decoded batch by batch by `num_workers` DataLoader processes."""
+
+    train: tuple[tuple[str, int], ...]  # (path, label), folder-scan order
+    test: tuple[tuple[str, int], ...]
+    num_classes: int
+    image_size: int
+    num_workers: int = 0
+    subgroups: torch.Tensor | None = None
+    subgroup_names: tuple[str, ...] = ()
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return 3, self.image_size, self.image_size
+
+    @property
+    def test_y(self) -> torch.Tensor:
+        return torch.tensor([y for _, y in self.test], dtype=torch.int64)
+
+
+class DecodedImages(Dataset):
+    """Image files decoded on access to normalised (3, S, S) float32 tensors.
+
+    Training items are `(index, seed)` pairs: the seed alone draws that example's random-resized
+    crop ("crop") and horizontal flip ("flip"), so the draws do not depend on which worker decodes
+    it or how many workers there are. Test items are plain indices: resize to 8/7 S, centre-crop S.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], image_size: int, augmentation: str = "none"):
+        self.samples, self.size, self.augmentation = samples, image_size, augmentation
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms import functional as TF
+
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        path, label = self.samples[index]
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+        if seed is None:
+            img = TF.center_crop(TF.resize(img, round(self.size * 8 / 7)), self.size)
+        else:
+            with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
+                torch.manual_seed(seed)
+                box = (RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+                       if "crop" in self.augmentation else None)
+                flip = "flip" in self.augmentation and bool(torch.rand(()) < 0.5)
+            img = TF.resized_crop(img, *box, [self.size, self.size]) if box else \
+                TF.center_crop(TF.resize(img, self.size), self.size)
+            img = TF.hflip(img) if flip else img
+        x = TF.pil_to_tensor(img).float().div_(255)
+        return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD), label
 
 
 CELEBA_FILES = ("celeba/list_attr_celeba.txt", "celeba/list_eval_partition.txt", "celeba/img_align_celeba")
@@ -287,7 +362,7 @@ def celeba(root: str | None, target: str = "Blond_Hair", subgroup_attrs: Sequenc
                        subgroup_names=subgroup_names)
 
 
-DATASETS: dict[str, Callable[..., ArrayDataset]] = {
+DATASETS: dict[str, Callable[..., ArrayDataset | ImageFolders]] = {
     "digits": digits,
     "synthetic": synthetic,
     "cifar10": cifar10,
@@ -297,6 +372,6 @@ DATASETS: dict[str, Callable[..., ArrayDataset]] = {
 }
 
 
-def load(name: str, root: str | None = None, **options) -> ArrayDataset:
+def load(name: str, root: str | None = None, **options) -> ArrayDataset | ImageFolders:
     """Load a registered dataset by name; `options` are the loader's keyword arguments."""
     return DATASETS[name](root, **options)

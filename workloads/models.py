@@ -14,17 +14,13 @@ import torch
 from torch import nn
 
 
-def _flat_size(features: nn.Module, image_shape: tuple[int, int, int]) -> int:
-    """Size of `features`' output for one image: lets one CNN serve 8×8 digits and 32×32 CIFAR."""
-    with torch.no_grad():
-        return features(torch.zeros(1, *image_shape)).numel()
-
-
 def small_cnn(image_shape: tuple[int, int, int], num_classes: int, batch_norm: bool = False,
               width: int = 32) -> nn.Module:
     """The reference study's small CNN: three 3×3 convs (32, 64, 64), two max-pools, a 64-unit
-    dense layer. `batch_norm` adds BatchNorm after each conv, as in the study's "with BN" variant."""
-    c = image_shape[0]
+    dense layer. `batch_norm` adds BatchNorm after each conv, as in the study's "with BN" variant.
+    The head is sized from the shape ("same" convs, two 2× pools), not by a trial forward pass,
+    which would update the BatchNorm running statistics before training starts."""
+    c, h, w = image_shape
     chans = [c, width, 2 * width, 2 * width]
     layers: list[nn.Module] = []
     for i in range(3):
@@ -35,7 +31,7 @@ def small_cnn(image_shape: tuple[int, int, int], num_classes: int, batch_norm: b
         if i < 2:
             layers.append(nn.MaxPool2d(2))
     features = nn.Sequential(*layers, nn.Flatten())
-    return nn.Sequential(features, nn.Linear(_flat_size(features, image_shape), 64), nn.ReLU(),
+    return nn.Sequential(features, nn.Linear(chans[3] * (h // 4) * (w // 4), 64), nn.ReLU(),
                          nn.Linear(64, num_classes))
 
 
@@ -50,11 +46,12 @@ def mlp(image_shape: tuple[int, int, int], num_classes: int, hidden: int = 128, 
 
 def resnet18(image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem: a 3×3 stride-1 first conv and no max-pool,
-    so 32×32 inputs keep their resolution (as in the reference study's CIFAR ResNet-18)."""
+    so 32×32 inputs keep their resolution (as in the reference study's CIFAR ResNet-18). The new
+    conv is initialised as torchvision initialises every ResNet conv (Kaiming normal, fan_out)."""
     from torchvision.models import resnet18 as tv_resnet18
 
     model = tv_resnet18(num_classes=num_classes)
-    model.conv1 = nn.Conv2d(image_shape[0], 64, 3, stride=1, padding=1, bias=False)
+    model.conv1 = _torchvision_init(nn.Conv2d(image_shape[0], 64, 3, stride=1, padding=1, bias=False))
     model.maxpool = nn.Identity()
     return model
 
@@ -81,6 +78,15 @@ def medium_cnn(image_shape: tuple[int, int, int], num_classes: int, kernel_size:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chans[-1], num_classes))
 
 
+def _torchvision_init(conv: nn.Conv2d, mode: str = "fan_out") -> nn.Conv2d:
+    """Re-draw a conv's weight as torchvision's models draw theirs (Kaiming normal for ReLU, `mode`
+    fan_out, fan_in for DenseNet; zero bias), replacing PyTorch's default uniform init."""
+    nn.init.kaiming_normal_(conv.weight, mode=mode, nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
 def _adapt_first_conv(model: nn.Module, in_channels: int, mode: str = "fan_out") -> nn.Module:
     """Give `model`'s first Conv2d `in_channels` inputs (grey-scale digits, say), keeping its other
     settings. The new weight is drawn as torchvision initialises these models' convs (Kaiming normal,
@@ -88,11 +94,9 @@ def _adapt_first_conv(model: nn.Module, in_channels: int, mode: str = "fan_out")
     name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     if conv.in_channels == in_channels:
         return model
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
-    nn.init.kaiming_normal_(new.weight, mode=mode, nonlinearity="relu")
-    if new.bias is not None:
-        nn.init.zeros_(new.bias)
+    new = _torchvision_init(nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                      conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                                      conv.padding_mode), mode)
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, new)
     return model

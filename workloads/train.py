@@ -1,8 +1,10 @@
 """The training loop: the whole dataset on the device, batches and augmentation drawn from the
-run's own generators, no DataLoader.
+run's own generators, no DataLoader; or, for image folders too large for memory, a DataLoader
+whose sampler hands each example a seed drawn from the run's generators (`folder_batches`).
 
 Three generators, one per algorithmic noise source: `order` shuffles, `augment` draws crops and
-flips (the runner also seeds the global RNG, which dropout uses, from the augment source).
+flips (the runner also seeds the global RNG, which dropout uses, with a seed derived from the
+augment seed: controlled by the augment source, yet a stream apart from the augment generator's).
 Initialisation happened before this loop, from the `init` source. So each source can be held
 fixed or varied on its own.
 
@@ -14,14 +16,17 @@ optimiser step both the training loop and the determinism-overhead probe time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
-from workloads.data import ArrayDataset
+from workloads.data import ArrayDataset, DecodedImages, ImageFolders
 
 
 class Diverged(RuntimeError):
@@ -103,18 +108,28 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 def prepare(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
     """Move `model` to the device in the configured layout and set the TF32 switches; returns what
     to call, which is `torch.compile(model)` when compiling. Weights stay in `model` either way
-    (the compiled wrapper's state_dict keys carry an `_orig_mod.` prefix)."""
+    (the compiled wrapper's state_dict keys carry an `_orig_mod.` prefix).
+
+    Compiling first resets dynamo: a reused worker keeps the graphs of earlier runs' models, and
+    once a code object reaches dynamo's recompile limit it silently runs eagerly."""
     set_tf32(cfg.precision == "tf32")
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if cfg.compile else model
+    if not cfg.compile:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model)
+
+
+def layout(xb: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """A batch (B, C, H, W) in the configured memory format."""
+    return xb.contiguous(memory_format=torch.channels_last) if cfg.channels_last else xb
 
 
 def make_batch(x: torch.Tensor, idx: torch.Tensor, cfg: TrainConfig, aug: torch.Generator) -> torch.Tensor:
     """Examples `idx` of x (B, C, H, W), augmented on the device, in the configured memory format."""
-    xb = x[idx] if cfg.augmentation == "none" else augment(x[idx], cfg.augmentation, aug)
-    return xb.contiguous(memory_format=torch.channels_last) if cfg.channels_last else xb
+    return layout(x[idx] if cfg.augmentation == "none" else augment(x[idx], cfg.augmentation, aug), cfg)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
@@ -134,27 +149,52 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                cfg: TrainConfig, order: torch.Generator, aug: torch.Generator) -> torch.Tensor:
-    """One pass in the order generator's permutation; returns the summed loss on the device
-    (no .item() per step: that would sync host and device every batch)."""
-    model.train()
+def memory_batches(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, order: torch.Generator,
+                   aug: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (inputs, labels) batches of tensors on the device, in the order generator's permutation."""
     perm = torch.randperm(len(x), generator=order).to(x.device)
-    total = torch.zeros((), device=x.device)
     for i in range(0, len(x), cfg.batch_size):
         idx = perm[i:i + cfg.batch_size]
-        total += train_step(model, opt, make_batch(x, idx, cfg, aug), y[idx], cfg) * len(idx)
+        yield make_batch(x, idx, cfg, aug), y[idx]
+
+
+def folder_batches(data: ImageFolders, cfg: TrainConfig, order: torch.Generator, aug: torch.Generator,
+                   device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of batches decoded from files by `data.num_workers` DataLoader processes.
+
+    The sampler is the order generator's permutation, each index paired with a seed from the
+    augment generator that alone draws that example's crop and flip (DecodedImages): the batches
+    are the same bits for any number of workers, and no worker RNG needs seeding. The loader gets
+    its own generator, so creating its iterator does not draw from the global RNG (dropout's).
+    """
+    perm = torch.randperm(len(data.train), generator=order)
+    seeds = torch.randint(2**62, (len(perm),), generator=aug, device=aug.device).cpu()  # one sync per epoch
+    loader = DataLoader(DecodedImages(data.train, data.image_size, cfg.augmentation), batch_size=cfg.batch_size,
+                        sampler=list(zip(perm.tolist(), seeds.tolist())), num_workers=data.num_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    for xb, yb in loader:
+        yield layout(xb.to(device, non_blocking=True), cfg), yb.to(device, non_blocking=True)
+
+
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """One pass over `batches`; returns the summed loss on the device (no .item() per step: that
+    would sync host and device every batch)."""
+    model.train()
+    total = torch.zeros((), device=device)
+    for xb, yb in batches:
+        total += train_step(model, opt, xb, yb, cfg) * len(yb)
     return total
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-             batch_size: int = 1024, precision: str = "fp32") -> tuple[float, float, list[float], torch.Tensor]:
-    """Accuracy, mean loss, per-class accuracy and arg-max predictions on (x, y), in the precision
-    the model trained in."""
+def evaluate(model: nn.Module, batches: Iterable[torch.Tensor], y: torch.Tensor, num_classes: int,
+             precision: str = "fp32") -> tuple[float, float, list[float], torch.Tensor]:
+    """Accuracy, mean loss, per-class accuracy and arg-max predictions on the test inputs `batches`
+    (in test-set order) and labels y, in the precision the model trained in."""
     model.eval()
-    with autocast(precision, x.device):
-        logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).float()
+    with autocast(precision, y.device):
+        logits = torch.cat([model(xb) for xb in batches]).float()
     pred = logits.argmax(1)
     correct = (pred == y).double()
     per_class = torch.zeros(num_classes, dtype=torch.float64, device=y.device).index_add_(0, y, correct)
@@ -163,25 +203,31 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
             (per_class / counts).tolist(), pred.cpu())
 
 
-def train(model: nn.Module, data: ArrayDataset, cfg: TrainConfig, order: torch.Generator,
+def train(model: nn.Module, data: ArrayDataset | ImageFolders, cfg: TrainConfig, order: torch.Generator,
           aug: torch.Generator, device: torch.device) -> TrainResult:
     """Train `model` on `data` and evaluate it. `order` is a CPU generator (randperm), `aug` lives
     on `device`. Raises Diverged when an epoch's loss is not finite."""
     net = prepare(model, cfg, device)
-    x, y = data.train_x.to(device), data.train_y.to(device)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    if isinstance(data, ImageFolders):
+        batches = functools.partial(folder_batches, data, cfg, order, aug, device)  # a fresh epoch per call
+        test = DataLoader(DecodedImages(data.test, data.image_size), batch_size=cfg.batch_size,
+                          num_workers=data.num_workers)
+        test_x = (layout(xb.to(device), cfg) for xb, _ in test)
+    else:
+        x, y = layout(data.train_x.to(device), cfg), data.train_y.to(device)
+        batches = functools.partial(memory_batches, x, y, cfg, order, aug)
+        test_x = data.test_x.to(device).split(1024)
     opt = make_optimizer(model, cfg)
     epoch_seconds = []
     for epoch in range(cfg.epochs):
         sync(device)
         t0 = time.perf_counter()
-        loss = train_epoch(net, opt, x, y, cfg, order, aug)
+        loss = train_epoch(net, opt, batches(), cfg, device)
         sync(device)
         epoch_seconds.append(time.perf_counter() - t0)
         if not torch.isfinite(loss):  # one host-device sync per epoch, outside the timer
             raise Diverged(f"diverged at epoch {epoch + 1}")
-    acc, test_loss, per_class, pred = evaluate(net, data.test_x.to(device), data.test_y.to(device),
-                                               data.num_classes, precision=cfg.precision)
+    acc, test_loss, per_class, pred = evaluate(net, test_x, data.test_y.to(device), data.num_classes,
+                                               precision=cfg.precision)
     return TrainResult(epoch_seconds, acc, test_loss, per_class, pred,
                        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})

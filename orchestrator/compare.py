@@ -1,0 +1,155 @@
+"""Is configuration A really better than B, and how many replicas would tell?
+
+    python -m orchestrator.compare OUT --a KEY=VAL[,KEY=VAL] --b KEY=VAL[,KEY=VAL] [--effect X]
+
+Keys are run columns (noise, arch, accelerator_requested, precision, num_threads, ...). Runs are
+compared within each workload group (every default grouping column the two sides do not name), so
+two architectures are never pooled into one side. One row per group that has ok runs on both
+sides, printed and written to OUT/tables/compare.{md,csv,parquet}. Exit 0 written, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from orchestrator import metrics, reduce, store
+
+POWER, ALPHA = 0.8, 0.05
+COMPARE = ["a", "b", "n_a", "n_b", "mean_a", "mean_b", "std_a", "std_b", "paired", "diff", "diff_lo", "diff_hi",
+           "p_a_gt_b", "p_a_gt_b_lo", "p_a_gt_b_hi", "welch_t", "welch_p", "aso_eps", "replicas_needed",
+           "effect", "replicas_needed_effect", "note"]
+POWER_NOTE = (f"replicas_needed: runs per side for a two-sided Welch t-test at alpha = {ALPHA} to detect the "
+              f"observed difference (replicas_needed_effect: --effect) with {POWER:.0%} power, at the observed stds")
+
+
+def parse_side(flag: str, text: str) -> dict[str, str]:
+    """`noise=algo,accelerator_requested=A100` -> {column: value}; UsageError naming the flag."""
+    pairs = [p.split("=", 1) for p in text.split(",") if p]
+    if not pairs or any(len(p) != 2 or not p[0] for p in pairs):
+        raise reduce.UsageError(f"{flag} {text!r}: expected KEY=VAL[,KEY=VAL], e.g. {flag} noise=algo")
+    unknown = [k for k, _ in pairs if k not in store.RUN_SCHEMA.names and k != "workload"]
+    if unknown or any(k in reduce.LISTS for k, _ in pairs):
+        raise reduce.UsageError(f"{flag}: {', '.join(unknown) or 'a list column'} is not a run column; "
+                                f"use columns such as {', '.join(reduce.DEFAULT_BY)}")
+    return dict(pairs)
+
+
+def _as_text(column: pd.Series) -> pd.Series:
+    """A column as the strings a user types: booleans as true/false, integers without `.0`."""
+    if pd.api.types.is_bool_dtype(column):
+        return column.map({True: "true", False: "false"}).astype(object)
+    return column.astype(object).map(lambda v: "" if pd.isna(v) else str(v))
+
+
+def select(meta: pd.DataFrame, side: dict[str, str]) -> pd.Series:
+    """Rows whose columns equal every value of a side (booleans compared case-insensitively)."""
+    mask = pd.Series(True, index=meta.index)
+    for column, value in side.items():
+        text = _as_text(meta[column])
+        mask &= text == (value.lower() if value.lower() in ("true", "false") else value)
+    return mask
+
+
+def aso_eps(a: np.ndarray, b: np.ndarray, seed: int) -> float:
+    """Almost Stochastic Order ε_min of A over B (Dror et al. 2019) when the optional `deepsig`
+    is installed: below 0.5 leans A, 0 is A stochastically dominant. NaN without it."""
+    if importlib.util.find_spec("deepsig") is None or len(a) < 2 or len(b) < 2:
+        return math.nan
+    from deepsig import aso
+
+    return float(aso(a, b, confidence_level=1 - ALPHA, show_progress=False, seed=seed))
+
+
+def compare_sides(a: pd.DataFrame, b: pd.DataFrame, effect: float | None, seed: int) -> dict:
+    """Every comparison number of one group: ok runs of side a against side b."""
+    paired = a["replica"].is_unique and b["replica"].is_unique and set(a["replica"]) == set(b["replica"])
+    xa = a.sort_values("replica")["test_accuracy"].to_numpy(float)
+    xb = b.sort_values("replica")["test_accuracy"].to_numpy(float)
+    sa, sb = metrics.sample_std(xa), metrics.sample_std(xb)
+    diff, lo, hi = metrics.mean_diff_ci(xa, xb, seed, paired)
+    with warnings.catch_warnings():  # two zero-spread sides: t and p are NaN, said in the note
+        warnings.simplefilter("ignore", RuntimeWarning)
+        welch = stats.ttest_ind(xa, xb, equal_var=False) if len(xa) >= 2 and len(xb) >= 2 else None
+    notes = [] if len(xa) >= 2 and len(xb) >= 2 else ["a side has fewer than 2 ok runs"]
+    if sa == 0 and sb == 0:
+        notes.append("no spread on either side: every replica agrees, so any difference is exact")
+    return {"n_a": len(xa), "n_b": len(xb), "mean_a": xa.mean(), "mean_b": xb.mean(), "std_a": sa, "std_b": sb,
+            "paired": paired, "diff": diff, "diff_lo": lo, "diff_hi": hi,
+            **dict(zip(("p_a_gt_b", "p_a_gt_b_lo", "p_a_gt_b_hi"), metrics.prob_improvement_ci(xa, xb, seed))),
+            "welch_t": float(welch.statistic) if welch else math.nan,
+            "welch_p": float(welch.pvalue) if welch else math.nan, "aso_eps": aso_eps(xa, xb, seed % 2**32),
+            "replicas_needed": metrics.replicas_needed(diff, sa, sb, POWER, ALPHA),
+            "effect": math.nan if effect is None else effect,
+            "replicas_needed_effect": (math.nan if effect is None
+                                       else metrics.replicas_needed(effect, sa, sb, POWER, ALPHA)),
+            "note": "; ".join(notes)}
+
+
+def compare(out_uri: str, side_a: dict[str, str], side_b: dict[str, str], effect: float | None = None,
+            seed: int = 0) -> pd.DataFrame:
+    """The compare table of a results tree (not written). UsageError when a side matches no ok
+    run or no group holds both sides."""
+    named = list(dict.fromkeys([*side_a, *side_b]))
+    runs = reduce.load_runs(out_uri, list(dict.fromkeys([*reduce.DEFAULT_BY, *named])))
+    ok = runs.meta[(runs.meta["status"] == "ok") & runs.meta["test_accuracy"].notna()]
+    in_a, in_b = select(ok, side_a), select(ok, side_b)
+    for flag, side, mask in (("--a", side_a, in_a), ("--b", side_b, in_b)):
+        if not mask.any():
+            present = {k: sorted(set(_as_text(ok[k]))) for k in side}
+            raise reduce.UsageError(f"{flag}: no ok run has {side}; values present: {present}")
+    if (in_a & in_b).any():
+        raise reduce.UsageError("--a and --b select the same runs; give them different values")
+    by = [c for c in reduce.DEFAULT_BY if c not in named and ok[c].notna().any()]
+    label_a, label_b = (",".join(f"{k}={v}" for k, v in s.items()) for s in (side_a, side_b))
+    rows = []
+    for vals, g in ok.groupby(by, dropna=False, sort=True):
+        key = dict(zip(by, vals))
+        a, b = g[in_a[g.index]], g[in_b[g.index]]
+        if len(a) and len(b):
+            rows.append({**key, "a": label_a, "b": label_b,
+                         **compare_sides(a, b, effect, reduce._seed(seed, {**key, "a": label_a, "b": label_b}))})
+    if not rows:
+        raise reduce.UsageError(f"no workload group ({', '.join(by)}) has ok runs of both --a and --b")
+    return pd.DataFrame(rows, columns=by + COMPARE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 table written, 2 bad usage or no results tree (nothing written)."""
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("out", help="results tree: local path, s3://bucket/prefix or gs://bucket/prefix")
+    parser.add_argument("--a", required=True, help="side A, e.g. noise=algo,precision=bf16")
+    parser.add_argument("--b", required=True, help="side B, e.g. noise=algo,precision=fp32")
+    parser.add_argument("--effect", type=float, help="an accuracy difference to size replicas for, e.g. 0.005")
+    parser.add_argument("--format", default=",".join(reduce.FORMATS), help="files to write, comma-separated")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    args = parser.parse_args(argv)
+    fmt = tuple(f for f in args.format.split(",") if f)
+    if not set(fmt) <= set(reduce.FORMATS):
+        parser.error(f"--format: choose from {', '.join(reduce.FORMATS)}")
+    if args.effect is not None and not (math.isfinite(args.effect) and args.effect != 0):
+        parser.error("--effect: give a non-zero accuracy difference, e.g. --effect 0.005")
+    if reduce.no_tree(args.out):
+        return 2
+    try:
+        with reduce.warnings_on_stderr():
+            table = compare(args.out, parse_side("--a", args.a), parse_side("--b", args.b), args.effect, args.seed)
+    except reduce.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fs, root = store.resolve(args.out)
+    reduce.write_tables(fs, root, {"compare": table}, fmt)
+    print(f"## compare\n\n{reduce.format_markdown(table)}\n\n{POWER_NOTE}\n")
+    print(f"table written to {root}/tables ({', '.join(fmt)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

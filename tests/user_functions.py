@@ -1,0 +1,24 @@
+"""User training functions that break the entrypoint contract, referenced from sweep specs as
+`entrypoint: tests.user_functions:<name>` (workers import this module through PYTHONPATH)."""
+
+import torch
+
+
+def raises(ctx):
+    raise ValueError("no data here,\nlook elsewhere")
+
+
+def wrong_length(ctx):
+    return {"predictions": torch.zeros(9, dtype=torch.int64), "labels": torch.arange(10) % 2}
+
+
+def no_labels(ctx):
+    return {"predictions": torch.zeros(10, dtype=torch.int64)}
+
+
+def settings_seen(ctx):
+    """Returns, as 'predictions', what the function found in force when it was called: threads,
+    deterministic kernels on, ctx.deterministic, and whether the global RNG starts at the init seed."""
+    seen = [torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), ctx.deterministic,
+            torch.initial_seed() == ctx.seed("init")]
+    return {"predictions": torch.tensor([int(v) for v in seen]), "labels": torch.zeros(4, dtype=torch.int64)}
