@@ -85,6 +85,16 @@ def mean_over_pairs(d: np.ndarray) -> float:
     return float(d[np.triu_indices(len(d), k=1)].mean()) if len(d) >= 2 else math.nan
 
 
+def equal_pair_fraction(keys: Sequence[object]) -> float:
+    """Share of the R(R-1)/2 pairs whose keys are equal (e.g. weight digests), from the counts of
+    each distinct key: O(R), where comparing all pairs would hold an (R, R) matrix. NaN below 2."""
+    r = len(keys)
+    if r < 2:
+        return math.nan
+    counts = np.unique(np.asarray(keys, dtype=object), return_counts=True)[1]
+    return float((counts * (counts - 1)).sum() / (r * (r - 1)))
+
+
 def _std(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Sample std (ddof=1) along `axis`, exactly 0 for equal values: np.std of 50 copies of 0.8856
     is 2e-16 (the mean rounds), which would read as noise in a control group. Shifting by the

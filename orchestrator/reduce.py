@@ -48,6 +48,9 @@ STACK = ("accelerator", *TOOLING, "fingerprint_id")
 FORMATS = ("md", "csv", "parquet")
 N_BOOT = 2000
 CHUNK = 1 << 23  # float64 weight values held at once, across all runs of a group (64 MiB)
+# Pairwise L2 costs O(R²) memory and R² dot products: above this many runs a group's l2 is the mean
+# over the pairs of a seeded random subset of this size, an unbiased estimate of the all-pairs mean.
+L2_MAX_RUNS = 256
 SCALARS = ["run_id", "arch", "dataset", "noise", "replica", "seed_init", "seed_order", "seed_augment",
            "accelerator_requested", "accelerator", "fingerprint_id", *TOOLING, "spec_json",
            "status", "test_accuracy", "weights_sha256", "weights_norm"]
@@ -271,14 +274,18 @@ def _weight_stats(fs: pafs.FileSystem, root: str, ok: pd.DataFrame, notes: list[
     """identical_fraction, l2 (mean pairwise distance over parameters), l2_rel (l2 over the mean
     weights_norm, which the runner takes over parameters too) and l2_buffers (over BN running
     statistics and other float buffers, apart) of a group's ok runs; a run without a digest
-    counts as equal to no other."""
-    digest = ok["weights_sha256"].fillna(ok["run_id"]).to_numpy(dtype=object)
-    out = {"identical_fraction": metrics.mean_over_pairs(digest[:, None] == digest[None, :]),
+    counts as equal to no other. Groups above L2_MAX_RUNS runs take l2 and l2_buffers from a
+    subset of runs drawn with a fixed seed from the run ids in sorted order (reproducible), and say so."""
+    out = {"identical_fraction": metrics.equal_pair_fraction(ok["weights_sha256"].fillna(ok["run_id"]).tolist()),
            "l2": math.nan, "l2_rel": math.nan, "l2_buffers": math.nan}
     if len(ok) < 2:
         return out
+    sample = ok.sort_values("run_id")
+    if len(sample) > L2_MAX_RUNS:
+        sample = sample.iloc[np.sort(np.random.default_rng(0).choice(len(sample), L2_MAX_RUNS, replace=False))]
+        notes.append(f"l2: mean over the pairs of a seeded sample of {L2_MAX_RUNS} of {len(ok)} runs")
     try:
-        out["l2"], out["l2_buffers"] = map(metrics.mean_over_pairs, l2_matrix(fs, root, ok))
+        out["l2"], out["l2_buffers"] = map(metrics.mean_over_pairs, l2_matrix(fs, root, sample))
     except WeightsUnavailable as e:
         notes.append(f"l2: {e}")
     out["l2_rel"] = out["l2"] / ok["weights_norm"].mean()

@@ -253,3 +253,11 @@ def test_std_and_interval_invariant_to_run_order(values, rnd):
     rnd.shuffle(shuffled)
     assert metrics.sample_std(shuffled) == metrics.sample_std(values)
     assert metrics.std_ci(shuffled) == metrics.std_ci(values)
+
+
+def test_equal_pair_fraction_counts_pairs_without_a_pair_matrix():
+    keys = ["a", "a", "b", "a", "c", "b"]
+    brute = np.mean([keys[i] == keys[j] for i in range(6) for j in range(i + 1, 6)])
+    assert metrics.equal_pair_fraction(keys) == pytest.approx(brute) == 4 / 15
+    assert metrics.equal_pair_fraction(["x"] * 5) == 1.0 and metrics.equal_pair_fraction(list("abcd")) == 0.0
+    assert math.isnan(metrics.equal_pair_fraction(["x"]))

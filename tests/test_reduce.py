@@ -420,3 +420,16 @@ def test_variance_p_pairs_by_replica_and_says_when_it_cannot():
     assert test == "Brown–Forsythe, unpaired: 2 shared replicas" and p == metrics.brown_forsythe_p(a, b.drop([0, 1, 2]))
     pooled = pd.concat([a, a + 0.01])  # --by pooled two settings: replica indices repeat
     assert reduce.variance_p(pooled, b)[1] == "Brown–Forsythe, unpaired: replica indices repeat"
+
+
+def test_a_large_group_takes_l2_from_a_seeded_sample_and_says_so(tmp_path: Path, monkeypatch):
+    """Above L2_MAX_RUNS runs, l2 is the mean over the pairs of a fixed-seed subset: reproducible,
+    near the all-pairs mean, and the note says how many runs it stands on."""
+    for r in range(12):
+        write_run(tmp_path, f"a-{r:02d}", P0, weights({(0, 0): float(r)}), replica=r, seeds=(r, r, r))
+    exact = reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0]
+    assert exact["l2"] == pytest.approx(np.mean([abs(i - j) for i in range(12) for j in range(i + 1, 12)]))
+    monkeypatch.setattr(reduce, "L2_MAX_RUNS", 6)
+    first, again = (reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0] for _ in range(2))
+    assert first["l2"] == again["l2"] and first["l2"] != exact["l2"] and 1 < first["l2"] < 8
+    assert "seeded sample of 6 of 12 runs" in first["note"] and first["identical_fraction"] == 0.0
