@@ -38,7 +38,7 @@ therefore not in the overhead.
 
 Output: OUT/overhead/<probe_id>.parquet, one row per timed step of both modes, with the
 fingerprint; `orchestrator.reduce` turns the files into the overhead table (medians, overhead_pct =
-det/nondet - 1, block-bootstrap interval).
+det/nondet - 1, an interval that resamples det/nondet block pairs).
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ class Overhead(Strict):
 
     steps: PositiveInt = 50  # timed steps per block
     warmup: Annotated[int, Field(ge=0)] = 5  # untimed steps per block before the timed ones (autotuning, caches)
-    repeats: PositiveInt = 5  # det/nondet block pairs; the bootstrap interval resamples blocks
+    repeats: PositiveInt = 5  # det/nondet block pairs; the bootstrap interval resamples these pairs
     # torch's deterministic mode also NaN-fills every new uninitialised tensor (a memset per
     # allocation, a real cost even where kernels are the same); false leaves only kernel choice
     fill_uninitialized_memory: bool = True
