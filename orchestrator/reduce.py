@@ -66,7 +66,7 @@ VARIANCE = ["accelerator", "n_fingerprints", "n_runs", "n_failed", "n_test", "ac
 SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mean", "fpr_std",
              "fnr_mean", "fnr_std"]
 CROSS_STACK = ["arch", "dataset", "workload", "noise", *(f"{c}_a" for c in STACK), *(f"{c}_b" for c in STACK),
-               "n_pairs", "identical_fraction", "churn", "l2", "l2_rel", "acc_diff_mean"]
+               "n_pairs", "identical_fraction", "churn", "l2", "l2_rel", "acc_diff_mean", "n_pairs_l2"]
 # Overhead: grouped like the variance table (workload hash, tooling values), per accelerator.
 PROBE_TOOLING = ("precision", "channels_last", "compiled", "cudnn_benchmark")  # the ones a probe row has
 OVERHEAD = ["arch", "workload", "accelerator", "accelerator_requested", "n_probes", "n_fingerprints",
@@ -407,46 +407,74 @@ def variance_tables(runs: Runs, fs: pafs.FileSystem, root: str, by: list[str]) -
 
 # --- cross-stack ------------------------------------------------------------------------------
 
-def _stack_pairs(runs: Runs, fs: pafs.FileSystem, root: str, g: pd.DataFrame, stack: np.ndarray) -> list[dict]:
-    """Every pair of runs in a matched set `g` that ran on different stacks (`stack`: a code per
-    run, ordered like the stacks, so that side a is always the lower one)."""
-    preds = runs.matrix("predictions", g.index)
-    churn = metrics.pairwise_disagreement(preds) if preds is not None else np.full((len(g), len(g)), np.nan)
-    try:
-        l2 = l2_matrix(fs, root, g)[0]
-    except WeightsUnavailable:
-        l2 = np.full((len(g), len(g)), np.nan)
-    col = {c: g[c].to_numpy(dtype=object)
-           for c in ("arch", "dataset", "workload", "noise", *STACK, "weights_sha256")}
-    norm, acc = g["weights_norm"].to_numpy(float), g["test_accuracy"].to_numpy(float)
-    pairs = []
-    for i, j in itertools.combinations(range(len(g)), 2):
-        if stack[i] != stack[j]:
-            a, b = (i, j) if stack[i] < stack[j] else (j, i)
-            pairs.append({**{c: col[c][a] for c in ("arch", "dataset", "workload", "noise")},
-                          **{f"{c}_a": col[c][a] for c in STACK}, **{f"{c}_b": col[c][b] for c in STACK},
-                          "identical": pd.notna(col["weights_sha256"][a])
-                          and col["weights_sha256"][a] == col["weights_sha256"][b],
-                          "churn": churn[a, b], "l2": l2[a, b], "norm": (norm[a] + norm[b]) / 2,
-                          "acc_diff": abs(acc[a] - acc[b])})
-    return pairs
+def _stack_pairs(ok: pd.DataFrame, stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (a, b) in `ok` of every pair of runs equal in MATCH that ran on different stacks
+    (`stack`: a code per run, ordered like the stacks, so that side a is always the lower one)."""
+    a, b = [], []
+    for rows in ok.groupby(list(MATCH), dropna=False, sort=True).indices.values():
+        for i, j in itertools.combinations(rows, 2):
+            if stack[i] != stack[j]:
+                low, high = (i, j) if stack[i] < stack[j] else (j, i)
+                a.append(low)
+                b.append(high)
+    return np.array(a, dtype=np.int64), np.array(b, dtype=np.int64)
+
+
+def _pair_churn(runs: Runs, ok: pd.DataFrame, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per pair, the fraction of test predictions that differ; one prediction matrix per dataset
+    (test sets of different datasets differ in length). NaN where predictions are missing."""
+    churn = np.full(len(a), np.nan)
+    datasets = ok["dataset"].to_numpy(dtype=object)[a]
+    for name in pd.unique(datasets):
+        sel = datasets == name
+        rows = np.unique(np.concatenate([a[sel], b[sel]]))
+        preds = runs.matrix("predictions", ok.index[rows])
+        if preds is not None:
+            ia, ib = np.searchsorted(rows, a[sel]), np.searchsorted(rows, b[sel])
+            churn[sel] = (preds[ia] != preds[ib]).mean(axis=1)
+    return churn
+
+
+def _pair_l2(fs: pafs.FileSystem, root: str, ok: pd.DataFrame, a: np.ndarray, b: np.ndarray,
+             groups: np.ndarray) -> np.ndarray:
+    """Per pair, the L2 distance of the final parameters, for at most L2_MAX_RUNS pairs of each
+    table row (`groups`), drawn with a fixed seed: each pair reads two weight files. NaN elsewhere."""
+    l2 = np.full(len(a), np.nan)
+    rng = np.random.default_rng(0)
+    for members in pd.Series(np.arange(len(a))).groupby(groups, sort=True).indices.values():
+        if len(members) > L2_MAX_RUNS:
+            members = np.sort(rng.choice(members, L2_MAX_RUNS, replace=False))
+        for k in members:
+            try:
+                l2[k] = l2_matrix(fs, root, ok.iloc[[a[k], b[k]]])[0][0, 1]
+            except WeightsUnavailable:
+                pass
+    return l2
 
 
 def cross_stack_table(runs: Runs, fs: pafs.FileSystem, root: str) -> pd.DataFrame:
     """Runs with the same seeds and settings that differ only in accelerator or tooling (thread
     count, fingerprint), compared pair by pair: the noise no seed removes. One row per
-    (workload, noise, stack a, stack b) with the pair means."""
+    (workload, noise, stack a, stack b) with the pair means; `l2` over at most L2_MAX_RUNS pairs
+    of a row (`n_pairs_l2`), the rest over every pair."""
     ok = runs.meta[runs.meta["status"] == "ok"]
     stack = ok.groupby(list(STACK), dropna=False, sort=True).ngroup().to_numpy()
-    pairs = []
-    for rows in ok.groupby(list(MATCH), dropna=False, sort=True).indices.values():
-        if len(set(stack[rows])) > 1:
-            pairs += _stack_pairs(runs, fs, root, ok.iloc[rows], stack[rows])
+    a, b = _stack_pairs(ok, stack)
     keys = CROSS_STACK[:CROSS_STACK.index("n_pairs")]
-    if pairs:
-        df = pd.DataFrame(pairs).groupby(keys, dropna=False, sort=True).agg(
+    if len(a):
+        col = {c: ok[c].to_numpy(dtype=object) for c in ("arch", "dataset", "workload", "noise", *STACK)}
+        digest = ok["weights_sha256"].to_numpy(dtype=object)
+        norm, acc = ok["weights_norm"].to_numpy(float), ok["test_accuracy"].to_numpy(float)
+        pairs = pd.DataFrame({**{c: col[c][a] for c in ("arch", "dataset", "workload", "noise")},
+                              **{f"{c}_a": col[c][a] for c in STACK}, **{f"{c}_b": col[c][b] for c in STACK},
+                              "identical": pd.notna(digest[a]) & (digest[a] == digest[b]),
+                              "churn": _pair_churn(runs, ok, a, b), "norm": (norm[a] + norm[b]) / 2,
+                              "acc_diff": np.abs(acc[a] - acc[b])})
+        pairs["l2"] = _pair_l2(fs, root, ok, a, b, pairs.groupby(keys, dropna=False, sort=True).ngroup().to_numpy())
+        df = pairs.groupby(keys, dropna=False, sort=True).agg(
             n_pairs=("churn", "size"), identical_fraction=("identical", "mean"), churn=("churn", "mean"),
-            l2=("l2", "mean"), norm=("norm", "mean"), acc_diff_mean=("acc_diff", "mean")).reset_index()
+            l2=("l2", "mean"), n_pairs_l2=("l2", "count"), norm=("norm", "mean"),
+            acc_diff_mean=("acc_diff", "mean")).reset_index()
         df["l2_rel"] = df["l2"] / df["norm"]
         table = df[CROSS_STACK]
     else:

@@ -433,3 +433,14 @@ def test_a_large_group_takes_l2_from_a_seeded_sample_and_says_so(tmp_path: Path,
     first, again = (reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0] for _ in range(2))
     assert first["l2"] == again["l2"] and first["l2"] != exact["l2"] and 1 < first["l2"] < 8
     assert "seeded sample of 6 of 12 runs" in first["note"] and first["identical_fraction"] == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:skipped 1")
+def test_cross_stack_l2_reads_at_most_l2_max_runs_pairs_per_row(tree: Path, monkeypatch):
+    """Every pair counts for churn and identity; the L2 distance, two weight files per pair, is the
+    mean over a seeded subset of at most L2_MAX_RUNS pairs, and n_pairs_l2 says how many."""
+    full = reduce.reduce(str(tree), fmt=())["cross_stack"].iloc[0]
+    assert (full["n_pairs"], full["n_pairs_l2"], full["l2"]) == (3, 3, 1.0)
+    monkeypatch.setattr(reduce, "L2_MAX_RUNS", 2)
+    capped = reduce.reduce(str(tree), fmt=())["cross_stack"].iloc[0]
+    assert (capped["n_pairs"], capped["n_pairs_l2"], capped["l2"], capped["churn"]) == (3, 2, 1.0, 1 / 8)
