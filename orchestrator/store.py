@@ -183,6 +183,9 @@ def _finished(fs: pafs.FileSystem, folder: str, suffix: str) -> list[pafs.FileIn
 COMPACTED_PREFIX = "compacted-"
 COMPACT_RUNS = 1000  # runs per compacted file: bounded memory while compacting, few requests when reading
 COMPACT_AT = 500  # per-run files at which a sweep compacts at its end; fewer read fast and stay easy to inspect
+# files per scan while compacting: a multi-file scan holds ~0.4 MB per small file until it ends
+# (measured: 1,000 files 533 MB peak RSS, 250 files 256 MB), so a compacted file is read in slices
+COMPACT_SCAN = 250
 COMPACT_ROW_GROUP = 64  # runs per row group: a reader streams a compacted file instead of loading it whole
 
 
@@ -264,7 +267,9 @@ def compact(uri: str, runs_per_file: int = COMPACT_RUNS, at_least: int = 1) -> i
     merged = 0
     for start in range(0, len(infos), runs_per_file):
         chunk = {i.path: i for i in infos[start:start + runs_per_file]}
-        table = _read_ours(fs, list(chunk), RUN_SCHEMA.names)
+        paths = list(chunk)
+        table = pa.concat_tables([_read_ours(fs, paths[s:s + COMPACT_SCAN], RUN_SCHEMA.names)
+                                  for s in range(0, len(paths), COMPACT_SCAN)])
         if not table.num_rows:
             continue
         name = f"{COMPACTED_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
