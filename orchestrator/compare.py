@@ -115,7 +115,7 @@ def compare(out_uri: str, side_a: dict[str, str], side_b: dict[str, str], effect
         a, b = g[in_a[g.index]], g[in_b[g.index]]
         if len(a) and len(b):
             rows.append({**key, "a": label_a, "b": label_b,
-                         **compare_sides(a, b, effect, reduce._seed(seed, {**key, "a": label_a, "b": label_b}))})
+                         **compare_sides(a, b, effect, reduce.group_seed(seed, {**key, "a": label_a, "b": label_b}))})
     if not rows:
         raise reduce.UsageError(f"no workload group ({', '.join(by)}) has ok runs of both --a and --b")
     return pd.DataFrame(rows, columns=by + COMPARE)

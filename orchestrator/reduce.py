@@ -249,7 +249,7 @@ def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.nd
 
 # --- variance ---------------------------------------------------------------------------------
 
-def _seed(seed: int, key: dict) -> int:
+def group_seed(seed: int, key: dict) -> int:
     """A bootstrap seed per group from the --seed and the group's key: each group's interval
     is reproducible whatever other groups the results tree holds."""
     text = json.dumps([seed, [str(v) for v in key.values()]])
@@ -526,7 +526,7 @@ def _pairs(g: pd.DataFrame) -> tuple[list[np.ndarray], list[np.ndarray], int]:
 
 def _overhead_row(key: dict, g: pd.DataFrame, seed: int) -> dict:
     det, nondet, incomplete = _pairs(g)
-    ratio, lo, hi = metrics.median_ratio_ci(det, nondet, _seed(seed, key), n_boot=N_BOOT, paired=True)
+    ratio, lo, hi = metrics.median_ratio_ci(det, nondet, group_seed(seed, key), n_boot=N_BOOT, paired=True)
     n_det, n_nondet = sum(map(len, det)), sum(map(len, nondet))
     notes = [f"{incomplete} incomplete det/nondet pair(s) left out"] if incomplete else []
     if len(det) < 2:
@@ -616,7 +616,7 @@ def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0
     by = asked if by else [c for c in asked if c not in TOOLING or runs.meta[c].notna().any()]
     variance, subgroups = variance_tables(runs, fs, root, by)
     tables = {"variance": variance, "subgroups": subgroups,
-              "sources": sources.sources_table(variance, runs.meta, runs.matrix, by, lambda key: _seed(seed, key)),
+              "sources": sources.sources_table(variance, runs.meta, runs.matrix, by, lambda key: group_seed(seed, key)),
               "cross_stack": cross_stack_table(runs, fs, root), "overhead": overhead_table(fs, root, seed)}
     write_tables(fs, root, tables, fmt)
     return tables
