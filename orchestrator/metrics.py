@@ -250,6 +250,18 @@ def pitman_morgan_p(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.pearsonr(s, d).pvalue)
 
 
+def percentile_ci(data: tuple, statistic, seed: int, n_boot: int, level: float, **options) -> tuple[float, float]:
+    """scipy's percentile bootstrap interval of `statistic` over `data`, from a seeded generator.
+    A resampling distribution with one value (two presets whose paired replicas are bitwise equal:
+    every resample gives the same ratio) is a valid answer, [x, x]; scipy warns about it, which
+    would only alarm the user, so that warning is silenced here and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap(data, statistic, n_resamples=n_boot, confidence_level=level, method="percentile",
+                              rng=np.random.default_rng(seed), **options)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def median_ratio_ci(num_units: Sequence[np.ndarray], den_units: Sequence[np.ndarray], seed: int,
                     n_boot: int = 2000, level: float = 0.95, paired: bool = False) -> tuple[float, float, float]:
     """median(num) / median(den) and a seeded percentile bootstrap interval of it.
@@ -270,11 +282,9 @@ def median_ratio_ci(num_units: Sequence[np.ndarray], den_units: Sequence[np.ndar
     ratio = float(np.median(num.values) / np.median(den.values))
     if num.n < 2 or den.n < 2:
         return ratio, math.nan, math.nan
-    res = stats.bootstrap((np.arange(num.n), np.arange(den.n)),
-                          lambda i, j: np.median(num.take(i)) / np.median(den.take(j)), vectorized=False,
-                          paired=paired, n_resamples=n_boot, confidence_level=level, method="percentile",
-                          rng=np.random.default_rng(seed))
-    return ratio, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return ratio, *percentile_ci((np.arange(num.n), np.arange(den.n)),
+                                 lambda i, j: np.median(num.take(i)) / np.median(den.take(j)), seed, n_boot, level,
+                                 vectorized=False, paired=paired)
 
 
 class _Units:
@@ -325,9 +335,7 @@ def variance_share_ci(num: Sequence[float], den: Sequence[float], seed: int, pai
     def ratio(x, y, axis=-1):
         with np.errstate(divide="ignore", invalid="ignore"):  # a resample of 3 replicas can repeat one
             return _std(x, axis=axis) ** 2 / _std(y, axis=axis) ** 2
-    res = stats.bootstrap((a, b), ratio, paired=paired, n_resamples=n_boot, confidence_level=level,
-                          method="percentile", rng=np.random.default_rng(seed))
-    return float(ratio(a, b)), float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return float(ratio(a, b)), *percentile_ci((a, b), ratio, seed, n_boot, level, paired=paired)
 
 
 def _pair_means(d: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -359,9 +367,7 @@ def churn_share_ci(num_preds: np.ndarray, den_preds: np.ndarray, seed: int, pair
         with np.errstate(divide="ignore", invalid="ignore"):
             return _pair_means(dn, i) / _pair_means(dd, i if j is None else j)
     data = (np.arange(len(dn)),) if paired else (np.arange(len(dn)), np.arange(len(dd)))
-    res = stats.bootstrap(data, ratio, n_resamples=n_boot, confidence_level=level, method="percentile",
-                          rng=np.random.default_rng(seed))
-    return churn(num_preds) / churn(den_preds), float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return churn(num_preds) / churn(den_preds), *percentile_ci(data, ratio, seed, n_boot, level)
 
 
 def mean_diff_ci(a: Sequence[float], b: Sequence[float], seed: int, paired: bool,
@@ -371,10 +377,8 @@ def mean_diff_ci(a: Sequence[float], b: Sequence[float], seed: int, paired: bool
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) < 2 or len(b) < 2:
         return (float(a.mean() - b.mean()) if len(a) and len(b) else math.nan), math.nan, math.nan
-    res = stats.bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis=axis) - y.mean(axis=axis), paired=paired,
-                          n_resamples=n_boot, confidence_level=level, method="percentile",
-                          rng=np.random.default_rng(seed))
-    return float(a.mean() - b.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return float(a.mean() - b.mean()), *percentile_ci(
+        (a, b), lambda x, y, axis=-1: x.mean(axis=axis) - y.mean(axis=axis), seed, n_boot, level, paired=paired)
 
 
 def prob_improvement(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -395,9 +399,7 @@ def prob_improvement_ci(a: Sequence[float], b: Sequence[float], seed: int, n_boo
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan, math.nan
-    res = stats.bootstrap((a, b), prob_improvement, n_resamples=n_boot, confidence_level=level,
-                          method="percentile", rng=np.random.default_rng(seed))
-    return float(prob_improvement(a, b)), float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return float(prob_improvement(a, b)), *percentile_ci((a, b), prob_improvement, seed, n_boot, level)
 
 
 def welch_power(effect: float, std_a: float, std_b: float, n: int, alpha: float = 0.05) -> float:
