@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orchestrator import runner, spec
+from orchestrator import axes, runner, spec
 from workloads import data as datasets
 from workloads import models
 from workloads.train import Diverged, TrainConfig, augment, set_tf32, train
@@ -130,7 +130,8 @@ def test_default_tooling_keeps_run_ids():
                                                          "channels_last": [False], "compile": [False],
                                                          "cudnn_benchmark": [False]}}))[0]
     w = spec.parse(doc).workloads[0]
-    assert plain.run_id == explicit.run_id == spec.run_id(spec.parse(doc), w, "control", 1, "any", 0)
+    defaults = {a.name: a.default for a in axes.AXES}
+    assert plain.run_id == explicit.run_id == spec.run_id(spec.parse(doc), w, "control", "any", 0, defaults)
     bf16 = spec.expand(spec.parse(doc | {"tooling": {"precision": ["bf16"]}}))[0]
     assert bf16.run_id != plain.run_id and bf16.precision == "bf16"
 

@@ -231,3 +231,28 @@ def train(model: nn.Module, data: ArrayDataset | ImageFolders, cfg: TrainConfig,
                                                precision=cfg.precision)
     return TrainResult(epoch_seconds, acc, test_loss, per_class, pred,
                        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in a data-parallel replica. With world_size > 1, torch.distributed is
+    already set up (by Ray Train) when training starts; rank 0 evaluates and reports."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # index among the ranks on this node
+    device: torch.device | None = None  # the device Ray Train gave this rank; None: the run's own choice
+
+
+SOLO = Rank()
+
+
+def shard(indices: torch.Tensor, rank: Rank) -> torch.Tensor:
+    """This rank's share of `indices` (an epoch's permutation): every world_size-th entry from
+    `rank.rank` on, after leaving out the last len % world_size entries so that every rank takes
+    the same number of equal steps (as DistributedSampler(drop_last=True)). Batch j of size B/k of
+    the shard holds exactly rank r's part of global batch j of size B, so with the gradients
+    averaged over the ranks (DDP) each step is the step of batch B at world size 1: only the
+    distribution differs. At world size 1 it returns `indices` whole."""
+    usable = len(indices) - len(indices) % rank.world_size
+    return indices[:usable][rank.rank::rank.world_size]
