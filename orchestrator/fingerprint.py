@@ -157,7 +157,6 @@ def packages(named: tuple[str, ...] = ()) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, distributions, version
 
     import torch
-    import torchvision
 
     found = {d.metadata["Name"]: d.version for d in distributions()
              if (d.metadata["Name"] or "").lower().startswith("nvidia-")}
@@ -167,7 +166,20 @@ def packages(named: tuple[str, ...] = ()) -> dict[str, str]:
         except PackageNotFoundError:
             if name in named:
                 found[name] = "not installed"
-    return dict(sorted((found | {"torch": torch.__version__, "torchvision": torchvision.__version__}).items()))
+    imported = {"torch": torch.__version__, "torchvision": torchvision_version() or "does not import"}
+    return dict(sorted((found | imported).items()))
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_version() -> str | None:
+    """torchvision's version as imported; None when it does not import, as when a stack pins a
+    torch without the torchvision built for it (its operators fail to register): the runs that do
+    not need it still run, and their fingerprint says torchvision is missing."""
+    try:
+        import torchvision
+    except Exception:  # noqa: BLE001 - RuntimeError from operator registration, ImportError, OSError...
+        return None
+    return torchvision.__version__
 
 
 def _ray() -> dict:
@@ -192,13 +204,12 @@ def collect(device=None, compiled: bool = False, named: tuple[str, ...] | list[s
     run used (None: this node's, the GPU when torch sees one). `compiled` runs add Triton's version;
     `named`: the packages the run's stack installs, recorded (and hashed) beside the usual ones."""
     import torch
-    import torchvision
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)}
     fp = {"hostname": socket.gethostname(), "python_version": platform.python_version(),
-          "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+          "torch_version": torch.__version__, "torchvision_version": torchvision_version(),
           "cuda_version": torch.version.cuda, "cpu_model": cpu_model(),
           "num_threads": torch.get_num_threads(), "tf32_override": os.environ.get("NVIDIA_TF32_OVERRIDE"),
           "triton_version": _triton_version() if compiled else None, "env": json.dumps(env, sort_keys=True),
