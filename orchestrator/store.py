@@ -56,6 +56,8 @@ RUN_SCHEMA = pa.schema([
     ("vary_bitflip", pa.bool_()), ("seed_bitflip", pa.int64()),
     ("bitflip", pa.string()),  # the initial weight whose lowest bit was flipped, `name[flat index]`
     ("worker_pid", pa.int64()), ("worker_runs", pa.int32()),  # the process that ran it, and its runs before
+    ("epoch_lr", pa.list_(pa.float64())),  # built-in loop: learning rate of each epoch's first optimiser step
+    ("attention_backend", pa.string()),  # SDPA kernel the built-in transformer's first attention call ran; else null
 ])
 
 LABELS_SCHEMA = pa.schema([("label", pa.int32()), ("subgroup", pa.int32())])
