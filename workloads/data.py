@@ -416,7 +416,7 @@ def _tokenise(path: Path, level: str) -> tuple[np.ndarray, int]:
     over the whole file (the test split's characters are in the vocabulary too)."""
     raw = path.read_bytes()
     if level == "byte":
-        return np.frombuffer(raw, dtype=np.uint8), 256
+        return np.frombuffer(raw, dtype=np.uint8).astype(np.int64), 256
     if level != "char":
         raise ValueError(f"text: level must be char or byte, got {level!r}")
     try:
