@@ -68,10 +68,10 @@ def test_models_by_name_resolve_or_exit_2_in_one_line_each(tmp_path):
         {"arch": "torchvision:resnet9000", "dataset": "digits"}, {"arch": "timm:vit_nope", "dataset": "digits"}])),
         "--out", str(tmp_path / "out"))
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'bad.yaml'}: workloads.0.arch: unknown torchvision model 'resnet9000'; list the classification "
+    assert [line.removeprefix("error: ") for line in r.stderr.strip().splitlines()] == [
+        f"{tmp_path / 'bad.yaml'}: workloads.0.arch: unknown torchvision model 'resnet9000'; list the classification "
         "models with python -c \"import torchvision.models as m; print(m.list_models(module=m))\"",
-        f"error: {tmp_path / 'bad.yaml'}: workloads.1.arch: unknown timm model 'vit_nope'; list them with "
+        f"{tmp_path / 'bad.yaml'}: workloads.1.arch: unknown timm model 'vit_nope'; list them with "
         "python -c \"import timm; print(timm.list_models('vit*'))\""]
     assert not (tmp_path / "out").exists()
 
