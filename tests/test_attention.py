@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator import runner
+from tests.test_runner import cuda_forbidden  # noqa: F401 - the fixture: any torch.cuda call raises
 from workloads import data as datasets
 from workloads import models
 from workloads.train import AttentionUnavailable, TrainConfig, offered_backends, sdpa_backend, train
@@ -107,3 +108,14 @@ def test_other_errors_pass_through_unchanged():
     with pytest.raises(ValueError, match="not about attention"):
         with sdpa_backend("math", CPU):
             raise ValueError("not about attention")
+
+
+def test_choosing_a_kernel_on_a_cpu_never_calls_into_cuda(cuda_forbidden):  # noqa: F811
+    """The kernel switches are torch.backends.cuda flags, yet a CPU run must not touch CUDA."""
+    model = models.build("gpt", (8,), 5, n_layer=1, n_head=2, n_embd=16)
+    with sdpa_backend("flash", CPU):
+        model(torch.zeros(1, 8, dtype=torch.int64))
+    assert models.attention_backend(model) == "flash"
+    with pytest.raises(AttentionUnavailable, match="on cpu"):
+        with sdpa_backend("cudnn", CPU):
+            pass

@@ -267,7 +267,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             (per_class / counts).tolist(), pred.cpu())
 
 
-def test_batches(data: ArrayDataset | ImageFolders | TokenDataset, cfg: TrainConfig,
+def eval_batches(data: ArrayDataset | ImageFolders | TokenDataset, cfg: TrainConfig,
                  device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The test set as (inputs, targets) batches of `cfg.eval_batch_size` (default: the training
     batch size) examples or windows, in test-set order: the same weights give other bits at another
@@ -305,7 +305,7 @@ def train(model: nn.Module, data: ArrayDataset | ImageFolders | TokenDataset, cf
         epoch_seconds.append(time.perf_counter() - t0)
         if not torch.isfinite(loss):  # one host-device sync per epoch, outside the timer
             raise Diverged(f"diverged at epoch {epoch + 1}")
-    acc, test_loss, per_class, pred = evaluate(net, test_batches(data, cfg, device), data.num_classes, device,
+    acc, test_loss, per_class, pred = evaluate(net, eval_batches(data, cfg, device), data.num_classes, device,
                                                precision=cfg.precision)
     return TrainResult(epoch_seconds, acc, test_loss, per_class, pred,
                        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
