@@ -26,6 +26,7 @@ import contextlib
 import functools
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -341,7 +342,9 @@ def offered_backends(device: torch.device) -> list[str]:
     q = torch.zeros(1, 1, 16, 64, device=device, dtype=dtype)
     offered = []
     for name, backend in SDPA_BACKENDS.items():
-        with sdpa_kernel(backend), contextlib.suppress(RuntimeError):  # raised where none is left
+        # a kernel not offered raises, after a warning per reason (quiet here: the caller says it in one line)
+        with sdpa_kernel(backend), contextlib.suppress(RuntimeError), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             if torch._fused_sdp_choice(q, q, q, None, 0.0, True) == backend.value:
                 offered.append(name)
     return offered
@@ -357,9 +360,10 @@ def sdpa_backend(name: str, device: torch.device) -> Iterator[None]:
     if name == "auto":
         yield
         return
-    if name not in offered_backends(device):
+    offered = offered_backends(device)
+    if name not in offered:
         raise AttentionUnavailable(f"attention: the {name} kernel is not available on {describe(device)}; "
-                                   f"available there: {', '.join(offered_backends(device)) or 'none'}")
+                                   f"available there: {', '.join(offered) or 'none'}")
     with sdpa_kernel(SDPA_BACKENDS[name]):
         try:
             yield
