@@ -205,7 +205,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape  # (B, T, C)
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
-        if self.sdpa_used is None and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and self.sdpa_used is None:
             self.sdpa_used = sdpa_choice(q, k, v, self.causal)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
