@@ -105,17 +105,18 @@ def _check_labels(fs, root: str, name: str, labels) -> None:
     _write_labels(fs, root, name, torch.from_numpy(labels))
 
 
-def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset | datasets.ImageFolders, torch.nn.Module,
-                                                       TrainConfig]:
+def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset | datasets.ImageFolders
+                                                       | datasets.TokenDataset, torch.nn.Module, TrainConfig]:
     """Dataset (cached per worker), model initialised from the init seed, and the training config:
     shared by the replica runner and the overhead probe, so both time and train the same thing."""
     w = spec.workload
     data = load_dataset(spec)
     with torch.random.fork_rng(devices=[]):  # init has its own stream, leaves global RNG alone
         torch.manual_seed(spec.seeds.init)
-        model = models.build(w.arch, data.image_shape, data.num_classes, **w.arch_args)
+        model = models.build(w.arch, data.input_shape, data.num_classes, **w.arch_args)
     cfg = TrainConfig(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr, optimizer=w.optimizer,
-                      momentum=w.momentum, weight_decay=w.weight_decay, augmentation=w.augmentation,
+                      momentum=w.momentum, weight_decay=w.weight_decay, schedule=w.schedule,
+                      warmup_epochs=w.warmup_epochs, grad_clip=w.grad_clip, augmentation=w.augmentation,
                       precision=spec.precision, channels_last=spec.channels_last, compile=spec.compile)
     return data, model, cfg
 
@@ -150,7 +151,8 @@ def train_one(spec: RunSpec, fs, root: str, device: torch.device, rank: Rank = S
         _write_labels(fs, root, spec.workload.dataset, data.test_y, data.subgroups)
         aug = augment_streams(spec.seeds, device)
         order = torch.Generator().manual_seed(spec.seeds.order)
-        result, extra = train(model, data, cfg, order, aug, device), {}
+        result = train(model, data, cfg, order, aug, device)
+        extra = {"epoch_lr": result.epoch_lr, "attention_backend": result.attention_backend}
         buffers = buffer_names(model)
     row = {"status": "ok", "bitflip": flipped, "impl_flags": json.dumps(flags, sort_keys=True),
            "train_seconds": sum(result.epoch_seconds), "epoch_seconds": result.epoch_seconds,

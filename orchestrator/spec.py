@@ -22,22 +22,25 @@ from pydantic import (AfterValidator, Discriminator, Field, PositiveInt, Tag, Va
 
 from orchestrator.axes import AXES, Name, Stack, Strict
 from orchestrator.noise import PRESETS, Seeds, seeds_for
-from workloads.data import DATASETS
-from workloads.models import MODELS, builder
+from workloads.data import DATASETS, TOKEN_DATASETS
+from workloads.models import MODELS, NAMED_MODELS, TOKEN_MODELS, UnknownModel, builder
 
 
 class Workload(Strict):
     arch: str
     dataset: str
-    dataset_root: str | None = None  # folder holding the dataset's files; unused by digits/synthetic
+    dataset_root: str | None = None  # folder holding the dataset's files (text: the file); unused by generated data
     dataset_args: dict[str, int | float | str | bool | list[str]] = {}  # loader options
     arch_args: dict[str, int | float | str | bool] = {}  # builder options, e.g. {batch_norm: true}
     epochs: PositiveInt = 3
-    batch_size: PositiveInt = 128
-    lr: Annotated[float, Field(gt=0)] = 0.01
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    batch_size: PositiveInt = 128  # examples per step (token datasets: windows per step)
+    lr: Annotated[float, Field(gt=0)] = 0.01  # peak learning rate of the schedule
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0  # adamw: decoupled
+    schedule: Literal["constant", "cosine", "onecycle"] = "constant"  # stepped per optimiser step
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0  # linear warm-up (constant, cosine); fractions allowed
+    grad_clip: Annotated[float, Field(gt=0)] | None = None  # max global L2 norm of the gradients; null: off
     augmentation: Literal["none", "crop", "flip", "crop+flip"] = "none"  # on-device, augment generator
     replicas: PositiveInt | None = None  # overrides the sweep's replicas for this workload
 
@@ -46,9 +49,11 @@ class Workload(Strict):
     def _known_arch(cls, v: str) -> str:
         try:
             builder(v)
+        except UnknownModel as e:  # torchvision:/timm: names: the message says how to list valid ones
+            raise ValueError(str(e)) from None
         except (KeyError, ImportError, AttributeError, ValueError):
-            raise ValueError(f"unknown arch {v!r}; choose one of {', '.join(sorted(MODELS))} "
-                             "or give package.module:function") from None
+            raise ValueError(f"unknown arch {v!r}; choose one of {', '.join(sorted(MODELS))}, "
+                             "torchvision:<name>, timm:<name>, or give package.module:function") from None
         return v
 
     @field_validator("dataset")
@@ -57,6 +62,28 @@ class Workload(Strict):
         if v not in DATASETS:
             raise ValueError(f"unknown dataset {v!r}; choose one of {', '.join(sorted(DATASETS))}")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Workload:
+        """Rules between the workload's own fields, every broken one reported."""
+        tokens = self.dataset in TOKEN_DATASETS
+        problems = []
+        if tokens and self.augmentation != "none":
+            problems.append(f"augmentation: {self.augmentation} crops or flips images; dataset {self.dataset} is "
+                            "tokens, so use none (dropout, arch_args.dropout, still draws from the augment source)")
+        own = ":" in self.arch and self.arch.partition(":")[0] not in NAMED_MODELS  # package.module:function
+        if not own and tokens != (self.arch in TOKEN_MODELS):
+            problems.append(f"arch: {self.arch} takes {'token windows' if self.arch in TOKEN_MODELS else 'images'} "
+                            f"but dataset {self.dataset} gives {'tokens' if tokens else 'images'}; "
+                            f"use {'gpt' if tokens else 'an image model (e.g. vit)'} or another dataset")
+        if self.schedule == "onecycle" and self.warmup_epochs:
+            problems.append("warmup_epochs: onecycle warms up by itself (torch's OneCycleLR: the first 30% of "
+                            "steps); set 0 or use schedule cosine")
+        if self.warmup_epochs > self.epochs:
+            problems.append(f"warmup_epochs: {self.warmup_epochs} is longer than the {self.epochs} epochs trained")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
 class EntrypointWorkload(Strict):

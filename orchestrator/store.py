@@ -65,6 +65,8 @@ _RUN_FIELDS = [
     ("dist_backend", pa.string()),  # gloo | nccl for a data-parallel replica (world_size > 1); null otherwise
     ("rank_pids", pa.list_(pa.int64())), ("rank_nodes", pa.list_(pa.string())),  # per rank: process, Ray node
     ("ranks_agree", pa.bool_()),  # every rank's fingerprint_id is the same
+    ("epoch_lr", pa.list_(pa.float64())),  # built-in loop: learning rate of each epoch's first optimiser step
+    ("attention_backend", pa.string()),  # SDPA kernel the built-in transformer's first attention call ran; else null
 ]
 # Every tooling axis has its column (orchestrator/axes.py); the first axes already have theirs above.
 RUN_SCHEMA = pa.schema([*_RUN_FIELDS, *[(a.column, a.arrow) for a in AXES if a.column not in dict(_RUN_FIELDS)]])
