@@ -29,6 +29,7 @@ class Strict(BaseModel):
 
 
 Precision = Literal["fp32", "tf32", "bf16"]
+Attention = Literal["auto", "math", "flash", "efficient", "cudnn"]
 LAUNCH = "launch"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -125,6 +126,12 @@ AXES = (
     Axis("world_size", PositiveInt, 1, "world_size", pa.int32(),
          "data-parallel workers per replica (Ray Train; gloo on CPUs, NCCL on GPUs), each with the sweep's "
          "per-replica resources; the global batch stays the workload's batch_size, split evenly over ranks"),
+    Axis("attention", Attention, "auto", "attention", pa.string(),
+         "the kernel of scaled_dot_product_attention (torch.nn.attention.sdpa_kernel), around the built-in loop "
+         "and a user's function alike; auto: torch's own choice. A kernel the device does not offer fails the run"),
+    Axis("eval_batch_size", PositiveInt | None, None, "eval_batch_size", pa.int32(),
+         "examples per evaluation batch; null: the training batch size. The same weights give other predictions "
+         "wherever a kernel is not batch-invariant"),
     Axis("stack", Stack, Stack(name=LAUNCH), "stack", pa.string(),
          "the software environment (see Stack); default: the environment the sweep started in",
          listed_in="stacks"),

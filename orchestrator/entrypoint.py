@@ -56,6 +56,9 @@ class Context:
     channels_last: bool  # the sweep's memory-format axis: apply it to model and batches if you vary it
     compile: bool  # the sweep's torch.compile axis
     run_id: str
+    # examples per evaluation batch (tooling.eval_batch_size) if the sweep varies it; None: your own choice.
+    # The attention kernel (tooling.attention) needs nothing from you: the call runs inside sdpa_kernel
+    eval_batch_size: int | None = None
     # data parallelism (tooling.world_size): with world_size > 1 the process group is set up (gloo
     # on CPUs, NCCL on GPUs), ready for DistributedDataParallel; only rank 0's return counts
     rank: int = 0
@@ -149,7 +152,8 @@ def call(spec, device: torch.device, rank: Rank = SOLO) -> tuple[TrainResult, np
     ctx = Context(device=device, seeds=seeds, deterministic="impl" not in spec.vary,
                   num_threads=torch.get_num_threads(), precision=spec.precision,
                   channels_last=spec.channels_last, compile=spec.compile, run_id=spec.run_id,
-                  rank=rank.rank, world_size=rank.world_size, local_rank=rank.local_rank)
+                  eval_batch_size=spec.eval_batch_size, rank=rank.rank, world_size=rank.world_size,
+                  local_rank=rank.local_rank)
     set_tf32(spec.precision == "tf32")
     torch.manual_seed(seeds.init)
     random.seed(seeds.augment)

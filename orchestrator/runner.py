@@ -24,7 +24,7 @@ from orchestrator.axes import AXES
 from orchestrator.spec import EntrypointWorkload, ProbeSpec, RunSpec
 from workloads import data as datasets
 from workloads import models
-from workloads.train import SOLO, Rank, TrainConfig, train
+from workloads.train import SOLO, Rank, TrainConfig, sdpa_backend, train
 
 # Runs this worker process started before the current one: workers are reused (warm), so a row
 # says which process ran it and how warm it was.
@@ -73,6 +73,8 @@ def base_row(spec: RunSpec) -> dict:
             "accelerator_requested": spec.accelerator,
             "spec_json": spec.model_dump_json(), "epochs": w.epochs,
             **{a.column: a.cell(getattr(spec, a.name)) for a in AXES},
+            # the evaluation batch the built-in loop uses (null asks for the training batch); a user's own as asked
+            "eval_batch_size": spec.eval_batch_size or getattr(w, "batch_size", None),
             "stack_spec": spec.stack.model_dump_json(exclude_defaults=True)}
 
 
@@ -117,7 +119,8 @@ def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset | d
     cfg = TrainConfig(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr, optimizer=w.optimizer,
                       momentum=w.momentum, weight_decay=w.weight_decay, schedule=w.schedule,
                       warmup_epochs=w.warmup_epochs, grad_clip=w.grad_clip, augmentation=w.augmentation,
-                      precision=spec.precision, channels_last=spec.channels_last, compile=spec.compile)
+                      precision=spec.precision, channels_last=spec.channels_last, compile=spec.compile,
+                      eval_batch_size=spec.eval_batch_size)
     return data, model, cfg
 
 
@@ -139,7 +142,8 @@ def train_one(spec: RunSpec, fs, root: str, device: torch.device, rank: Rank = S
     flags = noise.apply_impl("impl" not in spec.vary, spec.cudnn_benchmark, spec.compile)
     buffers, flipped = None, None  # buffers unknown for a user function's state_dict: no module to ask
     if isinstance(spec.workload, EntrypointWorkload):  # the user's own training function
-        returned = entrypoint.call(spec, device, rank)
+        with sdpa_backend(spec.attention, device):
+            returned = entrypoint.call(spec, device, rank)
         if returned is None:  # a rank other than 0
             return {}
         result, labels, extra = returned
@@ -148,10 +152,14 @@ def train_one(spec: RunSpec, fs, root: str, device: torch.device, rank: Rank = S
         data, model, cfg = build_workload(spec)
         if spec.seeds.bitflip is not None:
             flipped = noise.flip_lowest_bit(model, spec.seeds.bitflip)
-        _write_labels(fs, root, spec.workload.dataset, data.test_y, data.subgroups)
-        aug = augment_streams(spec.seeds, device)
+        if rank.rank == 0:
+            _write_labels(fs, root, spec.workload.dataset, data.test_y, data.subgroups)
+        aug = augment_streams(spec.seeds.for_rank(rank.rank), device)
         order = torch.Generator().manual_seed(spec.seeds.order)
-        result = train(model, data, cfg, order, aug, device)
+        with sdpa_backend(spec.attention, device):
+            result = train(model, data, cfg, order, aug, device, rank)
+        if result is None:  # a rank other than 0
+            return {}
         extra = {"epoch_lr": result.epoch_lr, "attention_backend": result.attention_backend}
         buffers = buffer_names(model)
     row = {"status": "ok", "bitflip": flipped, "impl_flags": json.dumps(flags, sort_keys=True),

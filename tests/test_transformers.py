@@ -157,3 +157,49 @@ def test_the_tables_reduce_every_transformer(transformers_out):
     assert set(zip(variance.arch, variance.dataset)) == {("gpt", "modular_arithmetic"), ("gpt", "text"),
                                                          ("vit", "digits")}
     assert (variance.n_runs == 2).all() and (variance.identical_fraction == 1).all() and (variance.churn == 0).all()
+
+
+@pytest.fixture(scope="module")
+def kernels_out(ray_local, tmp_path_factory):
+    """GPT on modular arithmetic under tooling.attention [math, flash, efficient] x eval_batch_size
+    [null (the training batch, 16), 7]; control replicas, 2 each. A CPU offers no efficient kernel."""
+    tmp = tmp_path_factory.mktemp("kernels")
+    path = write_spec(tmp / "s.yaml", name="kernels", replicas=2, noise=["control"],
+                      tooling={"attention": ["math", "flash", "efficient"], "eval_batch_size": [None, 7]},
+                      workloads=[workload(dataset_args={"p": P, "train_fraction": 0.5}, arch_args=TINY, epochs=1,
+                                          batch_size=16, lr=3e-3, optimizer="adamw")])
+    assert sweep.main([str(path), "--out", str(tmp / "out")]) == 1  # the efficient runs fail
+    return tmp / "out"
+
+
+@pytest.mark.integration
+def test_each_attention_kernel_is_its_own_group_and_reproducible(kernels_out):
+    df = store.read_runs(str(kernels_out)).to_pandas()
+    ok = df[df.status == "ok"]
+    assert sorted(set(zip(ok.attention, ok.eval_batch_size))) == [("flash", 7), ("flash", 16), ("math", 7),
+                                                                  ("math", 16)]
+    for _, g in ok.groupby(["attention", "eval_batch_size"]):
+        assert len(g) == 2 and g.weights_sha256.nunique() == 1 and len({tuple(p) for p in g.predictions}) == 1
+    assert (ok.attention_backend == ok.attention).all()  # the kernel SDPA really ran is the one asked for
+    # the evaluation batch changes nothing in training: same weights at both sizes
+    assert ok.groupby("attention").weights_sha256.nunique().eq(1).all()
+
+
+@pytest.mark.integration
+def test_an_unavailable_kernel_fails_its_runs_in_one_line(kernels_out):
+    df = store.read_runs(str(kernels_out)).to_pandas()
+    bad = df[df.attention == "efficient"]
+    assert len(bad) == 4 and (bad.status == "failed").all()
+    assert all(e.startswith("AttentionUnavailable: attention: the efficient kernel is not available on cpu")
+               and "\n" not in e for e in bad.error)
+
+
+@pytest.mark.integration
+def test_kernels_and_evaluation_batches_are_paired_in_cross_stack(kernels_out):
+    cs = reduce.reduce(str(kernels_out))["cross_stack"]
+    kernels = cs[(cs.attention_a != cs.attention_b) & (cs.eval_batch_size_a == cs.eval_batch_size_b)]
+    assert sorted(zip(kernels.attention_a, kernels.attention_b, kernels.eval_batch_size_a)) == [
+        ("flash", "math", 7), ("flash", "math", 16)]
+    assert (kernels.n_pairs == 2).all()
+    batches = cs[(cs.attention_a == cs.attention_b) & (cs.eval_batch_size_a != cs.eval_batch_size_b)]
+    assert len(batches) == 2 and (batches.identical_fraction == 1).all()  # same weights, evaluated twice

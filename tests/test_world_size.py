@@ -12,13 +12,15 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def ddp_out(ray_local, tmp_path_factory):
-    """Your own DDP function (examples/own_training_ddp.py): control at world size 1 and 2, algo at 2."""
+    """Your own DDP function (examples/own_training_ddp.py) and the built-in loop (mlp on digits):
+    control at world size 1 and 2; then algo at 2 for your own."""
     tmp = tmp_path_factory.mktemp("ddp")
     workload = {"entrypoint": "examples.own_training_ddp:train", "name": "ddp", "dataset": "sklearn_digits",
                 "args": {"epochs": 1, "batch_size": 64, "lr": 0.1}}
+    builtin = {"arch": "mlp", "dataset": "digits", "epochs": 2, "batch_size": 64, "lr": 0.05}
     out = tmp / "out"
     a = write_spec(tmp / "a.yaml", name="ddp", replicas=2, noise=["control"], tooling={"world_size": [1, 2]},
-                   workloads=[workload])
+                   workloads=[workload, builtin])
     assert sweep.main([str(a), "--out", str(out)]) == 0
     b = write_spec(tmp / "b.yaml", name="ddp", replicas=2, noise=["algo"], tooling={"world_size": [2]},
                    workloads=[workload])
@@ -28,9 +30,10 @@ def ddp_out(ray_local, tmp_path_factory):
 
 def test_control_replicas_at_world_size_2_are_bitwise_identical(ddp_out):
     _, df = ddp_out
-    two = df[(df.world_size == 2) & (df.noise == "control")]
-    assert len(two) == 2 and (two.status == "ok").all()
-    assert two.weights_sha256.nunique() == 1 and len({tuple(p) for p in two.predictions}) == 1
+    for arch, two in df[(df.world_size == 2) & (df.noise == "control")].groupby("arch"):
+        assert len(two) == 2 and (two.status == "ok").all(), two.error.tolist()
+        assert two.weights_sha256.nunique() == 1 and len({tuple(p) for p in two.predictions}) == 1, arch
+    assert set(df.arch) == {"ddp", "mlp"}
 
 
 def test_algo_replicas_at_world_size_2_differ(ddp_out):
@@ -52,8 +55,8 @@ def test_world_sizes_are_paired_in_cross_stack(ddp_out):
     out, _ = ddp_out
     tables = reduce.reduce(str(out))
     cs = tables["cross_stack"]
-    row = cs[(cs.world_size_a == 1) & (cs.world_size_b == 2)]
-    assert len(row) == 1 and row.n_pairs.iloc[0] == 2 and row.noise.iloc[0] == "control"
+    rows = cs[(cs.world_size_a == 1) & (cs.world_size_b == 2)]
+    assert sorted(rows.arch) == ["ddp", "mlp"] and (rows.n_pairs == 2).all() and (rows.noise == "control").all()
     v = tables["variance"]
     assert set(v.world_size) == {1, 2}
 

@@ -75,6 +75,31 @@ class TrainResult:
     attention_backend: str | None = None  # SDPA kernel of the first attention call (models.attention_backend)
 
 
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in a data-parallel replica. With world_size > 1, torch.distributed is
+    already set up (by Ray Train) when training starts; rank 0 evaluates and reports."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # index among the ranks on this node
+    device: torch.device | None = None  # the device Ray Train gave this rank; None: the run's own choice
+
+
+SOLO = Rank()
+
+
+def shard(indices: torch.Tensor, rank: Rank) -> torch.Tensor:
+    """This rank's share of `indices` (an epoch's permutation): every world_size-th entry from
+    `rank.rank` on, after leaving out the last len % world_size entries so that every rank takes
+    the same number of equal steps (as DistributedSampler(drop_last=True)). Batch j of size B/k of
+    the shard holds exactly rank r's part of global batch j of size B, so with the gradients
+    averaged over the ranks (DDP) each step is the step of batch B at world size 1: only the
+    distribution differs. At world size 1 it returns `indices` whole."""
+    usable = len(indices) - len(indices) % rank.world_size
+    return indices[:usable][rank.rank::rank.world_size]
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued kernels so a wall-clock read measures work done, not work launched."""
     if device.type == "cuda":
@@ -123,10 +148,11 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def prepare(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+def prepare(model: nn.Module, cfg: TrainConfig, device: torch.device, rank: Rank = SOLO) -> nn.Module:
     """Move `model` to the device in the configured layout and set the TF32 switches; returns what
-    to call, which is `torch.compile(model)` when compiling. Weights stay in `model` either way
-    (the compiled wrapper's state_dict keys carry an `_orig_mod.` prefix).
+    to call: `model`, wrapped in DistributedDataParallel at world size > 1 (it broadcasts rank 0's
+    weights and buffers and averages the gradients over the ranks), under `torch.compile` when
+    compiling. Weights stay in `model` either way (the wrappers' state_dict keys carry a prefix).
 
     Compiling first resets dynamo: a reused worker keeps the graphs of earlier runs' models, and
     once a code object reaches dynamo's recompile limit it silently runs eagerly."""
@@ -134,10 +160,12 @@ def prepare(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Modu
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    net = model if rank.world_size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
     if not cfg.compile:
-        return model
+        return net
     torch._dynamo.reset()
-    return torch.compile(model)
+    return torch.compile(net)
 
 
 def layout(xb: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -205,11 +233,13 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig,
 
 
 def memory_batches(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, order: torch.Generator,
-                   aug: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (inputs, labels) batches of tensors on the device, in the order generator's permutation."""
-    perm = torch.randperm(len(x), generator=order).to(x.device)
-    for i in range(0, len(x), cfg.batch_size):
-        idx = perm[i:i + cfg.batch_size]
+                   aug: torch.Generator, rank: Rank = SOLO) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (inputs, labels) batches of tensors on the device, in the order generator's
+    permutation: at world size k, this rank's share of it (`shard`) in batches of batch_size / k."""
+    perm = shard(torch.randperm(len(x), generator=order), rank).to(x.device)
+    size = cfg.batch_size // rank.world_size
+    for i in range(0, len(perm), size):
+        idx = perm[i:i + size]
         yield make_batch(x, idx, cfg, aug), y[idx]
 
 
@@ -282,18 +312,22 @@ def eval_batches(data: ArrayDataset | ImageFolders | TokenDataset, cfg: TrainCon
 
 
 def train(model: nn.Module, data: ArrayDataset | ImageFolders | TokenDataset, cfg: TrainConfig,
-          order: torch.Generator, aug: torch.Generator, device: torch.device) -> TrainResult:
+          order: torch.Generator, aug: torch.Generator, device: torch.device,
+          rank: Rank = SOLO) -> TrainResult | None:
     """Train `model` on `data` and evaluate it. `order` is a CPU generator (randperm), `aug` lives
     on `device`. Raises Diverged when an epoch's loss is not finite. The attention kernel is the
-    caller's: `with sdpa_backend(name, device): train(...)`."""
-    net = prepare(model, cfg, device)
-    if isinstance(data, ImageFolders):
+    caller's: `with sdpa_backend(name, device): train(...)`. At world size > 1 every rank trains
+    its share of each global batch and rank 0 alone evaluates; other ranks return None. (Each
+    rank's loss is the mean over its share: token batches whose ranks hold unequal numbers of
+    trained positions weigh those positions a little unequally, as any DDP loop does.)"""
+    net = prepare(model, cfg, device, rank)
+    if isinstance(data, ImageFolders):  # one process only (the spec refuses world_size > 1 for them)
         batches = functools.partial(folder_batches, data, cfg, order, aug, device)  # a fresh epoch per call
         n_train = len(data.train)
     else:
         x, y = layout(data.train_x.to(device), cfg), data.train_y.to(device)
-        batches = functools.partial(memory_batches, x, y, cfg, order, aug)
-        n_train = len(x)
+        batches = functools.partial(memory_batches, x, y, cfg, order, aug, rank)
+        n_train = len(x) - len(x) % rank.world_size
     opt = make_optimizer(model, cfg)
     schedule = make_schedule(opt, cfg, steps_per_epoch=-(-n_train // cfg.batch_size))
     epoch_seconds, epoch_lr = [], []
@@ -306,36 +340,14 @@ def train(model: nn.Module, data: ArrayDataset | ImageFolders | TokenDataset, cf
         epoch_seconds.append(time.perf_counter() - t0)
         if not torch.isfinite(loss):  # one host-device sync per epoch, outside the timer
             raise Diverged(f"diverged at epoch {epoch + 1}")
-    acc, test_loss, per_class, pred = evaluate(net, eval_batches(data, cfg, device), data.num_classes, device,
-                                               precision=cfg.precision)
+    if rank.rank != 0:
+        return None
+    # DDP's forward is a collective (it broadcasts buffers): rank 0 evaluates the module itself
+    acc, test_loss, per_class, pred = evaluate(net if rank.world_size == 1 else model, eval_batches(data, cfg, device),
+                                               data.num_classes, device, precision=cfg.precision)
     return TrainResult(epoch_seconds, acc, test_loss, per_class, pred,
                        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                        epoch_lr, attention_backend(model))
-
-
-@dataclass(frozen=True)
-class Rank:
-    """This process's place in a data-parallel replica. With world_size > 1, torch.distributed is
-    already set up (by Ray Train) when training starts; rank 0 evaluates and reports."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0  # index among the ranks on this node
-    device: torch.device | None = None  # the device Ray Train gave this rank; None: the run's own choice
-
-
-SOLO = Rank()
-
-
-def shard(indices: torch.Tensor, rank: Rank) -> torch.Tensor:
-    """This rank's share of `indices` (an epoch's permutation): every world_size-th entry from
-    `rank.rank` on, after leaving out the last len % world_size entries so that every rank takes
-    the same number of equal steps (as DistributedSampler(drop_last=True)). Batch j of size B/k of
-    the shard holds exactly rank r's part of global batch j of size B, so with the gradients
-    averaged over the ranks (DDP) each step is the step of batch B at world size 1: only the
-    distribution differs. At world size 1 it returns `indices` whole."""
-    usable = len(indices) - len(indices) % rank.world_size
-    return indices[:usable][rank.rank::rank.world_size]
 
 
 # --- the attention kernel -------------------------------------------------------------------------
