@@ -352,9 +352,11 @@ class ConnectError(SpecError):
     """The cluster cannot be joined: one line saying what to set."""
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, dashboard: bool = False) -> None:
     """Join the cluster given by --address or RAY_ADDRESS (as inside `ray job submit`), or start
-    a local one on this machine's cores."""
+    a local one on this machine's cores: with its dashboard when `dashboard`, which data-parallel
+    replicas need (Ray Train's placement-group cleaner asks the State API the dashboard serves, and
+    warns every few seconds without it)."""
     import ray
 
     if ray.is_initialized():  # already connected (tests, notebooks): use that cluster
@@ -365,7 +367,7 @@ def connect(address: str | None) -> None:
     # A local cluster turns token authentication on and says so in a warning, every run
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        ray.init(address=address, include_dashboard=dashboard, logging_level="WARNING")
     except Exception as e:  # noqa: BLE001 - Ray raises RuntimeError, ConnectionError, AuthenticationError...
         raise connect_error(address, e) from None
 
@@ -423,7 +425,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already ok in {out}, {len(todo)} to run"
           + (f"; {len(probes)} overhead probes, {len(todo_probes)} to run" if probes else ""), flush=True)
     if todo or todo_probes:
-        connect(args.address)
+        connect(args.address, dashboard=any(r.world_size > 1 for r in todo))
         if not args.wait_for_autoscaling:
             preflight(todo + todo_probes)
     start_out(spec, out, doomed, {"done": already, "total": total, "failed": 0, "updated": time.time()})
