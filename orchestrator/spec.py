@@ -22,8 +22,14 @@ from pydantic import (AfterValidator, Discriminator, Field, PositiveInt, Tag, Va
 
 from orchestrator.axes import AXES, Name, Stack, Strict
 from orchestrator.noise import PRESETS, Seeds, seeds_for
-from workloads.data import DATASETS, TOKEN_DATASETS
-from workloads.models import MODELS, NAMED_MODELS, TOKEN_MODELS, UnknownModel, builder
+
+# Validation context of a spec the driver has already expanded (see `expanded`): its names were
+# checked there, and checking them again would import torch and the user's modules.
+EXPANDED = {"expanded": True}
+
+
+def _checking(info: ValidationInfo) -> bool:
+    return not (info.context or {}).get("expanded")
 
 
 class Workload(Strict):
@@ -46,7 +52,11 @@ class Workload(Strict):
 
     @field_validator("arch")
     @classmethod
-    def _known_arch(cls, v: str) -> str:
+    def _known_arch(cls, v: str, info: ValidationInfo) -> str:
+        if not _checking(info):
+            return v
+        from workloads.models import MODELS, UnknownModel, builder
+
         try:
             builder(v)
         except UnknownModel as e:  # torchvision:/timm: names: the message says how to list valid ones
@@ -58,14 +68,23 @@ class Workload(Strict):
 
     @field_validator("dataset")
     @classmethod
-    def _known_dataset(cls, v: str) -> str:
+    def _known_dataset(cls, v: str, info: ValidationInfo) -> str:
+        if not _checking(info):
+            return v
+        from workloads.data import DATASETS
+
         if v not in DATASETS:
             raise ValueError(f"unknown dataset {v!r}; choose one of {', '.join(sorted(DATASETS))}")
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> Workload:
+    def _consistent(self, info: ValidationInfo) -> Workload:
         """Rules between the workload's own fields, every broken one reported."""
+        if not _checking(info):
+            return self
+        from workloads.data import TOKEN_DATASETS
+        from workloads.models import NAMED_MODELS, TOKEN_MODELS
+
         tokens = self.dataset in TOKEN_DATASETS
         problems = []
         if tokens and self.augmentation != "none":
@@ -98,7 +117,11 @@ class EntrypointWorkload(Strict):
 
     @field_validator("entrypoint")
     @classmethod
-    def _imports(cls, v: str) -> str:
+    def _imports(cls, v: str, info: ValidationInfo) -> str:
+        if not _checking(info):
+            return v
+        from workloads.models import builder
+
         try:
             fn = builder(v)
         except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a spec error
@@ -413,6 +436,14 @@ def expand_probes(spec: SweepSpec) -> list[ProbeSpec]:
             cpus=max(spec.resources.cpus, tooling["num_threads"]), gpus=1 if spec.resources.gpus > 0 else 0,
             max_retries=spec.max_retries, **tooling))
     return probes
+
+
+def expanded(item: str | dict) -> RunSpec | ProbeSpec:
+    """A RunSpec or ProbeSpec (JSON or its dict) as `expand`/`expand_probes` made it: parsed
+    without checking its names again, so that a coordinating trial never imports torch or the
+    user's modules (its child process imports them, when it trains)."""
+    item = json.loads(item) if isinstance(item, str) else item
+    return (ProbeSpec if "probe_id" in item else RunSpec).model_validate(item, context=EXPANDED)
 
 
 class SpecError(ValueError):

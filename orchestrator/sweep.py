@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator import store
-from orchestrator.spec import ProbeSpec, RunSpec, SpecError, SweepSpec, expand, expand_probes, load
+from orchestrator.spec import ProbeSpec, RunSpec, SpecError, SweepSpec, expand, expand_probes, expanded, load
 
 # Tune's per-trial JSON/CSV/TensorBoard loggers cost more than a small replica's training.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -121,9 +121,7 @@ def _trial(config: dict, table: tuple) -> None:
     # and Ray pickles `_trial` by value, but a worker can only reach the cache through the package
     from orchestrator.sweep import _specs
 
-    item = json.loads(_specs(table[0])[config["run"]])
-    row = worker.execute(ProbeSpec.model_validate(item) if "probe_id" in item else RunSpec.model_validate(item),
-                         config["out"])
+    row = worker.execute(expanded(_specs(table[0])[config["run"]]), config["out"])
     tune.report({"status": row["status"], "test_accuracy": row.get("test_accuracy"), "error": row.get("error")})
 
 

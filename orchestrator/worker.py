@@ -30,7 +30,7 @@ import ray
 from ray.exceptions import RayActorError, RuntimeEnvSetupError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.spec import ProbeSpec, RunSpec
+from orchestrator.spec import ProbeSpec, RunSpec, expanded
 
 # What a coordinating trial reserves: a Ray worker process that only waits on its child, so memory
 # (bytes) and no CPU: a node's cores all go to the processes that train.
@@ -59,13 +59,11 @@ class Replica:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, probe: bool, spec_json: str, out: str) -> dict:
-        from orchestrator import probe as probes
-        from orchestrator import runner
+    def run(self, spec_json: str, out: str) -> dict:
+        from orchestrator import probe, runner
 
-        if probe:
-            return probes.run(ProbeSpec.model_validate_json(spec_json), out)
-        return runner.run(RunSpec.model_validate_json(spec_json), out)
+        spec = expanded(spec_json)
+        return probe.run(spec, out) if isinstance(spec, ProbeSpec) else runner.run(spec, out)
 
 
 _CHILDREN: dict[str, ray.actor.ActorHandle] = {}  # per coordinator process: the child of its pool's stack
@@ -111,7 +109,7 @@ def execute(spec: RunSpec | ProbeSpec, out: str) -> dict:
     if isinstance(spec, RunSpec) and spec.world_size > 1:
         return distributed(spec, out)
     try:
-        return ray.get(_child(spec).run.remote(isinstance(spec, ProbeSpec), spec.model_dump_json(), out))
+        return ray.get(_child(spec).run.remote(spec.model_dump_json(), out))
     except RuntimeEnvSetupError as e:
         _CHILDREN.clear()
         error = stack_error(spec, e)
@@ -137,7 +135,7 @@ def _rank_main(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank = Rank(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), ray.train.torch.get_device())
-    runner.run(RunSpec.model_validate_json(config["spec"]), config["out"], rank)
+    runner.run(expanded(config["spec"]), config["out"], rank)
 
 
 def rank_error(spec: RunSpec, failures: dict[int, Exception]) -> str:
