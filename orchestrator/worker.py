@@ -32,6 +32,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.spec import ProbeSpec, RunSpec, expanded
 
+def _quiet_exit(unraisable) -> None:
+    """Ray stops a worker process by SIGTERM, whose handler raises SystemExit; when the signal lands
+    in a weakref callback Python cannot raise it there and prints "Exception ignored in ...
+    SystemExit: 1" instead, which Ray forwards to the sweep's terminal after the tables. The process
+    exits either way: that one message is dropped, every other unraisable error still printed."""
+    if not isinstance(unraisable.exc_value, SystemExit):
+        sys.__unraisablehook__(unraisable)
+
+
+sys.unraisablehook = _quiet_exit  # in every coordinator and child process: both import this module
+
 # What a coordinating trial reserves: a Ray worker process that only waits on its child, so memory
 # (bytes) and no CPU: a node's cores all go to the processes that train.
 COORDINATOR = {"memory": 64 * 2**20}

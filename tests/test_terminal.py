@@ -18,3 +18,25 @@ def test_summary_shows_every_grouping_column_that_differs():
     assert not s.duplicated(subset=[c for c in s.columns if c in DEFAULT_BY]).any()
     one = sweep.summary(variance.iloc[:1])
     assert list(one.columns) == ["noise", "n_runs", "acc_mean"]
+
+
+def test_a_worker_stopped_by_sigterm_prints_no_ignored_exception():
+    """Ray's SIGTERM handler raises SystemExit; landing in a weakref callback as Ray stops a worker,
+    Python printed "Exception ignored ... SystemExit: 1", forwarded to the sweep's terminal after
+    the tables. The worker processes (every one imports orchestrator.worker) drop just that."""
+    import subprocess
+    import sys
+
+    code = """
+import gc, weakref
+import orchestrator.worker
+class A: pass
+def stopped(_): raise SystemExit(1)  # as Ray's sigterm_handler does
+def broken(_): raise ValueError("a real error")
+a, b = A(), A()
+refs = [weakref.ref(a, stopped), weakref.ref(b, broken)]
+del a, b
+gc.collect()
+"""
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+    assert "SystemExit" not in err and "ValueError: a real error" in err
