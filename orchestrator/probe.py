@@ -207,7 +207,7 @@ def set_mode(mode: str, spec: ProbeSpec) -> dict[str, object]:
     if "inductor_deterministic" in flags:  # compiled: apply_impl set it to `kernels`
         import torch._inductor.config as inductor_config
 
-        inductor_config.deterministic = flags["inductor_deterministic"] = kernels and inductor
+        inductor_config.deterministic = flags["inductor_deterministic"] = inductor
     torch.utils.deterministic.fill_uninitialized_memory = fill  # only read under deterministic kernels
     flags["warn_only"] = torch.is_deterministic_algorithms_warn_only_enabled()
     flags["fill_uninitialized_memory"] = fill
