@@ -44,9 +44,9 @@ PROBE = {"arch": "small_cnn", "dataset": "synthetic", "augmentation": "crop+flip
 PARTS = ("kernels", "fill", "inductor")  # metrics.COST_PARTS besides the total
 PART_KEYS = ("overhead_pct", "lo", "hi", *(f"{p}_{k}" for p in PARTS for k in ("pct", "lo", "hi")))
 TOP_OPS = 5  # ops per probe in the printout and the JSON
-# Per device, sized so that the whole doctor fits DEFAULT_MINUTES (CPU, 2 shared cores: 30 s measured at
-# a load average of 4, 65 s at 8; ~30 s of CPU time); --minutes scales the probes' timed steps, the one knob that
-# narrows the overhead interval.
+# Per device, sized so that the whole doctor fits DEFAULT_MINUTES (CPU, 2 shared cores: 100 s measured at a load
+# average of 2.3-4.5 with three probe modes and two profiled blocks per probe; 30 s at 4 when probes timed two
+# modes); --minutes scales the probes' timed steps, the one knob that narrows the overhead interval.
 PLANS = {
     "cpu": {"replica": {"dataset_args": {"n_train": 1024, "n_test": 256, "image_size": 32}, "epochs": 1},
             "overhead": {"steps": 6, "warmup": 1, "repeats": 3},
