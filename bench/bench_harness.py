@@ -1,7 +1,11 @@
 """What the orchestrator costs per epoch: one replica through the whole stack versus the same
 model, data and steps in a bare PyTorch loop.
 
-    python bench/bench_harness.py [ROUNDS]   (default 6 rounds, ~6 minutes)
+    python bench/bench_harness.py [ROUNDS] [--workload small_cnn|gpt]   (default 6 rounds of small_cnn, ~6 minutes)
+
+Workloads: `small_cnn` on 4,096 synthetic 32×32 images (SGD); `gpt`, the built-in GPT (2 blocks of
+width 128, scaled_dot_product_attention) on this repository's README.md as character-level text in
+windows of 64 (AdamW).
 
 Orchestrator side: `python -m orchestrator.sweep`'s main on a one-replica spec (Ray Tune trial ->
 worker -> runner -> workloads.train), its epoch times read from the row's `epoch_seconds`. Bare
@@ -40,33 +44,48 @@ EPOCHS = 3
 # noise "impl": torch's default (non-deterministic) mode, as in the bare loop; seeds are fixed as in
 # control. Under control the replica would also pay deterministic mode's NaN fill of every new
 # tensor (bench/bench_probe.py measures that), which is a setting, not harness overhead.
-DOC = {"name": "bench-harness", "replicas": 1, "noise": ["impl"], "tooling": {"num_threads": [1]},
-       "resources": {"cpus": 1},
-       "workloads": [{"arch": "small_cnn", "dataset": "synthetic", "epochs": EPOCHS, "batch_size": 128,
-                      "lr": 0.01, "optimizer": "sgd", "momentum": 0.9,
-                      "dataset_args": {"n_train": 4096, "n_test": 256, "image_size": 32}}]}
+SPEC = {"name": "bench-harness", "replicas": 1, "noise": ["impl"], "tooling": {"num_threads": [1]},
+        "resources": {"cpus": 1}}
+WORKLOADS = {
+    "small_cnn": {"arch": "small_cnn", "dataset": "synthetic", "epochs": EPOCHS, "batch_size": 128,
+                  "lr": 0.01, "optimizer": "sgd", "momentum": 0.9,
+                  "dataset_args": {"n_train": 4096, "n_test": 256, "image_size": 32}},
+    "gpt": {"arch": "gpt", "dataset": "text", "dataset_root": str(ROOT / "README.md"), "epochs": EPOCHS,
+            "batch_size": 32, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.1,
+            "dataset_args": {"context_length": 64}},
+}
+DESCRIBED = {"small_cnn": "small_cnn, synthetic 4096 x 3x32x32, batch 128, SGD",
+             "gpt": "gpt (2 x 128), README.md as characters in windows of 64, batch 32, AdamW"}
 
 
-def orchestrated(tmp: Path, k: int) -> tuple[list[float], str]:
+def doc(workload: str) -> dict:
+    return SPEC | {"workloads": [WORKLOADS[workload]]}
+
+
+def orchestrated(tmp: Path, k: int, workload: str) -> tuple[list[float], str]:
     """One replica through the orchestrator; its per-epoch seconds and weights digest."""
-    (tmp / "s.yaml").write_text(yaml.safe_dump(DOC))
+    (tmp / "s.yaml").write_text(yaml.safe_dump(doc(workload)))
     out = tmp / f"orch{k}"
     assert sweep.main([str(tmp / "s.yaml"), "--out", str(out)]) == 0
     row = store.read_runs(str(out), columns=["epoch_seconds", "weights_sha256"]).to_pylist()[0]
     return row["epoch_seconds"], row["weights_sha256"]
 
 
-def bare() -> tuple[list[float], str]:
-    """The same replica as a plain PyTorch loop: same seeds, data on the device, no harness."""
-    (run,) = spec.expand(spec.parse(DOC))
+def bare(workload: str) -> tuple[list[float], str]:
+    """The same replica as a plain PyTorch loop: same seeds, data on the device, no harness. Logits
+    (B, C) or (B, T, V) and targets (B,) or (B, T) are flattened to rows for the loss."""
+    (run,) = spec.expand(spec.parse(doc(workload)))
     w = run.workload
     torch.set_num_threads(1)
-    data = datasets.load(w.dataset, **w.dataset_args)
+    data = datasets.load(w.dataset, w.dataset_root, **w.dataset_args)
     torch.manual_seed(run.seeds.init)
-    model = models.build(w.arch, data.image_shape, data.num_classes)
+    model = models.build(w.arch, data.input_shape, data.num_classes)
     torch.manual_seed(run.seeds.global_rng)
     order = torch.Generator().manual_seed(run.seeds.order)
-    opt = torch.optim.SGD(model.parameters(), lr=w.lr, momentum=w.momentum)
+    if w.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=w.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=w.lr, momentum=w.momentum)
     x, y = data.train_x, data.train_y
     seconds = []
     for _ in range(w.epochs):
@@ -75,7 +94,7 @@ def bare() -> tuple[list[float], str]:
         perm = torch.randperm(len(x), generator=order)
         for i in range(0, len(x), w.batch_size):
             idx = perm[i:i + w.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(model(x[idx]).flatten(0, -2), y[idx].flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -84,8 +103,8 @@ def bare() -> tuple[list[float], str]:
     return seconds, digest
 
 
-def bare_in_fresh_process(keep_freed_memory: bool) -> tuple[list[float], str]:
-    cmd = [sys.executable, __file__, "--bare"] + (["--malloc"] if keep_freed_memory else [])
+def bare_in_fresh_process(workload: str, keep_freed_memory: bool) -> tuple[list[float], str]:
+    cmd = [sys.executable, __file__, "--bare", "--workload", workload] + (["--malloc"] if keep_freed_memory else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return tuple(json.loads(out.strip().splitlines()[-1]))
 
@@ -95,17 +114,20 @@ def main() -> None:
 
     args = argparse.ArgumentParser()
     args.add_argument("rounds", nargs="?", type=int, default=6)
+    args.add_argument("--workload", choices=sorted(WORKLOADS), default="small_cnn")
     args.add_argument("--bare", action="store_true", help="internal: run the bare loop, print JSON")
     args.add_argument("--malloc", action="store_true", help="internal: with the workers' malloc setting")
     args = args.parse_args()
     if args.bare:
         if args.malloc:
             assert malloc.keep_freed_memory()
-        print(json.dumps(bare()))
+        print(json.dumps(bare(args.workload)))
         return
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    sides = {"orchestrator": None, "bare": lambda: bare_in_fresh_process(False),
-             "bare+malloc": lambda: bare_in_fresh_process(True)}
+    w = args.workload
+    sides = {"orchestrator": lambda tmp, k: orchestrated(tmp, k, w),  # each side: (folder, round) -> run
+             "bare": lambda tmp, k: bare_in_fresh_process(w, False),
+             "bare+malloc": lambda tmp, k: bare_in_fresh_process(w, True)}
     epochs = {name: [] for name in sides}
     runs = {name: [] for name in sides}  # bootstrap units: one array of epoch times per run
     with tempfile.TemporaryDirectory() as d:
@@ -113,7 +135,7 @@ def main() -> None:
             names = list(sides)[k % 3:] + list(sides)[:k % 3]
             digests = {}
             for name in names:
-                seconds, digests[name] = orchestrated(Path(d), k) if name == "orchestrator" else sides[name]()
+                seconds, digests[name] = sides[name](Path(d), k)
                 epochs[name] += seconds
                 runs[name].append(seconds)
             assert len(set(digests.values())) == 1, f"not the same arithmetic: {digests}"
@@ -121,7 +143,7 @@ def main() -> None:
                 f"{n} {statistics.median(epochs[n][-EPOCHS:]):.3f} s" for n in names)), flush=True)
     ray.shutdown()
     med = {n: statistics.median(v) for n, v in epochs.items()}
-    print(f"workload: small_cnn, synthetic 4096 x 3x32x32, batch 128, SGD, 1 thread, {EPOCHS} epochs x "
+    print(f"workload: {DESCRIBED[args.workload]}, 1 thread, {EPOCHS} epochs x "
           f"{args.rounds} rounds per side; final weights bitwise equal on all sides: yes")
     print("median epoch: " + ", ".join(f"{n} {v:.3f} s" for n, v in med.items()))
     for other, what in (("bare", "goal <= 1.05"), ("bare+malloc", "the harness alone")):

@@ -30,7 +30,7 @@ import torch
 from orchestrator import metrics, noise
 from orchestrator.noise import Seeds
 from workloads.models import builder
-from workloads.train import Diverged, TrainResult, set_tf32, sync
+from workloads.train import SOLO, Diverged, Rank, TrainResult, set_tf32, shard, sync
 
 CONTRACT = ("the function must return {predictions, labels[, state_dict, test_loss]} with predictions and "
             "labels 1-D integer arrays of equal length in test-set order")
@@ -56,14 +56,29 @@ class Context:
     channels_last: bool  # the sweep's memory-format axis: apply it to model and batches if you vary it
     compile: bool  # the sweep's torch.compile axis
     run_id: str
+    # examples per evaluation batch (tooling.eval_batch_size) if the sweep varies it; None: your own choice.
+    # The attention kernel (tooling.attention) needs nothing from you: the call runs inside sdpa_kernel
+    eval_batch_size: int | None = None
+    # data parallelism (tooling.world_size): with world_size > 1 the process group is set up (gloo
+    # on CPUs, NCCL on GPUs), ready for DistributedDataParallel; only rank 0's return counts
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
     reports: list[dict] = field(default_factory=list)  # one per ctx.report call
     _last: float = field(default_factory=time.perf_counter)
 
     def seed(self, source: str) -> int:
-        """The seed of `source` (init, order or augment) in this replica."""
+        """The seed of `source` (init, order or augment) in this replica (augment: this rank's own)."""
         if source not in noise.ALGO:
             raise ValueError(f"ctx.seed: unknown source {source!r}; choose one of {', '.join(noise.ALGO)}")
         return getattr(self.seeds, source)
+
+    def shard(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's share of `indices`, e.g. `ctx.shard(torch.randperm(n, generator=ctx.generator("order")))`
+        as a DataLoader's sampler with batch_size = the global batch // ctx.world_size: its batches
+        are the global batches split over the ranks (workloads.train.shard). The whole tensor at
+        world size 1."""
+        return shard(indices, Rank(self.rank, self.world_size))
 
     def generator(self, source: str, device: torch.device | str | None = None) -> torch.Generator:
         """A fresh generator seeded from `source` (on `device`, default the CPU: samplers need one there)."""
@@ -127,18 +142,22 @@ def check(result: object, epoch_seconds: list[float]) -> tuple[TrainResult, np.n
                        torch.from_numpy(pred), _state_dict(result.get("state_dict"))), labels
 
 
-def call(spec, device: torch.device) -> tuple[TrainResult, np.ndarray, dict]:
+def call(spec, device: torch.device, rank: Rank = SOLO) -> tuple[TrainResult, np.ndarray, dict] | None:
     """Run the user's function for `spec` (a RunSpec with an EntrypointWorkload) after the runner
     applied threads and determinism. Returns (result, test labels, row columns of its own:
-    `epochs` = reports made, `train_seconds` = the whole call, `epoch_metrics` = the reports as JSON)."""
+    `epochs` = reports made, `train_seconds` = the whole call, `epoch_metrics` = the reports as JSON);
+    None on ranks other than 0, whose return is not the result."""
     w = spec.workload
-    ctx = Context(device=device, seeds=spec.seeds, deterministic="impl" not in spec.vary,
+    seeds = spec.seeds.for_rank(rank.rank)
+    ctx = Context(device=device, seeds=seeds, deterministic="impl" not in spec.vary,
                   num_threads=torch.get_num_threads(), precision=spec.precision,
-                  channels_last=spec.channels_last, compile=spec.compile, run_id=spec.run_id)
+                  channels_last=spec.channels_last, compile=spec.compile, run_id=spec.run_id,
+                  eval_batch_size=spec.eval_batch_size, rank=rank.rank, world_size=rank.world_size,
+                  local_rank=rank.local_rank)
     set_tf32(spec.precision == "tf32")
-    torch.manual_seed(spec.seeds.init)
-    random.seed(spec.seeds.augment)
-    np.random.seed(spec.seeds.augment % 2**32)
+    torch.manual_seed(seeds.init)
+    random.seed(seeds.augment)
+    np.random.seed(seeds.augment % 2**32)
     fn = builder(w.entrypoint)
     t0 = time.perf_counter()
     try:
@@ -148,6 +167,8 @@ def call(spec, device: torch.device) -> tuple[TrainResult, np.ndarray, dict]:
     except Exception as e:  # the user's error, kept, on one line (rows and the console show one line)
         raise EntrypointError(f"{w.entrypoint} raised {type(e).__name__}: {' '.join(str(e).split())}") from e
     seconds = time.perf_counter() - t0
+    if rank.rank:
+        return None
     result, labels = check(result, [r["seconds"] for r in ctx.reports])
     return result, labels, {"epochs": len(ctx.reports), "train_seconds": seconds,
                             "epoch_metrics": json.dumps(ctx.reports)}

@@ -13,6 +13,7 @@ imported lazily: this module runs where Ray is absent.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,11 +23,15 @@ import sys
 
 ENV_ALLOW = ("CUDA_VISIBLE_DEVICES", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
              "NVIDIA_TF32_OVERRIDE", "TORCH_CUDNN_V8_API_DISABLED", "PYTORCH_CUDA_ALLOC_CONF",
-             "CUDA_LAUNCH_BLOCKING", "NCCL_ALGO", "OPENBLAS_CORETYPE")
+             "CUDA_LAUNCH_BLOCKING", "OPENBLAS_CORETYPE", "ATEN_CPU_CAPABILITY")
+# Collective settings (NCCL_ALGO, NCCL_PROTO, TORCH_NCCL_BLOCKING_WAIT, ...) are recorded whole.
+ENV_ALLOW_PREFIXES = ("NCCL_", "TORCH_NCCL_")
 STACK_KEYS = ("gpu_name", "gpu_driver", "cuda_version", "cudnn_version", "torch_version",
               "torchvision_version", "cpu_model")
 # Hashed only when set, so that CPU rows keep the ids they had before these keys existed.
-STACK_KEYS_IF_SET = ("cublas_version", "triton_version", "tf32_override")
+STACK_KEYS_IF_SET = ("cublas_version", "triton_version", "tf32_override", "hip_version", "miopen_version")
+# Always in `packages`: what decides kernels and bits besides torch itself.
+PACKAGES = ("torch", "torchvision", "numpy", "triton", "pytorch-triton")
 REQUIRED = ("torch_version", "torchvision_version", "cpu_model")  # every run
 REQUIRED_CUDA = ("gpu_name", "gpu_driver", "cuda_version", "cudnn_version", "cublas_version")  # GPU runs
 
@@ -141,6 +146,42 @@ def _triton_version() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def packages(named: tuple[str, ...] = ()) -> dict[str, str]:
+    """name -> version of the packages this process imports: torch and torchvision as imported
+    (their `__version__`), the others from the metadata of what this interpreter sees (a stack's
+    virtualenv shadows the launch environment's), every `nvidia-*` wheel (cuDNN, cuBLAS, NCCL, ...),
+    and the packages a stack names. A named package that is not installed reads "not installed".
+    Read once per process (scanning every installed distribution takes ~0.1 s; a process's
+    packages are fixed when it starts)."""
+    from importlib.metadata import PackageNotFoundError, distributions, version
+
+    import torch
+
+    found = {d.metadata["Name"]: d.version for d in distributions()
+             if (d.metadata["Name"] or "").lower().startswith("nvidia-")}
+    for name in (*PACKAGES, *named):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            if name in named:
+                found[name] = "not installed"
+    imported = {"torch": torch.__version__, "torchvision": torchvision_version() or "does not import"}
+    return dict(sorted((found | imported).items()))
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_version() -> str | None:
+    """torchvision's version as imported; None when it does not import, as when a stack pins a
+    torch without the torchvision built for it (its operators fail to register): the runs that do
+    not need it still run, and their fingerprint says torchvision is missing."""
+    try:
+        import torchvision
+    except Exception:  # noqa: BLE001 - RuntimeError from operator registration, ImportError, OSError...
+        return None
+    return torchvision.__version__
+
+
 def _ray() -> dict:
     try:
         import ray
@@ -158,25 +199,29 @@ def _ray() -> dict:
         return {}
 
 
-def collect(device=None, compiled: bool = False) -> dict:
+def collect(device=None, compiled: bool = False, named: tuple[str, ...] | list[str] = ()) -> dict:
     """The fingerprint columns of a run row, read now, in this process, for the torch.device the
-    run used (None: this node's, the GPU when torch sees one). `compiled` runs add Triton's version."""
+    run used (None: this node's, the GPU when torch sees one). `compiled` runs add Triton's version;
+    `named`: the packages the run's stack installs, recorded (and hashed) beside the usual ones."""
     import torch
-    import torchvision
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW or k.startswith(ENV_ALLOW_PREFIXES)}
     fp = {"hostname": socket.gethostname(), "python_version": platform.python_version(),
-          "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+          "torch_version": torch.__version__, "torchvision_version": torchvision_version(),
           "cuda_version": torch.version.cuda, "cpu_model": cpu_model(),
           "num_threads": torch.get_num_threads(), "tf32_override": os.environ.get("NVIDIA_TF32_OVERRIDE"),
-          "triton_version": _triton_version() if compiled else None,
-          "env": json.dumps({k: os.environ[k] for k in ENV_ALLOW if k in os.environ}, sort_keys=True)}
+          "triton_version": _triton_version() if compiled else None, "env": json.dumps(env, sort_keys=True),
+          "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+          "packages": json.dumps(packages(tuple(named))), "hip_version": torch.version.hip,
+          # a ROCm build reports MIOpen's version where CUDA builds report cuDNN's
+          "miopen_version": str(torch.backends.cudnn.version()) if torch.version.hip else None}
     fp.update(_gpu(device))
     fp.update(_ray())
     missing = missing_parts(fp, device.type, compiled)
     fp["fingerprint_complete"], fp["fingerprint_missing"] = not missing, ",".join(missing)
-    fp["fingerprint_id"] = fingerprint_id(fp)
+    fp["fingerprint_id"] = fingerprint_id(fp, named)
     return fp
 
 
@@ -188,8 +233,16 @@ def missing_parts(fp: dict, device_type: str, compiled: bool) -> list[str]:
     return [k for k in needed if not fp.get(k)]
 
 
-def fingerprint_id(fp: dict) -> str:
+def fingerprint_id(fp: dict, named: tuple[str, ...] | list[str] = ()) -> str:
+    """Hash of the parts that change kernels and bits. Parts that came later join only when set:
+    the packages a stack names, and the dispatched CPU ISA when ATEN_CPU_CAPABILITY overrides the
+    CPU's own choice (otherwise the CPU model decides it)."""
     stack = {k: fp.get(k) for k in STACK_KEYS} | {k: fp[k] for k in STACK_KEYS_IF_SET if fp.get(k) is not None}
+    if named:
+        versions = json.loads(fp["packages"])
+        stack["packages"] = {n: versions.get(n) for n in sorted(named)}
+    if "ATEN_CPU_CAPABILITY" in json.loads(fp.get("env") or "{}"):
+        stack["cpu_capability"] = fp.get("cpu_capability")
     return hashlib.sha256(json.dumps(stack, sort_keys=True).encode()).hexdigest()[:12]
 
 

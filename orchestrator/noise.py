@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SOURCES = ("init", "order", "augment", "impl", "bitflip")
 ALGO = ("init", "order", "augment")
@@ -50,6 +50,13 @@ class Seeds:
         augment source, yet a stream of its own, so that dropout masks never replay the crop and
         flip draws of the augment generator."""
         return derive_seed(self.augment, "global")
+
+    def for_rank(self, rank: int) -> Seeds:
+        """The seeds of data-parallel rank `rank`: init and order as the replica's (every rank starts
+        from the same weights; the order source's permutation is split by rank), augment from
+        (augment seed, rank), so ranks draw their own crops, flips and dropout masks. Rank 0 keeps
+        the replica's, so that a world-size-1 run is the run it was before world sizes existed."""
+        return self if rank == 0 else replace(self, augment=derive_seed(self.augment, "rank", rank))
 
 
 def seeds_for(base_seed: int, vary: frozenset[str], replica: int) -> Seeds:

@@ -31,14 +31,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from safetensors import SafetensorError, safe_open
 
-from orchestrator import metrics, sources, store
+from orchestrator import axes, metrics, sources, store
 
-# Tooling axes are grouping keys: a thread count or a precision is not noise, it changes the bits.
-# Run columns and the RunSpec fields they come from, for the axes the run schema has.
-TOOLING = {c: f for c, f in (("num_threads", "num_threads"), ("precision", "precision"),
-                             ("channels_last", "channels_last"), ("compiled", "compile"),
-                             ("cudnn_benchmark", "cudnn_benchmark"))
-           if c in store.RUN_SCHEMA.names}
+# Tooling axes are grouping keys: a thread count or a stack is not noise, it changes the bits.
+# Their run columns, each with its axis (orchestrator/axes.py: RunSpec field, default).
+TOOLING = axes.COLUMNS
 # `workload` hashes the training settings, so two learning rates never pool into one std.
 DEFAULT_BY = ("arch", "dataset", "accelerator_requested", "noise", *TOOLING, "workload")
 # Cross-stack: runs equal in everything a seed or a setting controls ...
@@ -140,7 +137,8 @@ def load_runs(out_uri: str, columns: Sequence[str] = (), lists: Sequence[str] = 
 
     Only DESIGN.md's columns are required; a column added since (spec_json, the tooling axes, ...)
     reads back null where a row lacks it. A row written for a worker that died has no fingerprint;
-    its tooling values are taken from its spec so it lands in its group. A row without a column
+    its tooling values are taken from its spec so it lands in its group, and a row written before
+    an axis existed (null where other rows record it) gets the axis's default. A row without a column
     every table needs (REQUIRED) cannot be placed: it is left out and counted in one warning."""
     scalars = [c for c in dict.fromkeys([*SCALARS, *columns]) if c != "workload" and c not in LISTS]
     table = store.read_runs(out_uri, columns=[*scalars, *lists]).combine_chunks()  # 1 chunk: fast take()
@@ -154,9 +152,12 @@ def load_runs(out_uri: str, columns: Sequence[str] = (), lists: Sequence[str] = 
     meta = table.drop_columns(list(lists)).to_pandas(types_mapper=ints.get)
     specs = [_spec(s) for s in meta["spec_json"]]
     meta["workload"] = [workload_id(s) for s in specs]
-    for column, field in TOOLING.items():
+    # a dead worker's row has its spec; a row older than an axis ran at its default
+    for column, axis in TOOLING.items():
         meta[column] = meta[column].fillna(
-            pd.Series([s.get(field) for s in specs], index=meta.index, dtype=meta[column].dtype))
+            pd.Series([axis.cell(s.get(axis.name)) for s in specs], index=meta.index, dtype=meta[column].dtype))
+        if meta[column].notna().any():
+            meta[column] = meta[column].fillna(axis.cell(axis.default))
     return Runs(meta, table.select(list(lists)))
 
 

@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from orchestrator import entrypoint, fingerprint, malloc, noise, store
+from orchestrator.axes import AXES
 from orchestrator.spec import EntrypointWorkload, ProbeSpec, RunSpec
 from workloads import data as datasets
 from workloads import models
-from workloads.train import TrainConfig, train
+from workloads.train import SOLO, Rank, TrainConfig, sdpa_backend, train
 
 # Runs this worker process started before the current one: workers are reused (warm), so a row
 # says which process ran it and how warm it was.
@@ -71,8 +72,10 @@ def base_row(spec: RunSpec) -> dict:
             "seed_augment": spec.seeds.augment, "seed_bitflip": spec.seeds.bitflip,
             "accelerator_requested": spec.accelerator,
             "spec_json": spec.model_dump_json(), "epochs": w.epochs,
-            "precision": spec.precision, "channels_last": spec.channels_last, "compiled": spec.compile,
-            "cudnn_benchmark": spec.cudnn_benchmark}
+            **{a.column: a.cell(getattr(spec, a.name)) for a in AXES},
+            # the evaluation batch the built-in loop uses (null asks for the training batch); a user's own as asked
+            "eval_batch_size": spec.eval_batch_size or getattr(w, "batch_size", None),
+            "stack_spec": spec.stack.model_dump_json(exclude_defaults=True)}
 
 
 def pick_device(spec: RunSpec) -> torch.device:
@@ -104,18 +107,20 @@ def _check_labels(fs, root: str, name: str, labels) -> None:
     _write_labels(fs, root, name, torch.from_numpy(labels))
 
 
-def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset | datasets.ImageFolders, torch.nn.Module,
-                                                       TrainConfig]:
+def build_workload(spec: RunSpec | ProbeSpec) -> tuple[datasets.ArrayDataset | datasets.ImageFolders
+                                                       | datasets.TokenDataset, torch.nn.Module, TrainConfig]:
     """Dataset (cached per worker), model initialised from the init seed, and the training config:
     shared by the replica runner and the overhead probe, so both time and train the same thing."""
     w = spec.workload
     data = load_dataset(spec)
     with torch.random.fork_rng(devices=[]):  # init has its own stream, leaves global RNG alone
         torch.manual_seed(spec.seeds.init)
-        model = models.build(w.arch, data.image_shape, data.num_classes, **w.arch_args)
+        model = models.build(w.arch, data.input_shape, data.num_classes, **w.arch_args)
     cfg = TrainConfig(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr, optimizer=w.optimizer,
-                      momentum=w.momentum, weight_decay=w.weight_decay, augmentation=w.augmentation,
-                      precision=spec.precision, channels_last=spec.channels_last, compile=spec.compile)
+                      momentum=w.momentum, weight_decay=w.weight_decay, schedule=w.schedule,
+                      warmup_epochs=w.warmup_epochs, grad_clip=w.grad_clip, augmentation=w.augmentation,
+                      precision=spec.precision, channels_last=spec.channels_last, compile=spec.compile,
+                      eval_batch_size=spec.eval_batch_size)
     return data, model, cfg
 
 
@@ -127,25 +132,35 @@ def augment_streams(seeds: noise.Seeds, device: torch.device) -> torch.Generator
     return torch.Generator(device).manual_seed(seeds.augment)
 
 
-def train_one(spec: RunSpec, fs, root: str, device: torch.device) -> dict:
+def train_one(spec: RunSpec, fs, root: str, device: torch.device, rank: Rank = SOLO) -> dict:
     """The successful path: returns the result columns and writes the weights file. For the built-in
     loop its metadata names the buffers (`{"buffers": JSON list}`) so that readers can tell them from
-    parameters; a user function's state_dict comes without its module, so its buffers are unknown."""
+    parameters; a user function's state_dict comes without its module, so its buffers are unknown.
+    In a data-parallel replica every rank trains and only rank 0 returns columns and writes files."""
     malloc.keep_freed_memory()  # no page-fault churn per step on a CPU; timing only, never bits
     torch.set_num_threads(spec.num_threads)
     flags = noise.apply_impl("impl" not in spec.vary, spec.cudnn_benchmark, spec.compile)
     buffers, flipped = None, None  # buffers unknown for a user function's state_dict: no module to ask
     if isinstance(spec.workload, EntrypointWorkload):  # the user's own training function
-        result, labels, extra = entrypoint.call(spec, device)
+        with sdpa_backend(spec.attention, device):
+            returned = entrypoint.call(spec, device, rank)
+        if returned is None:  # a rank other than 0
+            return {}
+        result, labels, extra = returned
         _check_labels(fs, root, spec.workload.dataset, labels)
     else:
         data, model, cfg = build_workload(spec)
         if spec.seeds.bitflip is not None:
             flipped = noise.flip_lowest_bit(model, spec.seeds.bitflip)
-        _write_labels(fs, root, spec.workload.dataset, data.test_y, data.subgroups)
-        aug = augment_streams(spec.seeds, device)
+        if rank.rank == 0:
+            _write_labels(fs, root, spec.workload.dataset, data.test_y, data.subgroups)
+        aug = augment_streams(spec.seeds.for_rank(rank.rank), device)
         order = torch.Generator().manual_seed(spec.seeds.order)
-        result, extra = train(model, data, cfg, order, aug, device), {}
+        with sdpa_backend(spec.attention, device):
+            result = train(model, data, cfg, order, aug, device, rank)
+        if result is None:  # a rank other than 0
+            return {}
+        extra = {"epoch_lr": result.epoch_lr, "attention_backend": result.attention_backend}
         buffers = buffer_names(model)
     row = {"status": "ok", "bitflip": flipped, "impl_flags": json.dumps(flags, sort_keys=True),
            "train_seconds": sum(result.epoch_seconds), "epoch_seconds": result.epoch_seconds,
@@ -160,16 +175,36 @@ def train_one(spec: RunSpec, fs, root: str, device: torch.device) -> dict:
     return row | extra
 
 
-def run(spec: RunSpec, out: str) -> dict:
+def rank_columns(fp: dict, rank: Rank) -> dict:
+    """Every rank's process, node and fingerprint, gathered on every rank (a collective: all ranks
+    call it): one entry per rank, and whether the fingerprints agree (a replica spread over mixed
+    nodes is flagged, not hidden)."""
+    mine = (os.getpid(), fp.get("ray_node_id"), fp["fingerprint_id"])
+    if rank.world_size == 1:
+        every, backend = [mine], None
+    else:
+        every, backend = [None] * rank.world_size, torch.distributed.get_backend()
+        torch.distributed.all_gather_object(every, mine)
+    return {"dist_backend": backend, "rank_pids": [p for p, _, _ in every], "rank_nodes": [n for _, n, _ in every],
+            "ranks_agree": len({f for _, _, f in every}) == 1}
+
+
+def run(spec: RunSpec, out: str, rank: Rank = SOLO) -> dict:
     """Run one replica and write its row. A training error (including divergence) is recorded as
-    status=failed with the error and returned, never raised: one bad replica must not stop a sweep."""
+    status=failed with the error and returned, never raised: one bad replica must not stop a sweep.
+    A rank of a data-parallel replica raises instead: Ray Train then stops every rank (the others
+    would wait in a collective) and the coordinator records which rank failed (orchestrator/worker.py)."""
     fs, root = store.resolve(out)
     row = base_row(spec) | {"worker_pid": os.getpid(), "worker_runs": next(_RUNS_IN_PROCESS)}
-    device = pick_device(spec)
+    device = rank.device or pick_device(spec)
     try:
-        row |= train_one(spec, fs, root, device)
+        row |= train_one(spec, fs, root, device, rank)
     except Exception as e:  # recorded, not dropped: the row says what went wrong
+        if rank.world_size > 1:
+            raise
         row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    row |= fingerprint.collect(device, spec.compile)
-    store.write_run(fs, root, row)
+    row |= fingerprint.collect(device, spec.compile, spec.stack.packages())
+    row |= rank_columns(row, rank)
+    if rank.rank == 0:
+        store.write_run(fs, root, row)
     return row

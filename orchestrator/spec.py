@@ -17,34 +17,30 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError,
-                      ValidationInfo, field_validator, model_validator)
+from pydantic import (AfterValidator, Discriminator, Field, PositiveInt, Tag, ValidationError, ValidationInfo,
+                      create_model, field_validator, model_validator)
 
+from orchestrator.axes import AXES, Name, Stack, Strict
 from orchestrator.noise import PRESETS, Seeds, seeds_for
-from workloads.data import DATASETS
-from workloads.models import MODELS, builder
-
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=64)]
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors: a typo must never silently fall back to a default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from workloads.data import DATASETS, TOKEN_DATASETS
+from workloads.models import MODELS, NAMED_MODELS, TOKEN_MODELS, UnknownModel, builder
 
 
 class Workload(Strict):
     arch: str
     dataset: str
-    dataset_root: str | None = None  # folder holding the dataset's files; unused by digits/synthetic
+    dataset_root: str | None = None  # folder holding the dataset's files (text: the file); unused by generated data
     dataset_args: dict[str, int | float | str | bool | list[str]] = {}  # loader options
     arch_args: dict[str, int | float | str | bool] = {}  # builder options, e.g. {batch_norm: true}
     epochs: PositiveInt = 3
-    batch_size: PositiveInt = 128
-    lr: Annotated[float, Field(gt=0)] = 0.01
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    batch_size: PositiveInt = 128  # examples per step (token datasets: windows per step)
+    lr: Annotated[float, Field(gt=0)] = 0.01  # peak learning rate of the schedule
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0  # adamw: decoupled
+    schedule: Literal["constant", "cosine", "onecycle"] = "constant"  # stepped per optimiser step
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0  # linear warm-up (constant, cosine); fractions allowed
+    grad_clip: Annotated[float, Field(gt=0)] | None = None  # max global L2 norm of the gradients; null: off
     augmentation: Literal["none", "crop", "flip", "crop+flip"] = "none"  # on-device, augment generator
     replicas: PositiveInt | None = None  # overrides the sweep's replicas for this workload
 
@@ -53,9 +49,11 @@ class Workload(Strict):
     def _known_arch(cls, v: str) -> str:
         try:
             builder(v)
+        except UnknownModel as e:  # torchvision:/timm: names: the message says how to list valid ones
+            raise ValueError(str(e)) from None
         except (KeyError, ImportError, AttributeError, ValueError):
-            raise ValueError(f"unknown arch {v!r}; choose one of {', '.join(sorted(MODELS))} "
-                             "or give package.module:function") from None
+            raise ValueError(f"unknown arch {v!r}; choose one of {', '.join(sorted(MODELS))}, "
+                             "torchvision:<name>, timm:<name>, or give package.module:function") from None
         return v
 
     @field_validator("dataset")
@@ -64,6 +62,28 @@ class Workload(Strict):
         if v not in DATASETS:
             raise ValueError(f"unknown dataset {v!r}; choose one of {', '.join(sorted(DATASETS))}")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Workload:
+        """Rules between the workload's own fields, every broken one reported."""
+        tokens = self.dataset in TOKEN_DATASETS
+        problems = []
+        if tokens and self.augmentation != "none":
+            problems.append(f"augmentation: {self.augmentation} crops or flips images; dataset {self.dataset} is "
+                            "tokens, so use none (dropout, arch_args.dropout, still draws from the augment source)")
+        own = ":" in self.arch and self.arch.partition(":")[0] not in NAMED_MODELS  # package.module:function
+        if not own and tokens != (self.arch in TOKEN_MODELS):
+            problems.append(f"arch: {self.arch} takes {'token windows' if self.arch in TOKEN_MODELS else 'images'} "
+                            f"but dataset {self.dataset} gives {'tokens' if tokens else 'images'}; "
+                            f"use {'gpt' if tokens else 'an image model (e.g. vit)'} or another dataset")
+        if self.schedule == "onecycle" and self.warmup_epochs:
+            problems.append("warmup_epochs: onecycle warms up by itself (torch's OneCycleLR: the first 30% of "
+                            "steps); set 0 or use schedule cosine")
+        if self.warmup_epochs > self.epochs:
+            problems.append(f"warmup_epochs: {self.warmup_epochs} is longer than the {self.epochs} epochs trained")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
 class EntrypointWorkload(Strict):
@@ -140,20 +160,15 @@ NoiseEntry = Annotated[
     Discriminator(_noise_tag,
                   custom_error_type="noise_entry", custom_error_message="expected a preset name or {name, vary}")]
 
-Precision = Literal["fp32", "tf32", "bf16"]
-# left out of run ids; cudnn_benchmark's default is PyTorch's own (autotuning off)
-TOOLING_DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False, "cudnn_benchmark": False}
-
-
-class Tooling(Strict):
-    """Settings that are not random but change bits; every combination is its own group."""
-
-    num_threads: list[PositiveInt] = [1]  # torch intra-op threads; the run asks Ray for at least as many CPUs
-    # fp32: IEEE fp32, TF32 off; tf32: TF32 matmul+conv (Ampere+ GPUs; no-op on a CPU); bf16: bfloat16 autocast
-    precision: list[Precision] = ["fp32"]
-    channels_last: list[bool] = [False]  # NHWC memory format for model and inputs
-    compile: list[bool] = [False]  # torch.compile the model; compile time lands in epoch 1 (CPU needs a C++ compiler)
-    cudnn_benchmark: list[bool] = [False]  # cuDNN autotuning: picks conv algorithms by timing them (GPU only)
+# Both built from orchestrator/axes.py, where each tooling axis is declared once.
+Tooling = create_model(
+    "Tooling", __base__=Strict,
+    __doc__="Settings that are not random but change bits: a list of values per axis, every combination its own group.",
+    **{a.name: (Annotated[list[a.type], Field(min_length=1, description=a.doc)], [a.default])
+       for a in AXES if a.listed_in is None})
+ToolingValues = create_model(
+    "ToolingValues", __base__=Strict, __doc__="The value of every tooling axis that one run or probe uses.",
+    **{a.name: (a.type, a.default) for a in AXES})
 
 
 class Overhead(Strict):
@@ -184,6 +199,8 @@ class SweepSpec(Strict):
     noise: list[NoiseEntry] = ["control", "algo", "impl", "algo+impl"]  # presets or {name, vary}
     accelerators: list[Name] = ["any"]  # V100, T4, A100, L4, H100, ... or any
     tooling: Tooling = Tooling()
+    # software environments; every run executes in each (see axes.Stack); default: the launch environment
+    stacks: Annotated[list[Stack], Field(min_length=1)] = [Stack(name="launch")]
     resources: Resources = Resources()
     max_retries: Annotated[int, Field(ge=0)] = 1  # retries after a worker process dies
     # a workload whose first fail_fast runs all fail with the same error is not run further (its
@@ -191,6 +208,14 @@ class SweepSpec(Strict):
     fail_fast: Annotated[int, Field(ge=0)] = 3
     overhead: Overhead | None = None  # determinism-cost probes, one per (workload, accelerator); absent = none
     workloads: Annotated[list[AnyWorkload], Field(min_length=1)]
+
+    @field_validator("stacks")
+    @classmethod
+    def _unique_stacks(cls, v: list[Stack]) -> list[Stack]:
+        names = [s.name for s in v]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"stack names must be unique; {', '.join(map(repr, dupes))} appears more than once")
+        return v
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> SweepSpec:
@@ -207,9 +232,20 @@ class SweepSpec(Strict):
 MAX_RUNS = 1_000_000  # a bigger grid is a typo (replicas: 100000000), not a study
 
 
+def axis_values(spec: SweepSpec, axis) -> list:
+    """The values a sweep lists for a tooling axis."""
+    return getattr(spec, axis.listed_in) if axis.listed_in else getattr(spec.tooling, axis.name)
+
+
+def tooling_grid(spec: SweepSpec) -> list[dict]:
+    """Every combination of tooling values, {axis name: value}, in a stable order."""
+    return [dict(zip((a.name for a in AXES), values))
+            for values in itertools.product(*(axis_values(spec, a) for a in AXES))]
+
+
 def n_runs(spec: SweepSpec) -> int:
-    """What `expand` would return, counted without building it (every tooling axis is a list)."""
-    axes = [spec.noise, spec.accelerators, *(getattr(spec.tooling, f) for f in Tooling.model_fields)]
+    """What `expand` would return, counted without building it."""
+    axes = [spec.noise, spec.accelerators, *(axis_values(spec, a) for a in AXES)]
     per_replica = math.prod(map(len, axes))
     return per_replica * sum(w.replicas or spec.replicas for w in spec.workloads)
 
@@ -239,6 +275,29 @@ def _bitflip_needs_builtin_model(s: SweepSpec) -> str | None:
                 "build their own, so drop bitflip or run it on built-in workloads in another sweep")
 
 
+def _world_size_splits_the_batch(s: SweepSpec) -> str | None:
+    """Data parallelism must change only the distribution: the global batch is split evenly."""
+    for w in s.workloads:
+        for k in s.tooling.world_size:
+            if isinstance(w, Workload) and w.batch_size % k:
+                return (f"tooling.world_size: {k} does not divide batch_size {w.batch_size} of {w.arch} on "
+                        f"{w.dataset}; the global batch is split evenly over the ranks, so pick a batch_size "
+                        "that every world size divides")
+
+
+def _world_size_needs_whole_gpus(s: SweepSpec) -> str | None:
+    if max(s.tooling.world_size) > 1 and 0 < s.resources.gpus < 1:
+        return (f"resources.gpus: {s.resources.gpus:g} GPU per rank; NCCL needs a GPU of its own per rank, "
+                "so give gpus: 1 (or 0 for gloo on CPUs) when world_size > 1")
+
+
+def _world_size_needs_data_in_memory(s: SweepSpec) -> str | None:
+    if max(s.tooling.world_size) > 1 and any(isinstance(w, Workload) and w.dataset_args.get("stream")
+                                             for w in s.workloads):
+        return ("tooling.world_size: streamed image folders (dataset_args.stream) train in one process; "
+                "run them at world_size 1, or hold the dataset in memory")
+
+
 def _bounded(s: SweepSpec) -> str | None:
     if (n := n_runs(s)) > MAX_RUNS:
         return (f"replicas: the sweep expands to {n:,} runs, more than the {MAX_RUNS:,} one sweep may hold; "
@@ -250,6 +309,9 @@ def _bounded(s: SweepSpec) -> str | None:
 CROSS_FIELD = {_pinned_runs_need_gpus: {"accelerators", "resources"}, _something_to_run: {"noise", "overhead"},
                _probes_need_data_in_memory: {"overhead", "workloads"},
                _bitflip_needs_builtin_model: {"noise", "workloads"},
+               _world_size_splits_the_batch: {"tooling", "workloads"},
+               _world_size_needs_whole_gpus: {"tooling", "resources"},
+               _world_size_needs_data_in_memory: {"tooling", "workloads"},
                _bounded: {"workloads", "replicas", "noise", "tooling", "accelerators"}}
 
 
@@ -257,8 +319,9 @@ def cross_field_problems(spec: SweepSpec, skip: set[str] = frozenset()) -> list[
     return [p for rule, fields in CROSS_FIELD.items() if not fields & skip and (p := rule(spec))]
 
 
-class RunSpec(Strict):
-    """One replica run: everything a worker needs, nothing it has to look up."""
+class RunSpec(ToolingValues):
+    """One replica run: everything a worker needs, nothing it has to look up (its tooling values
+    are the fields of ToolingValues: `spec.num_threads`, `spec.precision`, `spec.stack`, ...)."""
 
     run_id: str
     sweep: str
@@ -268,14 +331,9 @@ class RunSpec(Strict):
     replica: int
     seeds: Seeds
     accelerator: str
-    num_threads: int
-    cpus: float
+    cpus: float  # per worker process
     gpus: float
     max_retries: int
-    precision: Precision = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    cudnn_benchmark: bool = False
 
 
 def _noise_sets(spec: SweepSpec) -> list[tuple[str, frozenset[str]]]:
@@ -287,42 +345,45 @@ def file_safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
 
 
-def run_id(spec: SweepSpec, workload: Workload, noise: str, num_threads: int, accelerator: str, replica: int,
-           tooling: dict | None = None) -> str:
-    """Readable prefix + hash of what defines the run. Defaults are left out of the hash so that a
-    field added later with a default keeps old ids valid (`tooling`: precision, channels_last, compile,
-    cudnn_benchmark)."""
+def _off_default(tooling: dict) -> dict:
+    """The axes of `tooling` not at their default, as they enter an id. `num_threads` is hashed
+    apart, default included, as it was before the other axes existed: adding an axis keeps every
+    earlier id valid."""
+    return {a.name: a.key(tooling[a.name]) for a in AXES if a.name != "num_threads" and tooling[a.name] != a.default}
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_id(spec: SweepSpec, workload: Workload, noise: str, accelerator: str, replica: int, tooling: dict) -> str:
+    """Readable prefix + hash of what defines the run (`tooling`: every axis's value)."""
     key = {"sweep": spec.name, "base_seed": spec.base_seed,
            "workload": workload.model_dump(mode="json", exclude_defaults=True),
-           "noise": noise, "num_threads": num_threads, "accelerator": accelerator, "replica": replica}
-    extra = {k: v for k, v in (tooling or {}).items() if v != TOOLING_DEFAULTS[k]}
-    if extra:
+           "noise": noise, "num_threads": tooling["num_threads"], "accelerator": accelerator, "replica": replica}
+    if extra := _off_default(tooling):
         key["tooling"] = extra
-    key = json.dumps(key, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return f"{file_safe(f'{workload.arch}-{workload.dataset}-{noise}')}-r{replica}-{digest}"
+    return f"{file_safe(f'{workload.arch}-{workload.dataset}-{noise}')}-r{replica}-{_digest(key)}"
 
 
 def expand(spec: SweepSpec) -> list[RunSpec]:
-    """Every (workload, noise, tooling, accelerator, replica) as a RunSpec, in a stable order."""
+    """Every (workload, noise, tooling values, accelerator, replica) as a RunSpec, in a stable order."""
     runs = []
-    t = spec.tooling
-    for w, (noise, vary), threads, prec, cl, comp, bench, acc in itertools.product(
-            spec.workloads, _noise_sets(spec), t.num_threads, t.precision, t.channels_last, t.compile,
-            t.cudnn_benchmark, spec.accelerators):
-        tooling = {"precision": prec, "channels_last": cl, "compile": comp, "cudnn_benchmark": bench}
+    for w, (noise, vary), tooling, acc in itertools.product(spec.workloads, _noise_sets(spec), tooling_grid(spec),
+                                                           spec.accelerators):
         for r in range(w.replicas or spec.replicas):
             runs.append(RunSpec(
-                run_id=run_id(spec, w, noise, threads, acc, r, tooling), sweep=spec.name, workload=w,
+                run_id=run_id(spec, w, noise, acc, r, tooling), sweep=spec.name, workload=w,
                 noise=noise, vary=vary, replica=r, seeds=seeds_for(spec.base_seed, vary, r),
-                accelerator=acc, num_threads=threads, cpus=max(spec.resources.cpus, threads),
+                accelerator=acc, cpus=max(spec.resources.cpus, tooling["num_threads"]),
                 gpus=spec.resources.gpus, max_retries=spec.max_retries, **tooling))
     return runs
 
 
-class ProbeSpec(Strict):
+class ProbeSpec(ToolingValues):
     """One determinism-overhead probe (see orchestrator/probe.py): a workload timed with and without
-    deterministic kernels, side by side, on one whole device."""
+    deterministic kernels, side by side, on one whole device, at one value of every tooling axis
+    (`cudnn_benchmark` included: both modes run at it, so the overhead is determinism's alone)."""
 
     probe_id: str
     sweep: str
@@ -330,11 +391,6 @@ class ProbeSpec(Strict):
     accelerator: str
     overhead: Overhead
     seeds: Seeds  # the control seeds: every probe of a sweep starts from the same weights and batches
-    num_threads: int
-    precision: Precision = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    cudnn_benchmark: bool = False  # both modes run at this setting: the overhead is determinism's alone
     cpus: float
     gpus: float  # 0 or 1: a probe never shares a GPU, another trial's kernels would land in its timings
     max_retries: int
@@ -342,27 +398,23 @@ class ProbeSpec(Strict):
 
 def expand_probes(spec: SweepSpec) -> list[ProbeSpec]:
     """One probe per (built-in workload, accelerator) when the sweep has an `overhead` section, with the first
-    value of every tooling axis. Ids hash like run ids, with their own prefix."""
+    value of every tooling axis, at world size 1: a probe times one process's steps (what data-parallel
+    collectives add is not determinism's cost). Ids hash like run ids, with their own prefix."""
     if spec.overhead is None:
         return []
-    t = spec.tooling
-    tooling = {"precision": t.precision[0], "channels_last": t.channels_last[0], "compile": t.compile[0],
-               "cudnn_benchmark": t.cudnn_benchmark[0]}
+    tooling = tooling_grid(spec)[0] | {"world_size": 1}
     probes = []
     builtin = [w for w in spec.workloads if isinstance(w, Workload)]  # user training has no probe
     for w, acc in itertools.product(builtin, spec.accelerators):
-        key = json.dumps({"kind": "probe", "sweep": spec.name, "base_seed": spec.base_seed,
-                          "workload": w.model_dump(mode="json", exclude_defaults=True), "accelerator": acc,
-                          "overhead": spec.overhead.model_dump(mode="json", exclude_defaults=True),
-                          "num_threads": t.num_threads[0],
-                          "tooling": {k: v for k, v in tooling.items() if v != TOOLING_DEFAULTS[k]}},
-                         sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+        key = {"kind": "probe", "sweep": spec.name, "base_seed": spec.base_seed,
+               "workload": w.model_dump(mode="json", exclude_defaults=True), "accelerator": acc,
+               "overhead": spec.overhead.model_dump(mode="json", exclude_defaults=True),
+               "num_threads": tooling["num_threads"], "tooling": _off_default(tooling)}
         probes.append(ProbeSpec(
-            probe_id=f"probe-{file_safe(w.arch)}-{w.dataset}-{acc}-{digest}", sweep=spec.name, workload=w,
+            probe_id=f"probe-{file_safe(w.arch)}-{w.dataset}-{acc}-{_digest(key)}", sweep=spec.name, workload=w,
             accelerator=acc, overhead=spec.overhead, seeds=seeds_for(spec.base_seed, frozenset(), 0),
-            num_threads=t.num_threads[0], cpus=max(spec.resources.cpus, t.num_threads[0]),
-            gpus=1 if spec.resources.gpus > 0 else 0, max_retries=spec.max_retries, **tooling))
+            cpus=max(spec.resources.cpus, tooling["num_threads"]), gpus=1 if spec.resources.gpus > 0 else 0,
+            max_retries=spec.max_retries, **tooling))
     return probes
 
 

@@ -21,10 +21,12 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from orchestrator.axes import AXES
+
 TMP_PREFIX = ".tmp-"
 
 # The contract of DESIGN.md ("names are a contract; add columns freely, never rename these").
-RUN_SCHEMA = pa.schema([
+_RUN_FIELDS = [
     ("run_id", pa.string()), ("sweep", pa.string()), ("arch", pa.string()), ("dataset", pa.string()),
     ("noise", pa.string()),
     ("vary_init", pa.bool_()), ("vary_order", pa.bool_()), ("vary_augment", pa.bool_()), ("vary_impl", pa.bool_()),
@@ -56,7 +58,18 @@ RUN_SCHEMA = pa.schema([
     ("vary_bitflip", pa.bool_()), ("seed_bitflip", pa.int64()),
     ("bitflip", pa.string()),  # the initial weight whose lowest bit was flipped, `name[flat index]`
     ("worker_pid", pa.int64()), ("worker_runs", pa.int32()),  # the process that ran it, and its runs before
-])
+    ("stack_spec", pa.string()),  # JSON of the stack's definition (orchestrator/axes.py Stack) the run executed in
+    ("packages", pa.string()),  # JSON name -> version as imported in the worker (torch, numpy, nvidia-*, the stack's)
+    ("cpu_capability", pa.string()),  # the CPU kernel ISA torch dispatched to (DEFAULT, AVX2, AVX512, ...)
+    ("hip_version", pa.string()), ("miopen_version", pa.string()),  # AMD GPUs (ROCm builds of torch)
+    ("dist_backend", pa.string()),  # gloo | nccl for a data-parallel replica (world_size > 1); null otherwise
+    ("rank_pids", pa.list_(pa.int64())), ("rank_nodes", pa.list_(pa.string())),  # per rank: process, Ray node
+    ("ranks_agree", pa.bool_()),  # every rank's fingerprint_id is the same
+    ("epoch_lr", pa.list_(pa.float64())),  # built-in loop: learning rate of each epoch's first optimiser step
+    ("attention_backend", pa.string()),  # SDPA kernel the built-in transformer's first attention call ran; else null
+]
+# Every tooling axis has its column (orchestrator/axes.py); the first axes already have theirs above.
+RUN_SCHEMA = pa.schema([*_RUN_FIELDS, *[(a.column, a.arrow) for a in AXES if a.column not in dict(_RUN_FIELDS)]])
 
 LABELS_SCHEMA = pa.schema([("label", pa.int32()), ("subgroup", pa.int32())])
 

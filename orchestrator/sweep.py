@@ -76,27 +76,29 @@ def start_out(spec: SweepSpec, out: str, doomed: list[str], progress: dict) -> N
     store.write_bytes(fs, f"{root}/progress.json", json.dumps(progress).encode())
 
 
-def resources(run: RunSpec) -> dict[str, float]:
-    """Ray resources of one run. A named accelerator adds a sliver of the `accelerator_type:X`
-    resource that only nodes with that GPU advertise, which is how the run is pinned to them."""
-    req = {"cpu": run.cpus, "gpu": run.gpus}
-    if run.accelerator != "any":
-        req[f"accelerator_type:{run.accelerator}"] = 0.001
-    return req
-
-
 def preflight(runs: list[RunSpec]) -> None:
     """A run no node can ever hold would stay PENDING forever; fail now and name what exists."""
     import ray
 
+    from orchestrator.worker import process_resources
+
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     offered = sorted({k.split(":", 1)[1] for n in nodes for k in n if k.startswith("accelerator_type:")})
-    for run in {r.accelerator: r for r in runs}.values():
-        need = {"CPU": run.cpus, "GPU": run.gpus} | {k: v for k, v in resources(run).items() if ":" in k}
-        if not any(all(n.get(k, 0) >= v for k, v in need.items() if v) for n in nodes):
+    for run in {(r.accelerator, r.world_size): r for r in runs}.values():
+        fits = processes_that_fit(nodes, process_resources(run))
+        if not fits:
             raise SpecError(f"accelerators: no node offers {run.accelerator} with {run.cpus:g} CPU and "
                             f"{run.gpus:g} GPU (accelerator types here: {', '.join(offered) or 'none'}); "
                             f"fix accelerators/resources or pass --wait-for-autoscaling")
+        if fits < run.world_size:
+            raise SpecError(f"tooling.world_size: a replica of world size {run.world_size} needs {run.world_size} "
+                            f"processes of {run.cpus:g} CPU and {run.gpus:g} GPU on {run.accelerator} nodes at once; "
+                            f"this cluster holds {fits}; lower world_size or resources, or pass --wait-for-autoscaling")
+
+
+def processes_that_fit(nodes: list[dict], need: dict[str, float]) -> int:
+    """How many processes needing `need` the nodes (Ray resource dicts) hold at once."""
+    return sum(min(int(n.get(k, 0) // v) for k, v in need.items()) if need else 1 for n in nodes)
 
 
 @functools.lru_cache(maxsize=2)
@@ -109,21 +111,19 @@ def _specs(ref) -> dict[str, str]:
 
 
 def _trial(config: dict, table: tuple) -> None:
-    """One Tune trial = one replica, or one overhead probe. The config carries only the id; the
-    spec comes from the pool's table, placed once in Ray's object store (`table` holds its ref).
-    The worker writes its own files under OUT."""
+    """One Tune trial = one replica, or one overhead probe, run by a process of its stack
+    (orchestrator/worker.py). The config carries only the id; the spec comes from the pool's table,
+    placed once in Ray's object store (`table` holds its ref). The worker writes its own files under OUT."""
     from ray import tune
 
-    from orchestrator import probe, runner
+    from orchestrator import worker
     # imported, not used as a global: under `python -m orchestrator.sweep` this module is __main__,
     # and Ray pickles `_trial` by value, but a worker can only reach the cache through the package
     from orchestrator.sweep import _specs
 
     item = json.loads(_specs(table[0])[config["run"]])
-    if "probe_id" in item:
-        row = probe.run(ProbeSpec.model_validate(item), config["out"])
-    else:
-        row = runner.run(RunSpec.model_validate(item), config["out"])
+    row = worker.execute(ProbeSpec.model_validate(item) if "probe_id" in item else RunSpec.model_validate(item),
+                         config["out"])
     tune.report({"status": row["status"], "test_accuracy": row.get("test_accuracy"), "error": row.get("error")})
 
 
@@ -212,7 +212,8 @@ class FailFast:
 
     @staticmethod
     def key(run: RunSpec | ProbeSpec) -> str | None:
-        return run.workload.model_dump_json() if isinstance(run, RunSpec) else None
+        """Per workload and stack: a stack that cannot be built stops its own runs, not the others'."""
+        return run.workload.model_dump_json() + run.stack.name if isinstance(run, RunSpec) else None
 
     def record(self, run: RunSpec, error: str | None) -> None:
         first = self.first[self.key(run)]
@@ -237,6 +238,8 @@ def run_queue(pool: list[RunSpec | ProbeSpec], fail_fast: FailFast, progress):
     workload that fail-fast stopped is recorded skipped instead of started."""
     from ray.tune.search import Searcher
 
+    from orchestrator.worker import bundles
+
     class RunQueue(Searcher):
         def __init__(self):
             super().__init__()
@@ -251,7 +254,7 @@ def run_queue(pool: list[RunSpec | ProbeSpec], fail_fast: FailFast, progress):
                 if queue and not (fail_fast.waiting(key) and self.started[key] >= fail_fast.k):
                     self.started[key] += 1
                     run = queue.popleft()
-                    return {"run": _trial_id(run), "resources": resources(run)}
+                    return {"run": _trial_id(run), "bundles": bundles(run)}
             # None: runs are held until their workload's first results are in; Tune asks again
             return None if any(self.queues.values()) else Searcher.FINISHED
 
@@ -270,23 +273,23 @@ def _trial_id(run: RunSpec | ProbeSpec) -> str:
 
 def trainable(table):
     """The Tune trainable of one pool, given the ref of its spec table in the object store. Tune
-    unpickles it twice per trial, so it holds nothing that grows with the sweep: resources come from
-    the trial's config, specs from the table."""
+    unpickles it twice per trial, so it holds nothing that grows with the sweep: the placement group
+    comes from the trial's config (`worker.bundles`), specs from the table."""
     from ray import tune
 
     return tune.with_resources(tune.with_parameters(_trial, table=(table,)),
-                               resources=lambda config: config["resources"])
+                               resources=lambda config: tune.PlacementGroupFactory(config["bundles"]))
 
 
 def pools(runs: list[RunSpec | ProbeSpec]) -> list[list[RunSpec | ProbeSpec]]:
-    """Deterministic runs, non-deterministic runs and probes each get their own Tune run, so a
-    reused worker process never changes mode: cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when CUDA
-    starts, so a warm GPU worker keeps the mode of its first run."""
-    by_mode = {"deterministic": [], "nondeterministic": [], "probes": []}
+    """One Tune run per (stack, determinism mode, world size), probes apart, so that a reused worker
+    process never changes environment or mode: a stack's variables and packages are fixed when its
+    process starts, and cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when CUDA starts."""
+    by_key = defaultdict(list)
     for r in runs:
-        by_mode["probes" if isinstance(r, ProbeSpec) else "nondeterministic" if "impl" in r.vary
-                else "deterministic"].append(r)
-    return [pool for pool in by_mode.values() if pool]
+        mode = "probes" if isinstance(r, ProbeSpec) else "nondeterministic" if "impl" in r.vary else "deterministic"
+        by_key[r.stack.name, mode, r.world_size].append(r)
+    return list(by_key.values())
 
 
 def quiet_tune() -> None:
@@ -313,10 +316,15 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: 
     progress = make_progress(total, out, record_trial_error(out), fail_fast, by_id, total - len(runs))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n, pool in enumerate(pools(runs)):
+        if installer := {k: v for k, v in pool[0].stack.runtime_env().items() if k != "env_vars"}:
+            print(f"stack {pool[0].stack.name}: {len(pool)} trials; Ray builds its environment ({installer}) on "
+                  "each node before the node's first run in it (pip: minutes the first time, cached after)",
+                  flush=True)
         tuner = tune.Tuner(
             trainable(ray.put({_trial_id(r): r.model_dump_json() for r in pool})),
             param_space={"out": out},
             tune_config=tune.TuneConfig(search_alg=run_queue(pool, fail_fast, progress), num_samples=len(pool),
+                                        max_concurrent_trials=replicas_at_once(pool[0]),
                                         reuse_actors=True, trial_dirname_creator=lambda t: t.config["run"]),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{stamp}-{n}",
@@ -324,6 +332,20 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: 
                 failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                 callbacks=[progress], verbose=0))
         tuner.fit()  # trial outcomes are in OUT/runs; Tune's own result grid is not needed
+
+
+def replicas_at_once(run: RunSpec | ProbeSpec) -> int | None:
+    """For data-parallel replicas: how many the cluster holds at once. Their coordinating trials
+    hold no CPU, so Tune alone would start every one of them, each Train run then waiting for its
+    workers. None (no limit: resources bound the trials) at world size 1."""
+    import ray
+
+    from orchestrator.worker import process_resources
+
+    if run.world_size == 1:
+        return None
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    return max(1, processes_that_fit(nodes, process_resources(run)) // run.world_size)
 
 
 class ConnectError(SpecError):

@@ -10,8 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def ray_local():
     """One real local Ray cluster per test module: start-up costs seconds, trials reuse it."""
+    import os
+
     import ray
 
+    # Ray tries to build a runtime_env 3 times (for flaky networks); a pip stack that cannot be
+    # built then costs minutes per attempt of a run here. The cluster's agent reads this at start.
+    os.environ.setdefault("RUNTIME_ENV_RETRY_TIMES", "1")
     # workers import tests.faulty (fault-injecting model builders) through PYTHONPATH
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})

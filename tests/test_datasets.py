@@ -217,3 +217,73 @@ def test_missing_files_name_root_and_layout(tmp_path, name, expected):
 def test_missing_root_is_reported(name):
     with pytest.raises(FileNotFoundError, match="needs a root"):
         load(name)
+
+
+# --- token datasets: windows of token ids, evaluation positions as the test "examples" -------------
+
+TEXT = "Der Bär aß Äpfel. " * 40  # 18 characters, 13 distinct (three outside ASCII), repeated: 720
+
+
+def test_text_char_level_windows_split_by_position(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    ds = load("text", str(path), context_length=16, test_fraction=0.25)
+    chars = sorted(set(TEXT))
+    ids = np.array([chars.index(c) for c in TEXT])
+    split = int(len(TEXT) * 0.75)  # 540: the first 540 characters train, the last 180 test
+    assert ds.num_classes == len(chars) == 13 and ds.input_shape == (16,)
+    assert ds.train_x.dtype == ds.train_y.dtype == torch.int64
+    assert ds.train_x.shape == ((split - 1) // 16, 16) and ds.test_x.shape == ((180 - 1) // 16, 16)
+    assert ds.train_x.flatten().tolist() == ids[:len(ds.train_x) * 16].tolist()
+    assert torch.equal(ds.train_y[:, :-1], ds.train_x[:, 1:])  # next token per position
+    assert ds.train_y[-1, -1] == ids[len(ds.train_x) * 16]
+    assert ds.test_x.flatten().tolist() == ids[split:split + ds.test_x.numel()].tolist()
+    # every position of every test window is evaluated, window by window
+    assert ds.test_y.tolist() == ids[split + 1:split + 1 + ds.test_x.numel()].tolist()
+
+
+def test_text_byte_level_reads_utf8_bytes(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    ds = load("text", str(path), level="byte", context_length=8)
+    raw = TEXT.encode("utf-8")
+    assert ds.num_classes == 256 and len(raw) > len(TEXT)  # ä, ß, Ä take two bytes each
+    assert ds.train_x.flatten().tolist() == list(raw[:ds.train_x.numel()])
+
+
+def test_text_refuses_what_it_cannot_read(tmp_path):
+    with pytest.raises(FileNotFoundError, match="needs dataset_root naming a UTF-8 text file"):
+        load("text", str(tmp_path / "missing.txt"))
+    (tmp_path / "latin1.txt").write_bytes("Bär".encode("latin-1") * 100)
+    with pytest.raises(ValueError, match=r"is not UTF-8 \(byte 0xe4 at offset 1\); give a UTF-8 file or level: byte"):
+        load("text", str(tmp_path / "latin1.txt"))
+    (tmp_path / "short.txt").write_text("abc" * 10)
+    with pytest.raises(ValueError, match="too few for a train and a test window"):
+        load("text", str(tmp_path / "short.txt"), context_length=16)
+
+
+def test_modular_arithmetic_defaults_cover_every_pair_once():
+    """`dataset: modular_arithmetic` alone: p = 97, half the pairs train. Each window is `a b =`, the
+    one target is (a + b) mod p at the `=` position, and the test positions are exactly those."""
+    ds = load("modular_arithmetic")
+    p = 97
+    x = torch.cat([ds.train_x, ds.test_x])
+    assert ds.num_classes == p + 1 and ds.input_shape == (3,) and len(ds.train_x) == round(p * p / 2)
+    assert sorted((x[:, 0] * p + x[:, 1]).tolist()) == list(range(p * p)) and (x[:, 2] == p).all()
+    for inputs, targets in ((ds.train_x, ds.train_y), (ds.test_x, ds.test_targets)):
+        assert (targets[:, :2] == -100).all() and torch.equal(targets[:, 2], (inputs[:, 0] + inputs[:, 1]) % p)
+    assert torch.equal(ds.test_y, (ds.test_x[:, 0] + ds.test_x[:, 1]) % p)
+    pairs = (ds.test_x[:, 0] * p + ds.test_x[:, 1]).tolist()
+    assert pairs == sorted(pairs)  # test positions in (a, b) order
+    other = load("modular_arithmetic", p=7, train_fraction=0.3, seed=1)
+    assert len(other.train_x) == round(0.3 * 49) and len(other.test_y) == 49 - len(other.train_x)
+    with pytest.raises(ValueError, match="leaves a split empty"):
+        load("modular_arithmetic", p=7, train_fraction=1.0)
+
+
+def test_synthetic_tokens_are_fixed_by_their_seed():
+    a, b, c = (load("synthetic_tokens", n_train=4, n_test=2, context_length=32, vocab_size=50, seed=s)
+               for s in (0, 0, 1))
+    assert a.train_x.shape == (4, 32) and a.test_y.shape == (64,) and a.num_classes == 50
+    assert torch.equal(a.train_x, b.train_x) and not torch.equal(a.train_x, c.train_x)
+    assert torch.equal(a.train_y[:, :-1], a.train_x[:, 1:]) and int(a.train_x.max()) < 50

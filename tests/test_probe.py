@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator import metrics, probe, reduce, spec, store, sweep
+from orchestrator import metrics, probe, reduce, spec, store, sweep, worker
 from tests.conftest import write_spec
 
 WORKLOAD = {"arch": "small_cnn", "dataset": "synthetic", "batch_size": 16, "augmentation": "crop+flip",
@@ -223,7 +223,7 @@ def test_expand_probes_one_per_workload_and_accelerator_on_a_whole_device():
         ("small_cnn", "T4"), ("small_cnn", "A100"), ("resnet18", "T4"), ("resnet18", "A100")]
     assert all(p.gpus == 1 and p.cpus == 4 and p.num_threads == 4 and p.precision == "bf16" for p in probes)
     assert probes[0].overhead == spec.Overhead(steps=50, warmup=5, repeats=6)
-    assert sweep.resources(probes[0]) == {"cpu": 4, "gpu": 1, "accelerator_type:T4": 0.001}
+    assert worker.process_resources(probes[0]) == {"CPU": 4, "GPU": 1, "accelerator_type:T4": 0.001}
     again = spec.expand_probes(spec.parse(doc | {"overhead": {}}))
     longer = spec.expand_probes(spec.parse(doc | {"overhead": {"steps": 100}}))
     assert [p.probe_id for p in probes] == [p.probe_id for p in again]

@@ -10,6 +10,7 @@ from PIL import Image
 from orchestrator import runner, store
 from orchestrator.spec import SpecError, expand, parse
 from workloads import data as datasets
+from workloads.train import TrainConfig, eval_batches
 
 CLASSES = ("n01", "n02", "n03")
 
@@ -50,6 +51,16 @@ def test_an_example_s_draws_depend_on_its_seed_alone(folder):
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG (dropout's) is left alone
     plain = datasets.DecodedImages(d.test, 16)[0][0]
     assert plain.shape == (3, 16, 16) and torch.equal(plain, datasets.DecodedImages(d.test, 16)[0][0])
+
+
+def test_streamed_evaluation_batches_follow_eval_batch_size(folder):
+    """9 test images: batches of eval_batch_size, default the training batch size, in test order."""
+    d = datasets.load("imagenet", str(folder), image_size=16, stream=True)
+    for eval_batch_size, sizes in ((None, [8, 1]), (4, [4, 4, 1])):
+        cfg = TrainConfig(epochs=1, batch_size=8, lr=0.1, eval_batch_size=eval_batch_size)
+        batches = list(eval_batches(d, cfg, torch.device("cpu")))
+        assert [len(y) for _, y in batches] == sizes and batches[0][0].shape[1:] == (3, 16, 16)
+        assert torch.cat([y for _, y in batches]).tolist() == d.test_y.tolist()
 
 
 def sweep_of(folder, noise, num_workers):

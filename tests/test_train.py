@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orchestrator import runner, spec
+from orchestrator import axes, runner, spec
 from workloads import data as datasets
 from workloads import models
 from workloads.train import Diverged, TrainConfig, augment, set_tf32, train
@@ -130,7 +130,8 @@ def test_default_tooling_keeps_run_ids():
                                                          "channels_last": [False], "compile": [False],
                                                          "cudnn_benchmark": [False]}}))[0]
     w = spec.parse(doc).workloads[0]
-    assert plain.run_id == explicit.run_id == spec.run_id(spec.parse(doc), w, "control", 1, "any", 0)
+    defaults = {a.name: a.default for a in axes.AXES}
+    assert plain.run_id == explicit.run_id == spec.run_id(spec.parse(doc), w, "control", "any", 0, defaults)
     bf16 = spec.expand(spec.parse(doc | {"tooling": {"precision": ["bf16"]}}))[0]
     assert bf16.run_id != plain.run_id and bf16.precision == "bf16"
 
@@ -143,3 +144,79 @@ def test_huge_learning_rate_raises_diverged(digits):
     cfg = TrainConfig(epochs=3, batch_size=64, lr=1e12, optimizer="sgd")
     with pytest.raises(Diverged, match="diverged at epoch"):
         train(model, digits, cfg, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), CPU)
+
+
+# --- optimisers, schedules, clipping ---------------------------------------------------------------
+
+def mlp_run(data, **options):
+    torch.manual_seed(0)
+    model = models.build("mlp", data.image_shape, data.num_classes)
+    start = [p.detach().clone() for p in model.parameters()]
+    cfg = TrainConfig(**{"epochs": 1, "batch_size": 64, "lr": 0.01, "optimizer": "adamw"} | options)
+    r = train(model, data, cfg, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), CPU)
+    moved = torch.cat([(p.detach() - s).flatten() for p, s in zip(model.parameters(), start)]).norm().item()
+    return r, moved
+
+
+def test_cosine_schedule_with_warmup_gives_the_configured_lr_per_epoch(digits):
+    """1,347 digits at batch 64: 22 steps per epoch, 88 in 4 epochs, 22 of them warming up
+    linearly; then a half cosine from lr to 0 over the other 66 steps. Each epoch's first step
+    runs at lr · (1/22), lr, lr · (1 + cos(π/3))/2, lr · (1 + cos(2π/3))/2."""
+    r, _ = mlp_run(digits, epochs=4, schedule="cosine", warmup_epochs=1)
+    assert r.epoch_lr == pytest.approx([0.01 / 22, 0.01, 0.0075, 0.0025], rel=1e-9)
+
+
+def test_constant_and_onecycle_schedules(digits):
+    constant, _ = mlp_run(digits, epochs=2)
+    assert constant.epoch_lr == [0.01, 0.01]
+    onecycle, _ = mlp_run(digits, epochs=3, schedule="onecycle", optimizer="sgd")
+    assert onecycle.epoch_lr[0] == pytest.approx(0.01 / 25)  # torch's OneCycleLR starts at max_lr / 25
+    assert onecycle.epoch_lr[1] > 0.009  # near its peak a third of the way in
+
+
+def test_gradient_clipping_bounds_every_step(digits):
+    """Plain SGD at lr 1: each step moves the weights by lr · (clipped gradient), whose norm is at
+    most grad_clip, so 22 steps move them at most 22 · 1e-6 in L2."""
+    _, clipped = mlp_run(digits, optimizer="sgd", momentum=0.0, lr=1.0, grad_clip=1e-6)
+    _, free = mlp_run(digits, optimizer="sgd", momentum=0.0, lr=1.0)
+    assert 0 < clipped <= 22e-6 * (1 + 1e-4) and free > 1
+
+
+class EvalBatches(torch.nn.Module):
+    """Wraps a model; records the batch size of every forward pass in evaluation mode."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.sizes = inner, []
+
+    def forward(self, x):
+        if not self.training:
+            self.sizes.append(len(x))
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("eval_batch_size, expected", [(None, [64] * 7 + [2]), (100, [100] * 4 + [50])])
+def test_evaluation_runs_at_eval_batch_size_default_the_training_batch(digits, eval_batch_size, expected):
+    torch.manual_seed(0)
+    model = EvalBatches(models.build("mlp", digits.image_shape, digits.num_classes))
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.002, optimizer="adam", eval_batch_size=eval_batch_size)
+    r = train(model, digits, cfg, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), CPU)
+    assert model.sizes == expected and len(r.predictions) == 450
+
+
+# --- token datasets through the same loop ----------------------------------------------------------
+
+def test_gpt_on_tokens_predicts_every_evaluation_position(tmp_path):
+    """Windows of tokens train through the image loop: predictions are one arg-max token per
+    evaluation position (every position of the test windows), per-class accuracy is per token,
+    evaluation batches count windows, and the channels-last and bf16 options leave tokens alone."""
+    (tmp_path / "t.txt").write_text("abcdefgh" * 80)  # 640 characters: the last 64 test, 7 windows of 8
+    data = datasets.load("text", str(tmp_path / "t.txt"), context_length=8)
+    for options in ({}, {"channels_last": True}, {"precision": "bf16"}):
+        torch.manual_seed(0)
+        model = EvalBatches(models.build("gpt", data.input_shape, data.num_classes, n_layer=1, n_head=2, n_embd=32))
+        cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, optimizer="adamw", eval_batch_size=4, **options)
+        r = train(model, data, cfg, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), CPU)
+        assert model.sizes == [4, 3] and len(r.predictions) == len(data.test_y) == 7 * 8, options
+        assert len(r.per_class_accuracy) == 8 and r.attention_backend in ("math", "flash"), options
+        assert r.test_accuracy > 0.5, options  # "abcdefgh" repeated: the next letter is learnable at once

@@ -22,3 +22,10 @@ def settings_seen(ctx):
     seen = [torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), ctx.deterministic,
             torch.initial_seed() == ctx.seed("init")]
     return {"predictions": torch.tensor([int(v) for v in seen]), "labels": torch.zeros(4, dtype=torch.int64)}
+
+
+def raises_on_rank_1(ctx):
+    """A data-parallel function whose rank 1 fails; rank 0 would return a valid result."""
+    if ctx.rank == 1:
+        raise ValueError("rank one broke")
+    return {"predictions": torch.zeros(4, dtype=torch.int64), "labels": torch.zeros(4, dtype=torch.int64)}

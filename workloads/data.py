@@ -7,12 +7,17 @@ would be one more noise source that no sweep setting controls. The exception is 
 stream=True)`: an `ImageFolders` of file lists, decoded by DataLoader workers (`DecodedImages`)
 with every random draw seeded per example from the run's generators, so no worker RNG is involved.
 
+Token datasets (`text`, `modular_arithmetic`, `synthetic_tokens`) return a `TokenDataset`: windows
+of token ids for a next-token model, with a fixed, flat list of evaluation positions standing in for
+test examples, so that predictions, churn and per-class (per-token) accuracy work as for images.
+
 Loaders take `(root, **options)`. Nothing is ever downloaded: a real dataset must already be on disk
 in the layout its loader documents, else the loader raises FileNotFoundError naming that layout.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import pickle
 from collections import Counter
@@ -40,6 +45,8 @@ class ArrayDataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])
+
+    input_shape = image_shape  # what a model builder is given: (C, H, W) here, (T,) for tokens
 
 
 def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,6 +262,8 @@ class ImageFolders:
     def image_shape(self) -> tuple[int, int, int]:
         return 3, self.image_size, self.image_size
 
+    input_shape = image_shape
+
     @property
     def test_y(self) -> torch.Tensor:
         return torch.tensor([y for _, y in self.test], dtype=torch.int64)
@@ -362,16 +371,127 @@ def celeba(root: str | None, target: str = "Blond_Hair", subgroup_attrs: Sequenc
                        subgroup_names=subgroup_names)
 
 
-DATASETS: dict[str, Callable[..., ArrayDataset | ImageFolders]] = {
+# --- token datasets -------------------------------------------------------------------------------
+
+IGNORE = -100  # target of a position that is neither trained on nor evaluated (F.cross_entropy's ignore_index)
+
+
+@dataclass(frozen=True)
+class TokenDataset:
+    """Token windows for a next-token model, shaped like an ArrayDataset so the same loop trains
+    it: an example is a window of T tokens, its target the window shifted by one token. The test
+    "examples" are the positions whose target is not IGNORE, in a fixed order (window by window,
+    position by position): `test_y` lists their targets, and a run's predictions are the arg-max
+    token at exactly those positions. `num_classes` is the vocabulary size."""
+
+    train_x: torch.Tensor  # (N, T) int64 token ids
+    train_y: torch.Tensor  # (N, T) int64 next token per position; IGNORE where no loss is taken
+    test_x: torch.Tensor  # (M, T)
+    test_targets: torch.Tensor  # (M, T); IGNORE at the positions not evaluated
+    num_classes: int
+    subgroups: torch.Tensor | None = None
+    subgroup_names: tuple[str, ...] = ()
+
+    @property
+    def input_shape(self) -> tuple[int]:
+        return (self.train_x.shape[1],)
+
+    @property
+    def test_y(self) -> torch.Tensor:
+        """(K,) int64 targets of the evaluation positions."""
+        return self.test_targets[self.test_targets != IGNORE]
+
+
+def _windows(tokens: np.ndarray, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping windows of `tokens` (1-D) and their next tokens: two (N, T) int64 tensors,
+    N = (len - 1) // T; a tail shorter than a window is dropped."""
+    n = (len(tokens) - 1) // context_length
+    x = tokens[:n * context_length].reshape(n, context_length)
+    y = tokens[1:n * context_length + 1].reshape(n, context_length)
+    return torch.as_tensor(x, dtype=torch.int64), torch.as_tensor(y, dtype=torch.int64)
+
+
+def _tokenise(path: Path, level: str) -> tuple[np.ndarray, int]:
+    """(token ids, vocabulary size): UTF-8 bytes (256), or characters numbered in code-point order
+    over the whole file (the test split's characters are in the vocabulary too)."""
+    raw = path.read_bytes()
+    if level == "byte":
+        return np.frombuffer(raw, dtype=np.uint8).astype(np.int64), 256
+    if level != "char":
+        raise ValueError(f"text: level must be char or byte, got {level!r}")
+    try:
+        codes = np.frombuffer(raw.decode("utf-8").encode("utf-32-le"), dtype=np.uint32)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text: {path} is not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         "give a UTF-8 file or level: byte") from None
+    vocab, ids = np.unique(codes, return_inverse=True)
+    return ids, len(vocab)
+
+
+def text(root: str | None, level: str = "char", context_length: int = 128, test_fraction: float = 0.1) -> TokenDataset:
+    """A UTF-8 text file (`root` names the file) as a language-modelling task, at character or byte
+    `level`. The first 1 - `test_fraction` of the tokens train and the rest test (split by position,
+    so no window straddles both); each split is cut into non-overlapping windows of `context_length`
+    tokens, and every position of every test window is evaluated (next-token accuracy and loss)."""
+    if root is None or not Path(root).is_file():
+        raise FileNotFoundError(f"dataset 'text' needs dataset_root naming a UTF-8 text file; got {root!r}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"text: test_fraction must be in (0, 1), got {test_fraction}")
+    tokens, vocab = _tokenise(Path(root), level)
+    split = int(len(tokens) * (1 - test_fraction))
+    (tx, ty), (vx, vy) = _windows(tokens[:split], context_length), _windows(tokens[split:], context_length)
+    if not len(tx) or not len(vx):
+        raise ValueError(f"text: {root} has {len(tokens)} {level} tokens, too few for a train and a test window "
+                         f"of context_length {context_length} + 1 at test_fraction {test_fraction}; "
+                         "give a longer file or a shorter context_length")
+    return TokenDataset(tx, ty, vx, vy, num_classes=vocab)
+
+
+def modular_arithmetic(root: str | None = None, p: int = 97, train_fraction: float = 0.5,
+                       seed: int = 0) -> TokenDataset:
+    """a + b mod p for every pair (a, b), the grokking task (Power et al. 2022): the sequence
+    `a b =` (tokens 0..p-1, then `=` = token p; vocabulary p + 1) with the answer as the only
+    target, at the `=` position. A `train_fraction` of the p² pairs, drawn with `seed` (the data
+    itself, not a noise source), trains; the rest test, in (a, b) order."""
+    if not 0 < round(train_fraction * p * p) < p * p:
+        raise ValueError(f"modular_arithmetic: train_fraction {train_fraction} of {p * p} pairs leaves a split empty")
+    a, b = np.divmod(np.arange(p * p), p)
+    x = np.stack([a, b, np.full_like(a, p)], axis=1)  # (p², 3)
+    y = np.full_like(x, IGNORE)
+    y[:, -1] = (a + b) % p
+    perm = np.random.default_rng(seed).permutation(p * p)
+    n = round(train_fraction * p * p)
+    train, test = np.sort(perm[:n]), np.sort(perm[n:])
+    as_tensor = functools.partial(torch.as_tensor, dtype=torch.int64)
+    return TokenDataset(as_tensor(x[train]), as_tensor(y[train]), as_tensor(x[test]), as_tensor(y[test]),
+                        num_classes=p + 1)
+
+
+def synthetic_tokens(root: str | None = None, n_train: int = 256, n_test: int = 16, context_length: int = 1024,
+                     vocab_size: int = 256, seed: int = 0) -> TokenDataset:
+    """Uniformly random token windows, for timing a language model where no text file exists (a
+    GPU node of a cluster): what a step costs does not depend on the token values. Nothing to learn
+    beyond chance; `seed` fixes the data."""
+    g = np.random.default_rng(seed)
+    (tx, ty), (vx, vy) = (_windows(g.integers(0, vocab_size, n * context_length + 1), context_length)
+                          for n in (n_train, n_test))
+    return TokenDataset(tx, ty, vx, vy, num_classes=vocab_size)
+
+
+DATASETS: dict[str, Callable[..., ArrayDataset | ImageFolders | TokenDataset]] = {
     "digits": digits,
     "synthetic": synthetic,
     "cifar10": cifar10,
     "cifar100": cifar100,
     "imagenet": imagenet,
     "celeba": celeba,
+    "text": text,
+    "modular_arithmetic": modular_arithmetic,
+    "synthetic_tokens": synthetic_tokens,
 }
+TOKEN_DATASETS = frozenset({"text", "modular_arithmetic", "synthetic_tokens"})  # give TokenDataset
 
 
-def load(name: str, root: str | None = None, **options) -> ArrayDataset | ImageFolders:
+def load(name: str, root: str | None = None, **options) -> ArrayDataset | ImageFolders | TokenDataset:
     """Load a registered dataset by name; `options` are the loader's keyword arguments."""
     return DATASETS[name](root, **options)

@@ -1,0 +1,84 @@
+"""Data-parallel replicas (tooling.world_size) through Ray Train with gloo, on a real local Ray
+cluster of 2 CPUs: a world-size-2 replica is two processes of 1 CPU each, its coordinating trial
+holding no CPU."""
+
+import pytest
+
+from orchestrator import reduce, store, sweep
+from tests.conftest import cli, write_spec
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ddp_out(ray_local, tmp_path_factory):
+    """Your own DDP function (examples/own_training_ddp.py) and the built-in loop (mlp on digits):
+    control at world size 1 and 2; then algo at 2 for your own."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    workload = {"entrypoint": "examples.own_training_ddp:train", "name": "ddp", "dataset": "sklearn_digits",
+                "args": {"epochs": 1, "batch_size": 64, "lr": 0.1}}
+    builtin = {"arch": "mlp", "dataset": "digits", "epochs": 2, "batch_size": 64, "lr": 0.05}
+    out = tmp / "out"
+    a = write_spec(tmp / "a.yaml", name="ddp", replicas=2, noise=["control"], tooling={"world_size": [1, 2]},
+                   workloads=[workload, builtin])
+    assert sweep.main([str(a), "--out", str(out)]) == 0
+    b = write_spec(tmp / "b.yaml", name="ddp", replicas=2, noise=["algo"], tooling={"world_size": [2]},
+                   workloads=[workload])
+    assert sweep.main([str(b), "--out", str(out)]) == 0
+    return out, store.read_runs(str(out)).to_pandas()
+
+
+def test_control_replicas_at_world_size_2_are_bitwise_identical(ddp_out):
+    _, df = ddp_out
+    for arch, two in df[(df.world_size == 2) & (df.noise == "control")].groupby("arch"):
+        assert len(two) == 2 and (two.status == "ok").all(), two.error.tolist()
+        assert two.weights_sha256.nunique() == 1 and len({tuple(p) for p in two.predictions}) == 1, arch
+    assert set(df.arch) == {"ddp", "mlp"}
+
+
+def test_algo_replicas_at_world_size_2_differ(ddp_out):
+    _, df = ddp_out
+    algo = df[df.noise == "algo"]
+    assert len(algo) == 2 and (algo.status == "ok").all() and algo.weights_sha256.nunique() == 2
+
+
+def test_each_rank_is_its_own_process_and_recorded(ddp_out):
+    _, df = ddp_out
+    for r in df[df.world_size == 2].itertuples():
+        assert len(r.rank_pids) == 2 and len(set(r.rank_pids)) == 2 and r.worker_pid == r.rank_pids[0]
+        assert len(r.rank_nodes) == 2 and r.dist_backend == "gloo" and r.ranks_agree
+    one = df[df.world_size == 1]
+    assert one.dist_backend.isna().all() and one.rank_pids.map(len).eq(1).all()
+
+
+def test_world_sizes_are_paired_in_cross_stack(ddp_out):
+    out, _ = ddp_out
+    tables = reduce.reduce(str(out))
+    cs = tables["cross_stack"]
+    rows = cs[(cs.world_size_a == 1) & (cs.world_size_b == 2)]
+    assert sorted(rows.arch) == ["ddp", "mlp"] and (rows.n_pairs == 2).all() and (rows.noise == "control").all()
+    v = tables["variance"]
+    assert set(v.world_size) == {1, 2}
+
+
+def test_a_rank_that_raises_fails_the_replica_naming_it(ray_local, tmp_path):
+    path = write_spec(tmp_path / "s.yaml", name="rank-fails", replicas=1, tooling={"world_size": [2]},
+                      workloads=[{"entrypoint": "tests.user_functions:raises_on_rank_1", "name": "f",
+                                  "dataset": "four"}])
+    assert sweep.main([str(path), "--out", str(tmp_path / "out")]) == 1
+    row = store.read_runs(str(tmp_path / "out")).to_pandas().iloc[0]
+    assert row.status == "failed" and row.error.startswith("rank 1 of 2: ") and "rank one broke" in row.error
+
+
+def test_a_batch_not_divisible_by_the_world_size_is_a_spec_error(tmp_path):
+    path = write_spec(tmp_path / "s.yaml", tooling={"world_size": [1, 3]})  # batch_size 64
+    r = cli(str(path))
+    assert r.returncode == 2
+    assert "tooling.world_size: 3 does not divide batch_size 64 of small_cnn on digits" in r.stderr
+
+
+def test_a_replica_no_cluster_can_hold_is_refused_before_anything_starts(ray_local, tmp_path, capsys):
+    path = write_spec(tmp_path / "s.yaml", tooling={"world_size": [4]})
+    assert sweep.main([str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "a replica of world size 4 needs 4 processes of 1 CPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
