@@ -3,8 +3,9 @@
 What this node's tooling does to training, in about two minutes, before a sweep of hundreds of
 runs is launched on it: do replicas with the same seeds differ here (`impl` noise), are
 deterministic replicas identical (`control`), do CPU thread counts change bits, and what do
-deterministic kernels cost. Every check goes through the sweep's own code (`runner.run` for
-replicas, `probe.measure` for the overhead, `metrics` for churn and the interval) but without Ray,
+deterministic mode costs and which part of it (kernels, NaN fill, top ops). Every check goes
+through the sweep's own code (`runner.run` for replicas, `probe.measure` for the overhead and its
+profile, `metrics` for churn, the parts and their intervals) but without Ray,
 so the doctor runs on a bare GPU box with torch, torchvision, pydantic, pyarrow, PyYAML, scipy and
 safetensors.
 
@@ -40,9 +41,12 @@ DEFAULT_MINUTES = 2.0
 # sweeps time (batch 128, on-device crop+flip).
 REPLICA = {"arch": "small_cnn", "dataset": "synthetic", "batch_size": 64, "optimizer": "adam", "lr": 0.001}
 PROBE = {"arch": "small_cnn", "dataset": "synthetic", "augmentation": "crop+flip", "batch_size": 128}
-# Per device, sized so that the whole doctor fits DEFAULT_MINUTES (CPU, 2 shared cores: 30 s measured at
-# a load average of 4, 65 s at 8; ~30 s of CPU time); --minutes scales the probes' timed steps, the one knob that
-# narrows the overhead interval.
+PARTS = ("kernels", "fill", "inductor")  # metrics.COST_PARTS besides the total
+PART_KEYS = ("overhead_pct", "lo", "hi", *(f"{p}_{k}" for p in PARTS for k in ("pct", "lo", "hi")))
+TOP_OPS = 5  # ops per probe in the printout and the JSON
+# Per device, sized so that the whole doctor fits DEFAULT_MINUTES (CPU, 2 shared cores: 100 s measured at a load
+# average of 2.3-4.5 with three probe modes and two profiled blocks per probe; 30 s at 4 when probes timed two
+# modes); --minutes scales the probes' timed steps, the one knob that narrows the overhead interval.
 PLANS = {
     "cpu": {"replica": {"dataset_args": {"n_train": 1024, "n_test": 256, "image_size": 32}, "epochs": 1},
             "overhead": {"steps": 6, "warmup": 1, "repeats": 3},
@@ -119,10 +123,10 @@ def cuda_started() -> bool:
 def run_probe(p: spec.ProbeSpec) -> dict:
     """One overhead probe; an error is returned, not raised, so the other checks still report."""
     try:
-        rows, ops = probe.measure(p, runner.pick_device(p))
+        m = probe.measure(p, runner.pick_device(p))
     except Exception as e:  # recorded in the JSON and the verdicts, never dropped
         return {"error": f"{type(e).__name__}: {e}"}
-    return {"rows": rows, "ops": sorted(ops)}
+    return {"rows": m.steps, "ops": sorted(m.ops), "profile": m.profile}
 
 
 # --- summaries (pure) ------------------------------------------------------------------------------
@@ -153,30 +157,32 @@ def replica_summary(rows: list[dict], out: str) -> dict:
             "test_accuracy": [r["test_accuracy"] for r in ok]}
 
 
-def pair_units(rows: list[dict], mode: str) -> list[np.ndarray]:
-    """Step times of one mode, one array per det/nondet pair of blocks (`repeat`), in pair order:
-    the bootstrap resamples whole pairs, as the reducer's overhead table does."""
+def repeat_units(rows: list[dict], mode: str) -> list[np.ndarray]:
+    """Step times of one mode, one array per repeat (a round of one block per mode), in repeat order:
+    the bootstrap resamples whole repeats, as the reducer's overhead table does."""
     return [np.array([r["step_ms"] for r in rows if r["repeat"] == k and r["mode"] == mode])
             for k in sorted({r["repeat"] for r in rows})]
 
 
 def overhead_summary(p: spec.ProbeSpec, result: dict, seed: int = 0) -> dict:
-    """One probe as {arch, overhead_pct, lo, hi, nondeterministic_ops, ...}: the ratio of median step
-    times (deterministic / default) with a seeded bootstrap interval over det/nondet pairs, in percent."""
+    """One probe as {arch, overhead_pct, lo, hi, kernels_pct, ..., fill_pct, ..., top_ops, ...}: what
+    deterministic mode costs in percent of the default step and its parts (metrics.cost_parts, paired
+    intervals over repeats), and the ops whose self time grows most in deterministic mode."""
     w = p.workload
     args = ",".join(f"{k}={v}" for k, v in sorted(w.arch_args.items()))
     row = {"arch": w.arch, "arch_args": w.arch_args, "label": f"{w.arch}({args})" if args else w.arch,
            "batch_size": w.batch_size, "image_size": w.dataset_args.get("image_size"),
            "device": "cuda" if p.gpus else "cpu"}
     if "error" in result:
-        return row | {"overhead_pct": None, "lo": None, "hi": None, "nondeterministic_ops": [],
-                      "error": result["error"]}
+        return row | dict.fromkeys(PART_KEYS) | {"nondeterministic_ops": [], "top_ops": [], "error": result["error"]}
     rows = result["rows"]
-    ratio, lo, hi = metrics.median_ratio_ci(pair_units(rows, "det"), pair_units(rows, "nondet"), seed, paired=True)
-    med = {m: float(np.median([r["step_ms"] for r in rows if r["mode"] == m])) for m in probe.MODES}
-    return row | {"overhead_pct": _finite((ratio - 1) * 100), "lo": _finite((lo - 1) * 100),
-                  "hi": _finite((hi - 1) * 100), "nondeterministic_ops": result["ops"], "step_ms_det": med["det"],
-                  "step_ms_nondet": med["nondet"], "n_steps": len(rows), "error": None}
+    blocks = {m: repeat_units(rows, m) for m in dict.fromkeys(r["mode"] for r in rows)}
+    parts = metrics.cost_parts(blocks, seed)
+    values = [_finite(v) for part in ("total", *PARTS) for v in parts[part]]
+    medians = {f"step_ms_{m}": float(np.median(np.concatenate(u))) for m, u in blocks.items()}  # per mode timed
+    top = [{k: o[k] for k in ("op", "ms_nondet", "ms_det", "delta_ms")} for o in result["profile"][:TOP_OPS]]
+    return row | dict(zip(PART_KEYS, values)) | medians | {"nondeterministic_ops": result["ops"], "n_steps": len(rows),
+                                                           "top_ops": top, "error": None}
 
 
 def _finite(x: float) -> float | None:
@@ -186,6 +192,24 @@ def _finite(x: float) -> float | None:
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.1f}%"
+
+
+def _part(o: dict, part: str) -> str:
+    """A part of the cost with its interval: `+9.8% [+7.0%, +12.1%]`."""
+    return f"{_pct(o[f'{part}_pct'])} [{_pct(o[f'{part}_lo'])}, {_pct(o[f'{part}_hi'])}]"
+
+
+def _breakdown(o: dict) -> str:
+    """The parts of a probe's cost, and what to do when the NaN fill is most of it."""
+    inductor = f", inductor's deterministic mode {_part(o, 'inductor')} of it" if o["inductor_pct"] is not None else ""
+    text = f"deterministic kernels {_part(o, 'kernels')}{inductor}, NaN fill {_part(o, 'fill')}"
+    fill, kernels = o["fill_pct"], o["kernels_pct"]
+    if o["fill_lo"] is not None and o["fill_lo"] > 0 and (kernels is None or fill > kernels):
+        same = " (a CPU runs the same kernels in every mode)" if o["device"] == "cpu" else ""
+        text += (f": most of the cost is torch's NaN fill of new tensors, not the kernels{same}; "
+                 "torch.utils.deterministic.fill_uninitialized_memory = False removes it and keeps deterministic "
+                 "kernels (the fill only matters to code that reads memory it never wrote)")
+    return text
 
 
 def _spread(group: dict) -> str:
@@ -232,7 +256,7 @@ def verdicts(report: dict) -> list[str]:
         missing = o["nondeterministic_ops"]
         ops = f"; no deterministic kernel for {', '.join(missing)}" if missing else ""
         out.append(f"overhead {o['label']}: deterministic steps cost {_pct(o['overhead_pct'])} "
-                   f"[{_pct(o['lo'])}, {_pct(o['hi'])}] on {o['device']}{ops}")
+                   f"[{_pct(o['lo'])}, {_pct(o['hi'])}] on {o['device']}: {_breakdown(o)}{ops}")
     return out
 
 
@@ -244,16 +268,24 @@ def _differs(check: dict) -> bool | None:
 # --- the command -----------------------------------------------------------------------------------
 
 def overhead_table(overhead: list[dict]) -> str:
-    """The probes as a markdown table: step times in ms, overhead and its interval in percent."""
-    lines = ["| workload | batch | image | step_ms_nondet | step_ms_det | overhead_pct | lo | hi "
+    """The probes as a markdown table: step times in ms, overhead and its parts in percent with
+    their intervals."""
+    lines = ["| workload | batch | image | step_ms_nondet | step_ms_det | overhead_pct | lo | hi | kernels | fill "
              "| no deterministic kernel |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for o in overhead:
         ms = [f"{o[k]:.2f}" if o.get(k) is not None else "n/a" for k in ("step_ms_nondet", "step_ms_det")]
         lines.append(f"| {o['label']} | {o['batch_size']} | {o['image_size']} | {ms[0]} | {ms[1]} | "
-                     f"{_pct(o['overhead_pct'])} | {_pct(o['lo'])} | {_pct(o['hi'])} | "
-                     f"{', '.join(o['nondeterministic_ops']) or o['error'] or '-'} |")
+                     f"{_pct(o['overhead_pct'])} | {_pct(o['lo'])} | {_pct(o['hi'])} | {_part(o, 'kernels')} | "
+                     f"{_part(o, 'fill')} | {', '.join(o['nondeterministic_ops']) or o['error'] or '-'} |")
     return "\n".join(lines)
+
+
+def top_ops(overhead: list[dict]) -> list[str]:
+    """One line per probe: the ops whose self time per step grows most in deterministic mode."""
+    return [f"top ops {o['label']} (self ms per step, nondet -> det): "
+            + ", ".join(f"{t['op']} {t['ms_nondet']:.2f} -> {t['ms_det']:.2f} ({t['delta_ms']:+.2f})"
+                        for t in o["top_ops"]) for o in overhead if o["top_ops"]]
 
 
 def _minutes(text: str) -> float:
@@ -347,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     report["wall_seconds"] = time.perf_counter() - t0
-    print(overhead_table(report["overhead"]), "", *report["verdicts"], sep="\n")
+    print(overhead_table(report["overhead"]), "", *top_ops(report["overhead"]), "", *report["verdicts"], sep="\n")
     print(f"wall time: {report['wall_seconds']:.0f} s")
     if args.json:
         fs, path = store.resolve(args.json)

@@ -430,3 +430,34 @@ def replicas_needed(effect: float, std_a: float, std_b: float, power: float = 0.
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if welch_power(effect, std_a, std_b, mid, alpha) >= power else (mid, hi)
     return float(hi)
+
+
+# Parts of the cost of determinism: part -> (upper mode, lower mode), each the step from one probe
+# mode (orchestrator/probe.py) to the next, in units of the median non-deterministic step, so that
+# kernels + fill = total exactly. `inductor` is the share of `kernels` that inductor's own
+# deterministic mode adds to a compiled workload.
+COST_PARTS = {"total": ("det", "nondet"), "kernels": ("det_nofill", "nondet"), "fill": ("det", "det_nofill"),
+              "inductor": ("det_nofill", "det_noinductor")}
+
+
+def cost_parts(blocks: dict[str, Sequence[np.ndarray]], seed: int, n_boot: int = 2000,
+               level: float = 0.95) -> dict[str, tuple[float, float, float]]:
+    """part -> (percent, lo, hi) for every COST_PARTS entry: (median upper - median lower) / median
+    nondet × 100. `blocks[mode][k]`: the step times of that mode's block in repeat k, every mode
+    with one block per repeat (complete repeats only); a part whose modes are absent is NaN.
+
+    Interval: `median_ratio_ci` of upper over lower, paired by repeat, scaled by median lower /
+    median nondet. Where lower is nondet (total, kernels) that scale is 1 and the interval is the
+    paired bootstrap's own; for fill and inductor the scale is taken at its point estimate, so the
+    interval leaves out its uncertainty, a second-order term (the part times the scale's relative
+    error) beside the ratio's."""
+    base = np.median(np.concatenate(blocks["nondet"])) if len(blocks.get("nondet", ())) else math.nan
+    parts = {}
+    for part, (upper, lower) in COST_PARTS.items():
+        if not len(blocks.get(upper, ())) or not len(blocks.get(lower, ())):
+            parts[part] = (math.nan, math.nan, math.nan)
+            continue
+        ratio = median_ratio_ci(blocks[upper], blocks[lower], seed, n_boot=n_boot, level=level, paired=True)
+        scale = np.median(np.concatenate(blocks[lower])) / base
+        parts[part] = tuple(float((r - 1) * scale * 100) for r in ratio)
+    return parts

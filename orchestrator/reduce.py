@@ -65,10 +65,23 @@ SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mea
 CROSS_STACK = ["arch", "dataset", "workload", "noise", *(f"{c}_a" for c in STACK), *(f"{c}_b" for c in STACK),
                "n_pairs", "identical_fraction", "churn", "l2", "l2_rel", "acc_diff_mean", "n_pairs_l2"]
 # Overhead: grouped like the variance table (workload hash, tooling values), per accelerator.
-PROBE_TOOLING = ("precision", "channels_last", "compiled", "cudnn_benchmark")  # the ones a probe row has
-OVERHEAD = ["arch", "workload", "accelerator", "accelerator_requested", "n_probes", "n_fingerprints",
-            "step_ms_nondet", "step_ms_det", "overhead_pct", "overhead_lo", "overhead_hi", "n_pairs", "n_steps",
-            "n_steps_det", "n_steps_nondet", "nondeterministic_ops", "note"]
+# the ones a probe row has (num_threads with its fingerprint)
+PROBE_TOOLING = ("num_threads", "precision", "channels_last", "compiled", "cudnn_benchmark")
+PROBE_MODES = tuple(dict.fromkeys(m for modes in metrics.COST_PARTS.values() for m in modes))
+OPS_DIR = "overhead/ops"  # where probes write their profiles (orchestrator/probe.py)
+TOP_OPS = 10  # ops per group in overhead_ops
+KEY_ORDER = ["arch", "dataset", "workload", *TOOLING, "accelerator", "accelerator_requested"]
+OVERHEAD = ["arch", "workload", "accelerator", "accelerator_requested", "method", "n_probes", "n_fingerprints",
+            "step_ms_nondet", "step_ms_det_nofill", "step_ms_det", "epoch_s_nondet", "epoch_s_det",
+            "overhead_pct", "overhead_lo", "overhead_hi", "overhead_kernels_pct", "overhead_kernels_lo",
+            "overhead_kernels_hi", "overhead_fill_pct", "overhead_fill_lo", "overhead_fill_hi",
+            "overhead_inductor_pct", "overhead_inductor_lo", "overhead_inductor_hi", "n_pairs", "n_steps",
+            "n_steps_det", "n_steps_nondet", "n_epochs", "nondeterministic_ops", "note"]
+OVERHEAD_OPS = ["op", "clock", "n_probes", "ms_nondet", "ms_det", "delta_ms", "calls_nondet", "calls_det",
+                "nondeterministic_ops"]
+REPLICAS_NOTE = ("control vs impl replicas' epoch times, epoch 1 (warm-up) left out; the two modes ran in "
+                 "separate Tune runs (separate worker pools), so drift between them is not cancelled: noisier "
+                 "than a probe")
 
 
 @dataclass(frozen=True)
@@ -487,79 +500,224 @@ def cross_stack_table(runs: Runs, fs: pafs.FileSystem, root: str) -> pd.DataFram
 
 # --- overhead ---------------------------------------------------------------------------------
 
-def _read_probes(fs: pafs.FileSystem, root: str) -> pd.DataFrame | None:
-    """All determinism-overhead probe rows; files without the needed columns are skipped with a
-    warning that counts them."""
+def _fill_off_det(df: pd.DataFrame) -> pd.DataFrame:
+    """Probe files from before the probe timed the fill apart ran `det` blocks without the NaN fill
+    under `fill_uninitialized_memory: false` (impl_flags say so): those blocks are det_nofill."""
+    if "impl_flags" in df:
+        fill = {f: _spec(f).get("fill_uninitialized_memory") for f in df["impl_flags"].dropna().unique()}
+        df.loc[(df["mode"] == "det") & df["impl_flags"].map(fill).eq(False), "mode"] = "det_nofill"
+    return df
+
+
+def _read_folder(fs: pafs.FileSystem, folder: str, needed: set[str]) -> pd.DataFrame | None:
+    """Every Parquet file of a folder as one frame, with `probe_id` (from the file name where a file
+    lacks it); files without the `needed` columns are skipped with a warning that counts them."""
     frames, skipped = [], 0
-    for path in store.list_files(fs, f"{root}/overhead", ".parquet"):
+    for path in store.list_files(fs, folder, ".parquet"):
         try:
             df = pq.read_table(path, filesystem=fs).to_pandas()
         except (pa.ArrowException, OSError):
             skipped += 1
             continue
-        if not {"arch", "accelerator", "mode", "step_ms"} <= set(df.columns):
+        if not needed <= set(df.columns):
             skipped += 1
             continue
         if "probe_id" not in df:
-            df["probe_id"] = path.rsplit("/", 1)[-1]
+            df["probe_id"] = path.rsplit("/", 1)[-1].removesuffix(".parquet")
         frames.append(df)
     if skipped:
-        warnings.warn(f"skipped {skipped} unreadable or foreign Parquet file(s) under {root}/overhead",
-                      stacklevel=2)
-    return pd.concat(frames, ignore_index=True) if frames else None
+        warnings.warn(f"skipped {skipped} unreadable or foreign Parquet file(s) under {folder}", stacklevel=3)
+    if not frames:
+        return None
+    df = pd.concat(frames, ignore_index=True)
+    specs = df["spec_json"] if "spec_json" in df else [None] * len(df)
+    return df.assign(workload=[workload_id(_spec(s)) for s in specs])
 
 
-def _pairs(g: pd.DataFrame) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """The det and nondet step times of each complete det/nondet pair of blocks (probe_id,
-    repeat) of a group, in matching order, and how many incomplete pairs were left out. Probe
-    files from before the `repeat` column pair blocks 2r and 2r+1, as the probe wrote them."""
+def _read_probes(fs: pafs.FileSystem, root: str) -> pd.DataFrame | None:
+    """All determinism-overhead probe step rows, with their workload hash."""
+    probes = _read_folder(fs, f"{root}/overhead", {"arch", "accelerator", "mode", "step_ms"})
+    return None if probes is None else _fill_off_det(probes)
+
+
+def _probe_keys(df: pd.DataFrame) -> list[str]:
+    """Grouping keys of probe rows: arch, dataset and workload hash, the tooling values probes
+    recorded (a column no probe filled, cudnn_benchmark in older trees, is not a key), accelerator."""
+    tooling = [c for c in PROBE_TOOLING if c in df and df[c].notna().any()]
+    return ["arch", *(["dataset"] if "dataset" in df else []), "workload", *tooling, "accelerator"]
+
+
+def _blocks(g: pd.DataFrame) -> tuple[dict[str, list[np.ndarray]], int]:
+    """The step times of each mode the group timed, one array per complete repeat (probe_id,
+    repeat: one block of every such mode) in matching order, and how many incomplete repeats were
+    left out. Probe files from before the `repeat` column had two modes, blocks 2r and 2r+1."""
     repeat = g["repeat"] if "repeat" in g else g["block"] // 2 if "block" in g else pd.Series(np.nan, g.index)
-    det, nondet, incomplete = [], [], 0
-    for _, p in g.assign(_pair=repeat).groupby(["probe_id", "_pair"], sort=True, dropna=False):
-        d, n = p.loc[p["mode"] == "det", "step_ms"], p.loc[p["mode"] == "nondet", "step_ms"]
-        if d.empty or n.empty:
+    modes = [m for m in PROBE_MODES if (g["mode"] == m).any()]
+    blocks, incomplete = {m: [] for m in modes}, 0
+    for _, r in g.assign(_repeat=repeat).groupby(["probe_id", "_repeat"], sort=True, dropna=False):
+        times = {m: r.loc[r["mode"] == m, "step_ms"].to_numpy(float) for m in modes}
+        if not all(len(t) for t in times.values()):
             incomplete += 1
             continue
-        det.append(d.to_numpy(float))
-        nondet.append(n.to_numpy(float))
-    return det, nondet, incomplete
+        for m, t in times.items():
+            blocks[m].append(t)
+    return blocks, incomplete
+
+
+def _cost_columns(blocks: dict[str, list[np.ndarray]], seed: int) -> dict:
+    """overhead_pct and its parts (overhead_<part>_pct), each with _lo and _hi (metrics.cost_parts)."""
+    columns = {}
+    for part, values in metrics.cost_parts(blocks, seed, n_boot=N_BOOT).items():
+        name = "overhead" if part == "total" else f"overhead_{part}"
+        columns |= dict(zip((f"{name}_pct", f"{name}_lo", f"{name}_hi"), values))
+    return columns
+
+
+def _median(units: list[np.ndarray]) -> float:
+    return float(np.median(np.concatenate(units))) if units else math.nan
+
+
+def _missing_modes(blocks: dict) -> list[str]:
+    """Why a part is NaN: the modes a probe did not time."""
+    if "det" in blocks and "det_nofill" not in blocks:
+        return ["det and nondet blocks only (a probe written before the parts were timed): no kernels or fill part"]
+    if "det" not in blocks and "det_nofill" in blocks:
+        return ["no det blocks (fill_uninitialized_memory: false): the kernels part only, no total"]
+    return []
 
 
 def _overhead_row(key: dict, g: pd.DataFrame, seed: int) -> dict:
-    det, nondet, incomplete = _pairs(g)
-    ratio, lo, hi = metrics.median_ratio_ci(det, nondet, group_seed(seed, key), n_boot=N_BOOT, paired=True)
-    n_det, n_nondet = sum(map(len, det)), sum(map(len, nondet))
-    notes = [f"{incomplete} incomplete det/nondet pair(s) left out"] if incomplete else []
-    if len(det) < 2:
-        notes.append(f"{len(det)} complete pair(s): the interval needs 2")
-    return {**key, "accelerator_requested": _distinct(g, "accelerator_requested"),
+    blocks, incomplete = _blocks(g)
+    n = len(next(iter(blocks.values()), []))
+    notes = [f"{incomplete} incomplete repeat(s) left out"] if incomplete else []
+    if n < 2:
+        notes.append(f"{n} complete repeat(s): each interval needs 2")
+    notes += _missing_modes(blocks)
+    n_det, n_nondet = (sum(map(len, blocks.get(m, []))) for m in ("det", "nondet"))
+    return {**key, "method": "probe", "accelerator_requested": _distinct(g, "accelerator_requested"),
             "n_probes": g["probe_id"].nunique(),
             "n_fingerprints": g["fingerprint_id"].nunique() if "fingerprint_id" in g else 0,
-            "step_ms_nondet": np.median(np.concatenate(nondet)) if nondet else math.nan,
-            "step_ms_det": np.median(np.concatenate(det)) if det else math.nan,
-            "overhead_pct": (ratio - 1) * 100, "overhead_lo": (lo - 1) * 100, "overhead_hi": (hi - 1) * 100,
-            "n_pairs": len(det), "n_steps": n_det + n_nondet, "n_steps_det": n_det, "n_steps_nondet": n_nondet,
+            **{f"step_ms_{m}": _median(blocks.get(m, [])) for m in ("nondet", "det_nofill", "det")},
+            **_cost_columns(blocks, group_seed(seed, key)),
+            "n_pairs": n, "n_steps": sum(len(t) for units in blocks.values() for t in units),
+            "n_steps_det": n_det, "n_steps_nondet": n_nondet,
             "nondeterministic_ops": _distinct(g, "nondeterministic_ops"), "note": "; ".join(notes)}
 
 
-def overhead_table(fs: pafs.FileSystem, root: str, seed: int = 0) -> pd.DataFrame:
-    """One row per (arch, workload, tooling values, accelerator): never pooled across workloads
-    that share an arch (the workload hash comes from the probe's spec, as for runs). Median step
-    time with and without deterministic kernels over the complete det/nondet pairs of blocks,
-    overhead_pct = their ratio - 1, and a seeded bootstrap interval that resamples whole pairs,
-    so the drift the alternation cancels stays cancelled; fewer than 2 pairs: NaN interval. A
-    tooling column no probe recorded (cudnn_benchmark in older trees) is not a key."""
+def _epochs(seconds: list | None) -> np.ndarray:
+    """A run's epoch times without the first, which also holds the warm-up (allocator, caches,
+    torch.compile, a user function's set-up), when the run has more than one."""
+    s = np.asarray(seconds or [], dtype=np.float64)
+    return s[1:] if len(s) > 1 else s
+
+
+def _replica_pairs(det: pd.DataFrame, nondet: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str | None]:
+    """The control and impl runs that share a replica index, side by side, or a reason to refuse:
+    an index that repeats (settings pooled by --by), or a pair on different accelerators or stacks."""
+    if det["replica"].duplicated().any() or nondet["replica"].duplicated().any():
+        return det, nondet, "a replica index repeats within a mode (settings pooled by --by): cannot pair"
+    shared = sorted(set(det["replica"]) & set(nondet["replica"]))
+    a, b = (d.set_index("replica").loc[shared] for d in (det, nondet))
+    stacks = [s["accelerator"].astype(str) + " " + s["fingerprint_id"].astype(str) for s in (a, b)]
+    differ = (stacks[0].to_numpy() != stacks[1].to_numpy()).nonzero()[0]
+    if len(differ):
+        i = differ[0]
+        return a, b, (f"refused: {len(differ)} of {len(shared)} control/impl pair(s) ran on different accelerators "
+                      f"or fingerprints (replica {shared[i]}: {stacks[0].iloc[i]} vs {stacks[1].iloc[i]}); their "
+                      "epoch times would compare machines, not modes")
+    return a, b, None
+
+
+def _replica_row(key: dict, det: pd.DataFrame, nondet: pd.DataFrame, epochs: pa.ChunkedArray, seed: int) -> dict:
+    """Overhead from the epoch times of control (deterministic) and impl (default kernels) replicas
+    paired by replica index: the same seeds, so each pair differs only in the determinism switches."""
+    a, b, refused = _replica_pairs(det, nondet)
+    notes = [REPLICAS_NOTE]
+    units, single = {"det": [], "nondet": []}, 0
+    if refused:
+        notes.append(refused)
+    else:
+        for i, j in zip(a["_row"], b["_row"]):
+            sa, sb = epochs[int(i)].as_py() or [], epochs[int(j)].as_py() or []
+            single += (len(sa) == 1) + (len(sb) == 1)
+            if len(sa) and len(sb):
+                units["det"].append(_epochs(sa))
+                units["nondet"].append(_epochs(sb))
+        if single:
+            notes.append(f"{single} run(s) of one epoch: that epoch, warm-up included, is used")
+        if len(units["det"]) < len(a):
+            notes.append(f"{len(a) - len(units['det'])} pair(s) without epoch times left out")
+        if len(units["det"]) < 2:
+            notes.append(f"{len(units['det'])} pair(s): the interval needs 2")
+    g = pd.concat([det, nondet])
+    return {**key, "method": "replicas", "accelerator": _distinct(g, "accelerator"), "n_probes": 0,
+            "n_fingerprints": g["fingerprint_id"].nunique(),
+            "epoch_s_nondet": _median(units["nondet"]), "epoch_s_det": _median(units["det"]),
+            **_cost_columns(units, group_seed(seed, key)), "n_pairs": len(units["det"]),
+            "n_epochs": sum(len(u) for side in units.values() for u in side), "note": "; ".join(notes)}
+
+
+def _replica_rows(runs: Runs, by: Sequence[str], seed: int) -> list[dict]:
+    """One row per group of the variance table (without `noise`) that has both control and impl runs."""
+    meta = runs.meta.assign(_row=np.arange(len(runs.meta)))
+    ok = meta[(meta["status"] == "ok") & meta["noise"].isin(["control", "impl"])]
+    if ok.empty or "epoch_seconds" not in runs.lists.column_names:
+        return []
+    keys, rows = [c for c in by if c != "noise"], []
+    for vals, g in ok.groupby(keys, sort=True, dropna=False):
+        det, nondet = g[g["noise"] == "control"], g[g["noise"] == "impl"]
+        if len(det) and len(nondet):
+            rows.append(_replica_row(dict(zip(keys, vals)), det, nondet, runs.lists["epoch_seconds"], seed))
+    return rows
+
+
+def _ordered(columns: list[str]) -> list[str]:
+    """The overhead table's columns: keys in the order of KEY_ORDER (others after them), then OVERHEAD."""
+    keys = [c for c in KEY_ORDER if c in columns] + [c for c in columns if c not in KEY_ORDER and c not in OVERHEAD]
+    return keys + [c for c in OVERHEAD if c not in keys]
+
+
+def overhead_table(fs: pafs.FileSystem, root: str, seed: int = 0, runs: Runs | None = None,
+                   by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
+    """What determinism costs, one row per workload group and method. `probe` rows: per (arch,
+    workload, tooling values, accelerator), never pooled across workloads that share an arch (the
+    workload hash comes from the probe's spec, as for runs); median step time per mode over the
+    complete repeats, overhead_pct = det/nondet - 1 and its parts, with seeded bootstrap intervals
+    that resample whole repeats, so the drift the rotation cancels stays cancelled; fewer than 2
+    repeats: NaN intervals. `replicas` rows (when `runs` are given): per group of the variance
+    table (`by`) without noise, from control and impl replicas' epoch times."""
     probes = _read_probes(fs, root)
-    keys, rows = ["arch", "workload", "accelerator"], []
+    rows = []
     if probes is not None:
-        specs = probes["spec_json"] if "spec_json" in probes else [None] * len(probes)
-        probes["workload"] = [workload_id(_spec(s)) for s in specs]
-        keys[2:2] = [c for c in PROBE_TOOLING if c in probes and probes[c].notna().any()]
+        keys = _probe_keys(probes)
         rows = [_overhead_row(dict(zip(keys, vals)), g, seed)
                 for vals, g in probes.groupby(keys, sort=True, dropna=False)]
-    table = pd.DataFrame(rows, columns=keys + [c for c in OVERHEAD if c not in keys])
-    table.attrs["message"] = ("no determinism-overhead probes under OUT/overhead; "
-                              "run the overhead probe to fill this table")
+    rows += _replica_rows(runs, by, seed) if runs is not None else []
+    columns = list(dict.fromkeys(c for r in rows for c in r)) if rows else ["arch", "workload", "accelerator"]
+    table = pd.DataFrame(rows, columns=_ordered(columns))
+    table.attrs["message"] = ("no determinism-overhead probes under OUT/overhead and no control/impl replica pairs; "
+                              "run the overhead probe, or control and impl replicas, to fill this table")
+    return table
+
+
+def overhead_ops_table(fs: pafs.FileSystem, root: str, top: int = TOP_OPS) -> pd.DataFrame:
+    """The `top` ops whose self time per step grows most in deterministic mode, per group of the
+    overhead table's probe rows (means over its probes' profiled blocks), with the ops the group
+    recorded as having no deterministic kernel beside them."""
+    ops = _read_folder(fs, f"{root}/{OPS_DIR}", {"arch", "accelerator", "op", "clock", "ms_det", "ms_nondet"})
+    groups = []
+    if ops is not None:
+        keys = _probe_keys(ops)
+        for vals, g in ops.groupby(keys, sort=True, dropna=False):
+            per_op = g.groupby(["op", "clock"], sort=True).agg(
+                n_probes=("probe_id", "nunique"), ms_nondet=("ms_nondet", "mean"), ms_det=("ms_det", "mean"),
+                calls_nondet=("calls_nondet", "mean"), calls_det=("calls_det", "mean")).reset_index()
+            per_op["delta_ms"] = per_op["ms_det"] - per_op["ms_nondet"]
+            groups.append(per_op.sort_values("delta_ms", ascending=False, kind="stable").head(top).assign(
+                **dict(zip(keys, vals)), nondeterministic_ops=_distinct(g, "nondeterministic_ops")))
+    table = (pd.concat(groups, ignore_index=True)[keys + OVERHEAD_OPS] if groups
+             else pd.DataFrame(columns=["arch", "workload", "accelerator", *OVERHEAD_OPS]))
+    table.attrs["message"] = "no profiled probes under OUT/overhead/ops; run the overhead probe to fill this table"
     return table
 
 
@@ -604,7 +762,7 @@ def write_tables(fs: pafs.FileSystem, root: str, tables: dict[str, pd.DataFrame]
 
 def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0) -> dict[str, pd.DataFrame]:
     """Every table of the results tree at `out_uri`, written to OUT/tables in the formats `fmt`
-    and returned by name: variance, subgroups, sources, cross_stack, overhead. `by` overrides the variance
+    and returned by name: variance, subgroups, sources, cross_stack, overhead, overhead_ops. `by` overrides the variance
     grouping (default DEFAULT_BY); `seed` seeds the bootstrap intervals."""
     asked = list(dict.fromkeys(by or DEFAULT_BY))
     unknown = [c for c in asked if c not in store.RUN_SCHEMA.names and c != "workload"]
@@ -612,13 +770,14 @@ def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0
         raise UsageError(f"--by: cannot group on {', '.join(unknown) or 'a list column'}; "
                          f"use run columns such as {', '.join(DEFAULT_BY)}")
     fs, root = store.resolve(out_uri)
-    runs = load_runs(out_uri, asked)
+    runs = load_runs(out_uri, asked, lists=[*LISTS, "epoch_seconds"])  # epoch times: the replicas' overhead
     # by default, a tooling axis no run recorded (results older than the axis) is not a column
     by = asked if by else [c for c in asked if c not in TOOLING or runs.meta[c].notna().any()]
     variance, subgroups = variance_tables(runs, fs, root, by)
     tables = {"variance": variance, "subgroups": subgroups,
               "sources": sources.sources_table(variance, runs.meta, runs.matrix, by, lambda key: group_seed(seed, key)),
-              "cross_stack": cross_stack_table(runs, fs, root), "overhead": overhead_table(fs, root, seed)}
+              "cross_stack": cross_stack_table(runs, fs, root), "overhead": overhead_table(fs, root, seed, runs, by),
+              "overhead_ops": overhead_ops_table(fs, root)}
     write_tables(fs, root, tables, fmt)
     return tables
 

@@ -309,16 +309,16 @@ def per_class_std(runs: reduce.Runs) -> Figure:
 
 
 def overhead_bars(overhead: pd.DataFrame) -> Figure:
-    """Cost of deterministic kernels per accelerator and workload (arch, plus the settings and
-    tooling values that tell the overhead table's rows of one arch apart): median step time with
-    them over without, minus 1, in percent, with the bootstrap interval (overhead_lo..overhead_hi)
-    as error bars."""
-    title = "Cost of determinism: step-time overhead of deterministic kernels"
+    """Cost of deterministic mode per accelerator and workload (arch, plus the settings, tooling
+    values and method that tell the overhead table's rows of one arch apart): median step (or
+    epoch) time in it over the default's, minus 1, in percent, with the bootstrap interval
+    (overhead_lo..overhead_hi) as error bars and the kernels and fill parts under the label."""
+    title = "Cost of determinism: step-time overhead of deterministic mode"
     ok = overhead.dropna(subset=["overhead_pct"]) if len(overhead) and "overhead_pct" in overhead else overhead
     if ok.empty:
         return _empty(title, f"no overhead probes: {NONE} (add an `overhead:` section to the sweep)")
     accels = sorted(ok["accelerator"].astype(str).unique())
-    others = _labels(ok, ["workload", *reduce.PROBE_TOOLING])
+    others = _labels(ok, ["workload", *reduce.PROBE_TOOLING, "method"])
     series = ok["arch"].astype(str) + others.map(lambda o: f", {o}" if o else "")
     names = sorted(series.unique())
     slot = min(0.8, 0.3 * len(names))  # a lone bar stays narrow
@@ -332,19 +332,61 @@ def overhead_bars(overhead: pd.DataFrame) -> Figure:
         lo = np.nan_to_num(pct - g["overhead_lo"].to_numpy(float), nan=0).clip(min=0)
         hi = np.nan_to_num(g["overhead_hi"].to_numpy(float) - pct, nan=0).clip(min=0)
         ax.bar(x, pct, w * 0.9, yerr=[lo, hi], capsize=4, color=COLORS[i % len(COLORS)], label=name)
-        for xi, p, low, high in zip(x, pct, g["overhead_lo"].to_numpy(float), g["overhead_hi"].to_numpy(float)):
+        for xi, p, low, high, parts in zip(x, pct, g["overhead_lo"].to_numpy(float), g["overhead_hi"].to_numpy(float),
+                                           _parts_text(g)):
             ci = f"[{low:+.0f}, {high:+.0f}]" if np.isfinite([low, high]).all() else "no interval"
-            ax.annotate(f"{p:+.0f}%\n{ci}", (xi, max(p, 0 if math.isnan(high) else high)),
+            ax.annotate(f"{p:+.0f}%\n{ci}{parts}", (xi, max(p, 0 if math.isnan(high) else high)),
                         xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(accels)), accels)
     ax.set_xlim(-0.6, len(accels) - 0.4)
     ax.set_xlabel("accelerator")
-    ax.set_ylabel("overhead of deterministic kernels (%)")
+    ax.set_ylabel("overhead of deterministic mode (%)")
     ax.set_title(title, loc="left")
     ax.grid(axis="y", alpha=0.3)
     ax.margins(y=0.2)
     ax.legend(fontsize=8, title="workload")
+    return fig
+
+
+def _parts_text(overhead: pd.DataFrame) -> list[str]:
+    """Per overhead row, its kernels and fill parts as a second label line ("" where NaN: replica rows,
+    probes older than the parts)."""
+    parts = [overhead.get(f"overhead_{p}_pct", pd.Series(np.nan, overhead.index)).to_numpy(float)
+             for p in ("kernels", "fill")]
+    return [f"\nkernels {k:+.0f}, fill {f:+.0f}" if np.isfinite([k, f]).all() else "" for k, f in zip(*parts)]
+
+
+def overhead_ops_bars(ops: pd.DataFrame) -> Figure:
+    """Which ops deterministic mode slows: per probe group (one panel each), the ops whose self time
+    per step grows most (the `overhead_ops` table), nondet and det side by side, with the ops that
+    had no deterministic kernel named under the panel title."""
+    title = "Which ops deterministic mode slows: self time per step"
+    if ops.empty:
+        return _empty(title, f"no profiled probes: {NONE} (add an `overhead:` section to the sweep)")
+    keys = [c for c in ops.columns if c not in reduce.OVERHEAD_OPS]
+    groups = list(ops.groupby(keys, sort=True, dropna=False))
+    heads = pd.DataFrame([dict(zip(keys, vals)) for vals, _ in groups])
+    names = heads["arch"].astype(str) + _labels(heads, [k for k in keys if k != "arch"]).map(
+        lambda o: f", {o}" if o else "")  # the arch and the keys that tell the panels apart
+    fig, axes = _grid(len(groups), width=7.0, height=0.45 * max(len(g) for _, g in groups) + 1.6)
+    for ax, name, (_, g) in zip(axes, names, groups):
+        g = g.iloc[::-1]  # the op that grows most on top
+        y = np.arange(len(g))
+        for dy, mode, color in ((0.2, "nondet", COLORS[0]), (-0.2, "det", COLORS[3])):
+            ax.barh(y + dy, g[f"ms_{mode}"].to_numpy(float), 0.4, color=color, label=mode)
+        for yi, det, delta in zip(y, g["ms_det"].to_numpy(float), g["delta_ms"].to_numpy(float)):
+            ax.annotate(f"{delta:+.2g}", (det, yi - 0.2), xytext=(3, 0), textcoords="offset points", va="center",
+                        fontsize=7)
+        ax.set_yticks(y, g["op"].astype(str).str.slice(0, 48), fontsize=8)
+        clock = ", ".join(sorted(g["clock"].astype(str).unique()))
+        ax.set_xlabel(f"self time per step (ms, {clock})")
+        missing = g["nondeterministic_ops"].fillna("").iloc[0]  # the group's, on each of its rows
+        ax.set_title(f"{name}\n{'no deterministic kernel: ' + missing if missing else ''}", loc="left", fontsize=9)
+        ax.margins(x=0.15)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, x=0.01, ha="left")
     return fig
 
 
@@ -415,10 +457,15 @@ GUIDE = {
     "cross_stack": "Runs with the same seeds and settings that ran on a different stack (thread count, "
                    "accelerator, software fingerprint), compared pair by pair. identical_fraction < 1 or "
                    "churn > 0 here is noise that no seed removes.",
-    "overhead": "Median training-step time with deterministic kernels over without, minus 1, per "
-                "accelerator and workload; error bars are the 95% bootstrap interval over det/nondet pairs "
-                "of blocks (none below 2 pairs). Measured side by side in one probe per (workload, tooling, "
-                "accelerator).",
+    "overhead": "Median training-step time in torch's deterministic mode over the default's, minus 1, per "
+                "accelerator and workload, in percent; error bars are the 95% bootstrap interval over repeats "
+                "of blocks (none below 2). Probe rows are measured side by side in one probe per (workload, "
+                "tooling, accelerator) and split into the deterministic kernels' part and the NaN fill's "
+                "(they add up to the total); replicas rows come from control vs impl replicas' epoch times, "
+                "separate runs, so noisier and not split.",
+    "overhead_ops": "From one profiled deterministic and one default block per probe: the ops whose self time "
+                    "per step grows most in deterministic mode (aten::fill_ is the NaN fill of new tensors), "
+                    "and, in each panel's title, the ops that had no deterministic kernel at all.",
     "sources": "Each single-source preset's accuracy variance (blue) and churn (orange) as a share of the "
                "reference preset's (algo+impl, else algo), with 95% bootstrap intervals over replicas, "
                "resampled jointly where presets ran the same replicas (paired: they share seeds). "
@@ -501,6 +548,9 @@ def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame]
         _section("Overhead of determinism", GUIDE["overhead"],
                  _img(overhead_bars(table("overhead")), "overhead")
                  + (table_html(table("overhead")) if len(table("overhead")) else "")),
+        _section("Which ops deterministic mode slows", GUIDE["overhead_ops"],
+                 _img(overhead_ops_bars(table("overhead_ops")), "overhead ops")
+                 + (table_html(table("overhead_ops")) if len(table("overhead_ops")) else "")),
         _section("Variance table", GUIDE["variance"], table_html(table("variance"))),
         _section("Subgroups", GUIDE["subgroups"], table_html(table("subgroups"))),
         _section("Fingerprints", GUIDE["fingerprints"], table_html(fingerprints(runs))),

@@ -196,13 +196,16 @@ ToolingValues = create_model(
 
 class Overhead(Strict):
     """The determinism-cost probe: per (workload, accelerator), one trial on a whole device that
-    alternates blocks of deterministic and non-deterministic training steps on the same data."""
+    rotates blocks of training steps in each mode (default kernels, deterministic kernels without
+    and with the NaN fill) on the same data; see orchestrator/probe.py."""
 
     steps: PositiveInt = 50  # timed steps per block
     warmup: Annotated[int, Field(ge=0)] = 5  # untimed steps per block before the timed ones (autotuning, caches)
-    repeats: PositiveInt = 5  # det/nondet block pairs; the bootstrap interval resamples these pairs
+    # rounds of one block per mode; the intervals resample whole rounds. 6 = two rotations of three modes
+    repeats: PositiveInt = 6
     # torch's deterministic mode also NaN-fills every new uninitialised tensor (a memset per
-    # allocation, a real cost even where kernels are the same); false leaves only kernel choice
+    # allocation, a real cost even where kernels are the same), timed as a mode of its own; false
+    # leaves that mode out: kernels only, a third cheaper, no total
     fill_uninitialized_memory: bool = True
 
 

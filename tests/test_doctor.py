@@ -74,8 +74,13 @@ def test_cpu_doctor_runs_without_ray_and_reports_what_it_measured(tmp_path):
     assert [o["arch"] for o in report["overhead"]] == ["small_cnn", "resnet18"]
     for o in report["overhead"]:
         assert o["error"] is None and o["device"] == "cpu" and isinstance(o["nondeterministic_ops"], list)
-        assert o["lo"] <= o["hi"] and o["step_ms_det"] > 0 and o["step_ms_nondet"] > 0
-        assert o["n_steps"] == 2 * 3 * 2  # --minutes 0.5 scales the 6 timed steps of a block to 2, 3 pairs
+        assert o["lo"] <= o["hi"] and o["step_ms_det"] > 0 and o["step_ms_nondet"] > 0 and o["step_ms_det_nofill"] > 0
+        assert o["n_steps"] == 2 * 3 * 3  # --minutes 0.5 scales the 6 timed steps of a block to 2; 3 modes, 3 repeats
+        assert o["kernels_lo"] <= o["kernels_hi"] and o["fill_lo"] <= o["fill_hi"] and o["inductor_pct"] is None
+        assert o["kernels_pct"] + o["fill_pct"] == pytest.approx(o["overhead_pct"], abs=1e-9)
+        assert len(o["top_ops"]) == doctor.TOP_OPS and any(t["op"].startswith("aten::") for t in o["top_ops"])
+        assert [t["delta_ms"] for t in o["top_ops"]] == sorted((t["delta_ms"] for t in o["top_ops"]), reverse=True)
+    assert "\n".join(doctor.top_ops(report["overhead"])) in proc.stdout
 
     lines = report["verdicts"]
     assert [line.split(":")[0] for line in lines] == ["device", "impl", "control", "threads",
@@ -152,6 +157,31 @@ def test_verdicts_say_what_failed_instead_of_comparing():
         "cuBLAS: CUDA had started before CUBLAS_WORKSPACE_CONFIG could be set (something starts CUDA at import): "
         "deterministic runs are not guaranteed on this node",
         "overhead resnet18: probe failed (RuntimeError: out of memory)"]
+
+
+def probe_summary(device: str, total: float, kernels: tuple, fill: tuple) -> dict:
+    return {"label": "resnet18", "device": device, "error": None, "nondeterministic_ops": [],
+            "overhead_pct": total, "lo": total - 2, "hi": total + 2, "kernels_pct": kernels[0], "kernels_lo": kernels[1],
+            "kernels_hi": kernels[2], "fill_pct": fill[0], "fill_lo": fill[1], "fill_hi": fill[2],
+            "inductor_pct": None, "inductor_lo": None, "inductor_hi": None}
+
+
+@pytest.mark.parametrize("o, fill_is_the_cost", [
+    (probe_summary("cpu", 10.0, (0.3, -2.0, 2.5), (9.7, 7.0, 12.0)), True),  # issue #18: the CPU's +10%
+    (probe_summary("cuda", 60.0, (50.0, 40.0, 60.0), (10.0, 8.0, 12.0)), False),  # the kernels cost most
+    (probe_summary("cpu", 1.0, (0.3, -2.0, 2.5), (0.7, -1.0, 2.0)), False),  # no measurable fill
+])
+def test_the_overhead_verdict_gives_the_parts_and_says_when_the_cost_is_the_nan_fill(o, fill_is_the_cost):
+    ok = {"errors": [], "identical": True, "max_abs_dw": 0.0, "churn": 0.0, "num_threads": [1, 2]}
+    report = {"device": o["device"], "device_note": "", "replicas": dict.fromkeys(("impl", "control", "threads"), ok),
+              "cublas_workspace_before_cuda": None, "overhead": [o]}
+    line = doctor.verdicts(report)[-1]
+    assert line.startswith(f"overhead resnet18: deterministic steps cost {o['overhead_pct']:+.1f}%")
+    assert f"deterministic kernels {o['kernels_pct']:+.1f}% [{o['kernels_lo']:+.1f}%, {o['kernels_hi']:+.1f}%]" in line
+    assert f"NaN fill {o['fill_pct']:+.1f}% [{o['fill_lo']:+.1f}%, {o['fill_hi']:+.1f}%]" in line
+    assert ("most of the cost is torch's NaN fill" in line) is fill_is_the_cost
+    assert ("fill_uninitialized_memory = False" in line) is fill_is_the_cost
+    assert ("same kernels in every mode" in line) is (fill_is_the_cost and o["device"] == "cpu")
 
 
 def test_a_worker_that_dies_is_an_error_line_and_exit_1(capsys, monkeypatch):

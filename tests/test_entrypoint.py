@@ -202,3 +202,19 @@ def test_a_broken_user_function_is_a_failed_row_with_one_line_and_the_sweep_goes
     assert failed["no_labels"].error.startswith("ContractError: no 'labels' in the returned mapping; the function must")
     assert all("\n" not in r.error for r in failed.values())
     assert (df[df.arch == "digits_cnn"].status == "ok").all()
+
+
+@pytest.mark.integration
+def test_an_entrypoint_sweep_of_control_and_impl_gets_an_overhead_row_from_its_replicas(ray_local, tmp_path):
+    """User code has no probe; its control and impl replicas share seeds and differ only in
+    determinism, so their paired epoch times give the overhead (epoch 1, with set-up, left out)."""
+    doc = {"name": "own-cost", "replicas": 2, "noise": ["control", "impl"],
+           "workloads": [EXAMPLE | {"args": {"epochs": 3, "batch_size": 64, "lr": 0.1, "num_workers": 0}}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    assert sweep.main([str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")]) == 0
+    (row,) = reduce(str(tmp_path / "out"))["overhead"].to_dict("records")
+    assert (row["method"], row["arch"], row["accelerator"], row["n_pairs"], row["n_epochs"]) == (
+        "replicas", "digits_cnn", "cpu", 2, 8)
+    assert np.isfinite([row["overhead_pct"], row["overhead_lo"], row["overhead_hi"]]).all()
+    assert row["overhead_lo"] <= row["overhead_hi"] and row["epoch_s_det"] > 0 and row["epoch_s_nondet"] > 0
+    assert math.isnan(row["overhead_fill_pct"]) and "drift between them is not cancelled" in row["note"]

@@ -33,8 +33,9 @@ def weights(dw: dict[tuple[int, int], float] | None = None) -> dict[str, np.ndar
 
 
 def write_run(root: Path, run_id: str, preds=None, tensors=None, *, noise="algo", replica=0, num_threads=1,
-              status="ok", seeds=(1, 2, 3), lr=0.01) -> None:
-    """One run as the runner writes it: weights file first, then its row (RUN_SCHEMA names)."""
+              status="ok", seeds=(1, 2, 3), lr=0.01, **columns) -> None:
+    """One run as the runner writes it: weights file first, then its row (RUN_SCHEMA names, and
+    `columns` over the defaults)."""
     row = {"run_id": run_id, "sweep": "t", "arch": "mlp", "dataset": "toy", "noise": noise, "replica": replica,
            "seed_init": seeds[0], "seed_order": seeds[1], "seed_augment": seeds[2],
            "accelerator_requested": "any", "accelerator": "cpu", "fingerprint_id": "fp0",
@@ -56,7 +57,7 @@ def write_run(root: Path, run_id: str, preds=None, tensors=None, *, noise="algo"
     else:
         row["error"] = "Diverged: diverged at epoch 1"
     fs, r = store.resolve(str(root))
-    store.write_run(fs, r, row)
+    store.write_run(fs, r, row | columns)
 
 
 P0 = [0, 1, 0, 1, 0, 1, 0, 1]  # all correct
@@ -262,7 +263,7 @@ def test_cli_usage_errors(tmp_path: Path, capsys):
     assert e.value.code == 2
     assert reduce.main([str(tmp_path), "--format", "md", "--by", "arch,noise"]) == 0
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == [
-        "cross_stack.md", "overhead.md", "sources.md", "subgroups.md", "variance.md"]
+        "cross_stack.md", "overhead.md", "overhead_ops.md", "sources.md", "subgroups.md", "variance.md"]
 
 
 @pytest.mark.integration
@@ -385,6 +386,118 @@ def test_overhead_one_pair_has_no_interval(tmp_path: Path):
     o = reduce.overhead_table(*store.resolve(str(tmp_path))).iloc[0]
     assert o["overhead_pct"] == pytest.approx(50.0) and o["n_steps"] == 40
     assert math.isnan(o["overhead_lo"]) and math.isnan(o["overhead_hi"]) and "needs 2" in o["note"]
+
+
+def test_overhead_of_old_two_mode_probes_has_no_parts(tmp_path: Path):
+    """Files written before the probe timed the fill apart keep their total; parts are NaN, noted."""
+    write_probe(tmp_path, "p", [1.5] * 3, batch_norm=False)
+    o = reduce.overhead_table(*store.resolve(str(tmp_path))).iloc[0]
+    assert o["overhead_pct"] == pytest.approx(50.0) and o["method"] == "probe"
+    assert all(math.isnan(o[c]) for c in ("overhead_kernels_pct", "overhead_fill_lo", "step_ms_det_nofill"))
+    assert "written before the parts" in o["note"]
+
+
+def test_old_det_blocks_without_the_fill_count_as_the_kernels_part(tmp_path: Path):
+    """An old probe under fill_uninitialized_memory: false ran `det` blocks without the fill (its
+    impl_flags say so): they are det_nofill blocks, so the table gives the kernels part, no total."""
+    write_probe(tmp_path, "p", [1.2] * 3, batch_norm=False)
+    path = tmp_path / "overhead" / "p.parquet"
+    df = pd.read_parquet(path)
+    df["impl_flags"] = json.dumps({"fill_uninitialized_memory": False, "use_deterministic_algorithms": True})
+    df.to_parquet(path)
+    o = reduce.overhead_table(*store.resolve(str(tmp_path))).iloc[0]
+    assert o["overhead_kernels_pct"] == pytest.approx(20.0) and math.isnan(o["overhead_pct"])
+    assert "kernels part only" in o["note"]
+
+
+def write_modes(root: Path, probe_id: str, factors: dict[str, float], repeats: int, drift: float = 0.0,
+                steps: int = 3, compiled: bool = False) -> None:
+    """A probe file of several modes: repeat r rotates the modes, nondet steps take 10 ms × (1 +
+    drift·r) and every mode `factors[mode]` times that."""
+    modes, rows = list(factors), []
+    spec = {"probe_id": probe_id, "workload": {"arch": "resnet18", "dataset": "digits"}}
+    for r in range(repeats):
+        for i, mode in enumerate(modes[r % len(modes):] + modes[:r % len(modes)]):
+            rows += [{"probe_id": probe_id, "arch": "resnet18", "dataset": "digits", "accelerator_requested": "any",
+                      "accelerator": "cpu", "fingerprint_id": "fp0", "mode": mode, "repeat": r,
+                      "block": len(modes) * r + i, "step": s, "step_ms": 10.0 * (1 + drift * r) * factors[mode],
+                      "compiled": compiled, "spec_json": json.dumps(spec)} for s in range(steps)]
+    (root / "overhead").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "overhead" / f"{probe_id}.parquet")
+
+
+def test_overhead_parts_add_up_and_their_intervals_pair_repeats(tmp_path: Path):
+    """nondet 10 ms, deterministic kernels 12 ms, with the fill 15 ms, while the device slows down
+    repeat by repeat: kernels +20%, fill +30% (both of the nondet step), total +50%, and every
+    interval is exact because each repeat's blocks are resampled together."""
+    write_modes(tmp_path, "p", {"det": 1.5, "det_nofill": 1.2, "nondet": 1.0}, repeats=4, drift=0.5)
+    o = reduce.overhead_table(*store.resolve(str(tmp_path))).iloc[0]
+    for part, value in (("overhead", 50.0), ("overhead_kernels", 20.0), ("overhead_fill", 30.0)):
+        assert (o[f"{part}_pct"], o[f"{part}_lo"], o[f"{part}_hi"]) == pytest.approx((value,) * 3), part
+    assert o["overhead_kernels_pct"] + o["overhead_fill_pct"] == pytest.approx(o["overhead_pct"], abs=1e-12)
+    assert (o["n_pairs"], o["n_steps"], o["n_steps_det"]) == (4, 36, 12) and o["note"] == ""
+    assert math.isnan(o["overhead_inductor_pct"])
+
+
+def test_overhead_of_compiled_probes_isolates_inductors_deterministic_mode(tmp_path: Path):
+    """det_noinductor 11 ms, det_nofill 12 ms: inductor's deterministic mode adds 10% of the nondet
+    step, inside the kernels part (20%)."""
+    write_modes(tmp_path, "p", {"det": 1.5, "det_nofill": 1.2, "det_noinductor": 1.1, "nondet": 1.0}, repeats=4,
+                compiled=True)
+    o = reduce.overhead_table(*store.resolve(str(tmp_path))).iloc[0]
+    assert o["compiled"] and (o["overhead_inductor_pct"], o["overhead_kernels_pct"]) == pytest.approx((10.0, 20.0))
+    assert o["overhead_inductor_lo"] == pytest.approx(10.0)
+
+
+def test_incomplete_repeats_are_left_out_and_counted(tmp_path: Path):
+    write_modes(tmp_path, "p", {"det": 1.5, "det_nofill": 1.2, "nondet": 1.0}, repeats=3)
+    path = tmp_path / "overhead" / "p.parquet"
+    df = pd.read_parquet(path)
+    df[~((df["repeat"] == 2) & (df["mode"] == "det_nofill"))].to_parquet(path)  # a probe killed mid-repeat
+    o = reduce.overhead_table(*store.resolve(str(tmp_path))).iloc[0]
+    assert o["n_pairs"] == 2 and "1 incomplete repeat(s) left out" in o["note"]
+
+
+def epoch_runs(root: Path, seconds: dict[str, list[float]], fingerprints: dict[str, str] | None = None,
+               replicas: int = 3) -> None:
+    """control and impl replicas of one workload with the same seeds per replica index."""
+    for noise, epochs in seconds.items():
+        for r in range(replicas):
+            fp = (fingerprints or {}).get(noise, "fp0")
+            write_run(root, f"{noise}-{r}", P0, weights(), noise=noise, replica=r, seeds=(r, r, r),
+                      epoch_seconds=[e * (1 + 0.1 * r) for e in epochs], epochs=len(epochs), fingerprint_id=fp)
+
+
+def replica_rows(root: Path) -> pd.DataFrame:
+    table = reduce.reduce(str(root), fmt=())["overhead"]
+    return table[table["method"] == "replicas"]
+
+
+def test_replicas_give_an_overhead_from_paired_epoch_times(tmp_path: Path):
+    """control (deterministic) epochs 1.5× impl's, replica by replica; the first epoch (warm-up,
+    here 10× longer in control) is left out."""
+    epoch_runs(tmp_path, {"control": [20.0, 3.0, 3.0], "impl": [2.0, 2.0, 2.0]})
+    write_run(tmp_path, "algo-0", P1, weights({(0, 0): 1.0}), noise="algo")  # not a pair: no row of its own
+    (o,) = replica_rows(tmp_path).to_dict("records")
+    assert (o["overhead_pct"], o["overhead_lo"], o["overhead_hi"]) == pytest.approx((50.0, 50.0, 50.0))
+    assert (o["arch"], o["dataset"], o["accelerator"], o["n_pairs"], o["n_epochs"]) == ("mlp", "toy", "cpu", 3, 12)
+    assert (o["epoch_s_det"], o["epoch_s_nondet"]) == pytest.approx((3.3, 2.2))
+    assert math.isnan(o["overhead_kernels_pct"]) and math.isnan(o["step_ms_det"])
+    assert "epoch 1 (warm-up) left out" in o["note"] and "drift between them is not cancelled" in o["note"]
+
+
+def test_replicas_on_different_fingerprints_are_refused_with_a_note(tmp_path: Path):
+    epoch_runs(tmp_path, {"control": [3.0, 3.0], "impl": [2.0, 2.0]}, fingerprints={"impl": "fp1"})
+    (o,) = replica_rows(tmp_path).to_dict("records")
+    assert math.isnan(o["overhead_pct"]) and math.isnan(o["overhead_lo"]) and o["n_pairs"] == 0
+    assert "refused: 3 of 3 control/impl pair(s) ran on different accelerators or fingerprints" in o["note"]
+    assert "cpu fp0 vs cpu fp1" in o["note"]
+
+
+def test_replicas_of_one_epoch_use_it_and_say_so(tmp_path: Path):
+    epoch_runs(tmp_path, {"control": [3.0], "impl": [2.0]}, replicas=2)
+    (o,) = replica_rows(tmp_path).to_dict("records")
+    assert o["overhead_pct"] == pytest.approx(50.0) and "4 run(s) of one epoch" in o["note"]
 
 
 def test_l2_counts_parameters_and_keeps_buffers_apart(tmp_path: Path):

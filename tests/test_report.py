@@ -91,8 +91,9 @@ def test_report_is_self_contained_and_renders_in_headless_chromium(out, tmp_path
     path = report.write_report(str(out))
     assert path == f"{out}/tables/report.html"
     page = Path(path).read_text()
-    assert page.count('src="data:image/png;base64,') == 5  # accuracy, churn/L2, per-class, sources, overhead
+    assert page.count('src="data:image/png;base64,') == 6  # accuracy, churn/L2, per-class, sources, overhead, ops
     for heading in ("Accuracy per replica", "Churn and L2", "Per-class accuracy std", "Noise sources", "Cross-stack pairs",
+                    "Which ops deterministic mode slows",
                     "Overhead of determinism", "Variance table", "Fingerprints"):
         assert heading in page
     assert "http://" not in page and "https://" not in page  # readable offline, nothing fetched
@@ -198,10 +199,31 @@ def test_absent_data_says_none_instead_of_crashing(tmp_path):
     tables = report.load_tables(str(tmp_path))
     for fig in (report.accuracy_by_noise(empty), report.churn_l2_by_noise(tables["variance"]),
                 report.per_class_std(empty), report.overhead_bars(tables["overhead"]),
+                report.overhead_ops_bars(tables["overhead_ops"]),
                 report.source_shares(tables["sources"])):
         assert report.NONE in texts(fig)
     assert "no overhead probes" in texts(report.overhead_bars(pd.DataFrame()))
     assert report.NONE in report.table_html(tables["cross_stack"])
     assert report.NONE in report.table_html(report.fingerprints(empty))
     page = Path(report.write_report(str(tmp_path))).read_text()
-    assert page.count(report.NONE) == 4 and page.count("data:image/png;base64,") == 5  # 4 tables, 5 figures
+    assert page.count(report.NONE) == 4 and page.count("data:image/png;base64,") == 6  # 4 tables, 6 figures
+
+
+def test_ops_figure_shows_each_probes_top_ops_in_both_modes(out):
+    """The sweep's probe profiled real ops: one panel, a det and a nondet bar per op, real op names."""
+    ops = report.load_tables(str(out))["overhead_ops"]
+    fig = report.overhead_ops_bars(ops)
+    bars = [c for c in fig.axes[0].containers if isinstance(c, matplotlib.container.BarContainer)]
+    assert [b.get_label() for b in bars] == ["nondet", "det"] and len(bars[0]) == len(ops) <= reduce.TOP_OPS
+    names = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert any(n.startswith("aten::") for n in names) and names[-1] == ops["op"].iloc[0][:48]  # top op on top
+
+
+def test_ops_figure_names_the_ops_without_a_deterministic_kernel():
+    ops = pd.DataFrame({"arch": ["net"] * 2, "accelerator": ["T4"] * 2, "op": ["aten::index_add_", "aten::mm"],
+                        "clock": ["device"] * 2, "n_probes": [1, 1], "ms_nondet": [1.0, 2.0], "ms_det": [4.0, 2.1],
+                        "delta_ms": [3.0, 0.1], "calls_nondet": [1.0, 1.0], "calls_det": [1.0, 1.0],
+                        "nondeterministic_ops": ["scatter_add_cuda_kernel"] * 2})
+    fig = report.overhead_ops_bars(ops)
+    assert "no deterministic kernel: scatter_add_cuda_kernel" in texts(fig) and "+3" in texts(fig)
+    assert "ms, device" in fig.axes[0].get_xlabel()
