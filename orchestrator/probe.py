@@ -75,8 +75,9 @@ import pyarrow as pa
 import torch
 
 from orchestrator import fingerprint, malloc, noise, runner, store
+from orchestrator.axes import AXES
 from orchestrator.spec import ProbeSpec
-from workloads.train import make_batch, make_optimizer, prepare, sync, train_step
+from workloads.train import layout, make_batch, make_optimizer, prepare, sdpa_backend, sync, train_step
 
 # mode -> (deterministic kernels, inductor's deterministic mode when compiled, NaN fill of new tensors)
 MODE_SWITCHES = {"nondet": (False, False, False), "det_noinductor": (True, False, False),
@@ -95,8 +96,8 @@ COMMON_FIELDS = [
     pa.field("dataset", pa.string()), pa.field("accelerator_requested", pa.string()),
     pa.field("nondeterministic_ops", pa.string()),  # comma-joined ops that lacked a deterministic kernel; "" if none
     pa.field("batch_size", pa.int32()), pa.field("warmup", pa.int32()),
-    pa.field("precision", pa.string()), pa.field("channels_last", pa.bool_()), pa.field("compiled", pa.bool_()),
-    pa.field("cudnn_benchmark", pa.bool_()),  # cuDNN autotuning, the same in every mode
+    # the tooling values, as in run rows (cudnn_benchmark: the same in every mode; world_size: always 1)
+    *[store.RUN_SCHEMA.field(a.column) for a in AXES if a.column not in FINGERPRINT_COLUMNS],
     pa.field("spec_json", pa.string()),
     *[store.RUN_SCHEMA.field(c) for c in FINGERPRINT_COLUMNS],
 ]
@@ -303,9 +304,7 @@ def measure(spec: ProbeSpec, device: torch.device) -> Measurement:
         torch.cuda.init()  # now started with the workspace set: apply_impl(False) keeps it
     data, model, cfg = runner.build_workload(spec)
     model.to(device)  # before the copy below: every block then loads weights already on the device
-    x, y = data.train_x.to(device), data.train_y.to(device)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x, y = layout(data.train_x.to(device), cfg), data.train_y.to(device)
     o = spec.overhead
     batches = fixed_batches(len(x), cfg.batch_size, o.warmup + o.steps, spec.seeds.order, device)
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -339,18 +338,19 @@ def run(spec: ProbeSpec, out: str) -> dict:
     fs, root = store.resolve(out)
     device = runner.pick_device(spec)
     try:
-        m = measure(spec, device)
+        with sdpa_backend(spec.attention, device):  # the probe times the run's attention kernel too
+            m = measure(spec, device)
     except Exception as e:  # the other trials go on; Ray forwards this line to the sweep's console
         error = f"{type(e).__name__}: {e}"
         print(f"overhead probe {spec.probe_id} failed: {error}", file=sys.stderr, flush=True)
         return {"status": "failed", "error": error}
     w = spec.workload
+    fp = fingerprint.collect(device, spec.compile, spec.stack.packages())
     common = {"probe_id": spec.probe_id, "sweep": spec.sweep, "arch": w.arch, "dataset": w.dataset,
               "accelerator_requested": spec.accelerator, "nondeterministic_ops": ",".join(sorted(m.ops)),
-              "batch_size": w.batch_size, "warmup": spec.overhead.warmup, "precision": spec.precision,
-              "channels_last": spec.channels_last, "compiled": spec.compile, "cudnn_benchmark": spec.cudnn_benchmark,
-              "spec_json": spec.model_dump_json(),
-              **{k: v for k, v in fingerprint.collect(device, spec.compile).items() if k in FINGERPRINT_COLUMNS}}
+              "batch_size": w.batch_size, "warmup": spec.overhead.warmup,
+              **{a.column: a.cell(getattr(spec, a.name)) for a in AXES if a.column not in FINGERPRINT_COLUMNS},
+              "spec_json": spec.model_dump_json(), **{k: v for k, v in fp.items() if k in FINGERPRINT_COLUMNS}}
     store.write_table(fs, ops_path(root, spec.probe_id),
                       pa.Table.from_pylist([common | o for o in m.profile], schema=OPS_SCHEMA))
     store.write_table(fs, store.overhead_path(root, spec.probe_id),

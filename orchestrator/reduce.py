@@ -64,9 +64,9 @@ SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mea
              "fnr_mean", "fnr_std"]
 CROSS_STACK = ["arch", "dataset", "workload", "noise", *(f"{c}_a" for c in STACK), *(f"{c}_b" for c in STACK),
                "n_pairs", "identical_fraction", "churn", "l2", "l2_rel", "acc_diff_mean", "n_pairs_l2"]
-# Overhead: grouped like the variance table (workload hash, tooling values), per accelerator.
-# the ones a probe row has (num_threads with its fingerprint)
-PROBE_TOOLING = ("num_threads", "precision", "channels_last", "compiled", "cudnn_benchmark")
+# Overhead: grouped like the variance table (workload hash, tooling values), per accelerator;
+# probe rows record every axis too (world_size always 1; num_threads with the fingerprint).
+PROBE_TOOLING = tuple(TOOLING)
 PROBE_MODES = tuple(dict.fromkeys(m for modes in metrics.COST_PARTS.values() for m in modes))
 OPS_DIR = "overhead/ops"  # where probes write their profiles (orchestrator/probe.py)
 TOP_OPS = 10  # ops per group in overhead_ops
