@@ -407,6 +407,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def resource_notes(spec: SweepSpec) -> list[str]:
+    """What a valid spec costs that a user may not expect, said once at start."""
+    threads = max(spec.tooling.num_threads)
+    if threads > spec.resources.cpus:
+        return [f"tooling.num_threads {threads} > resources.cpus {spec.resources.cpus:g}: those runs ask Ray for "
+                f"{threads} CPUs each, so fewer run at once; and an intra-op thread that waits for a core busy with "
+                "another process slows every step (tiny models run slower on 2 threads than on 1): give "
+                f"resources.cpus: {threads} to say so, or compare thread counts on an otherwise idle node"]
+    return []
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     """build -> (check OUT, connect, pre-flight: all may refuse) -> first write -> run -> reduce."""
     spec = load(args.config)
@@ -422,6 +433,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     total, already = len(runs) + len(probes), len(runs) - len(todo) + len(probes) - len(todo_probes)
     print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already ok in {out}, {len(todo)} to run"
           + (f"; {len(probes)} overhead probes, {len(todo_probes)} to run" if probes else ""), flush=True)
+    for note in resource_notes(spec):
+        print(f"note: {note}", flush=True)
     if todo or todo_probes:
         connect(args.address, dashboard=any(r.world_size > 1 for r in todo))
         if not args.wait_for_autoscaling:

@@ -40,3 +40,13 @@ gc.collect()
 """
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
     assert "SystemExit" not in err and "ValueError: a real error" in err
+
+
+def test_more_threads_than_cpus_is_said_at_start(tmp_path):
+    """num_threads 2 with resources.cpus 1 ran 3.5x slower with no word about it (issue #18)."""
+    from orchestrator import spec
+
+    doc = {"name": "t", "tooling": {"num_threads": [1, 2]}, "workloads": [{"arch": "mlp", "dataset": "digits"}]}
+    (note,) = sweep.resource_notes(spec.parse(doc))
+    assert note.startswith("tooling.num_threads 2 > resources.cpus 1: those runs ask Ray for 2 CPUs each")
+    assert sweep.resource_notes(spec.parse(doc | {"resources": {"cpus": 2}})) == []
