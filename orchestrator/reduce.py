@@ -66,7 +66,8 @@ VARIANCE = ["accelerator", "n_fingerprints", "n_runs", "n_failed", "n_test", "ac
 SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mean", "fpr_std",
              "fnr_mean", "fnr_std"]
 CROSS_STACK = ["arch", "dataset", "workload", "noise", *(f"{c}_a" for c in STACK), *(f"{c}_b" for c in STACK),
-               "n_pairs", "identical_fraction", "churn", "l2", "l2_rel", "acc_diff_mean", "n_pairs_l2"]
+               "n_pairs", "identical_fraction", "churn", "n_pairs_churn", "l2", "l2_rel", "acc_diff_mean",
+               "acc_diff_signed_mean", "n_pairs_l2"]
 # Overhead: grouped like the variance table (workload hash, tooling values), per accelerator.
 PROBE_TOOLING = ("precision", "channels_last", "compiled", "cudnn_benchmark")  # the ones a probe row has
 OVERHEAD = ["arch", "workload", "accelerator", "accelerator_requested", "n_probes", "n_fingerprints",
@@ -128,9 +129,12 @@ def load_runs(out_uri: str, columns: Sequence[str] = (), lists: Sequence[str] = 
     Only DESIGN.md's columns are required; a column added since (spec_json, the tooling axes, ...)
     reads back null where a row lacks it. A row written for a worker that died has no fingerprint;
     its tooling values are taken from its spec so it lands in its group. A row without a column
-    every table needs (REQUIRED) cannot be placed: it is left out and counted in one warning."""
+    every table needs (REQUIRED) cannot be placed: it is left out and counted in one warning.
+    Rows come sorted by run_id, not in the order files were listed or compacted."""
     scalars = [c for c in dict.fromkeys([*SCALARS, *columns]) if c != "workload" and c not in LISTS]
-    table = store.read_runs(out_uri, columns=[*scalars, *lists]).combine_chunks()  # 1 chunk: fast take()
+    table = store.read_runs(out_uri, columns=[*scalars, *lists])
+    # one row order whatever the files and compaction: every table is the same for the same runs
+    table = table.take(pc.sort_indices(table, [("run_id", "ascending")])).combine_chunks()  # 1 chunk: fast take()
     usable = np.logical_and.reduce([pc.is_valid(table[c]).to_numpy() for c in REQUIRED])
     skipped = int(np.count_nonzero(~usable))
     if skipped:
@@ -207,31 +211,34 @@ def _tensor_sq_dists(files: list[_Weights], name: str, dtype: str, shape: tuple[
 
 def _weights_sq_dists(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(R, R) squared L2 distances between the runs' final weights: over the float parameters,
-    and over the float buffers (all NaN when a file does not say which tensors are buffers).
-    Streamed one tensor at a time."""
+    and over the float buffers (all NaN when a file does not say which tensors are buffers, or the
+    model has no float buffer: a distance over nothing is undefined, not 0). Streamed one tensor
+    at a time; a single file is only opened for its header (every distance is 0)."""
     files = [_Weights(p) for p in paths]
     tensors, buffers = files[0].float_tensors(), files[0].buffers
     if any(f.float_tensors() != tensors or f.buffers != buffers for f in files[1:]):
         raise WeightsUnavailable("weight files differ in tensor names, shapes, dtypes or buffers")
     d2 = {"parameters": np.zeros((len(files), len(files))), "buffers": np.zeros((len(files), len(files)))}
-    for name, (dtype, shape) in sorted(tensors.items()):
+    for name, (dtype, shape) in sorted(tensors.items()) if len(files) > 1 else ():
         d2["buffers" if buffers and name in buffers else "parameters"] += _tensor_sq_dists(files, name, dtype, shape)
-    return d2["parameters"], d2["buffers"] if buffers is not None else np.full_like(d2["buffers"], np.nan)
+    has_buffers = buffers is not None and any(name in buffers for name in tensors)
+    return d2["parameters"], d2["buffers"] if has_buffers else np.full_like(d2["buffers"], np.nan)
 
 
 def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(R, R) L2 distances between the final weights of `runs`: over parameters, and over
-    buffers (NaN for files without the buffers metadata). Runs with equal weights_sha256 (a
-    digest of every tensor of the file) are bitwise equal: each distinct digest is read once and
-    equal ones are 0 without looking (a control group on one machine costs one file, not R).
+    buffers (NaN for files without the buffers metadata or models without float buffers). Runs
+    with equal weights_sha256 (a digest of every tensor of the file) are bitwise equal: each
+    distinct digest is read once and equal ones are 0 without looking (a control group on one
+    machine costs one file header, not R files; without that file its buffer distance is unknown).
     Remote files are copied to a local temp folder first, since safetensors reads through mmap."""
     digest = runs["weights_sha256"].fillna(runs["run_id"]).to_numpy(dtype=object)
     firsts, inverse = np.unique(digest, return_index=True, return_inverse=True)[1:]
     ids = runs["run_id"].to_numpy(dtype=object)[firsts]
-    if len(ids) == 1:
-        return np.zeros((len(runs), len(runs))), np.zeros((len(runs), len(runs)))
     paths = [store.weights_path(root, r) for r in ids]
     missing = [r for r, p in zip(ids, paths) if not store.exists(fs, p)]
+    if len(ids) == 1 and missing:
+        return np.zeros((len(runs), len(runs))), np.full((len(runs), len(runs)), np.nan)
     if missing:
         raise WeightsUnavailable(f"no weights file for {len(missing)} run(s), e.g. {missing[0]}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -348,13 +355,14 @@ def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels) -> tup
 def variance_p(a: pd.Series, b: pd.Series) -> tuple[float, str]:
     """p-value that two groups' accuracy variances differ, and which test gave it. a, b: ok
     accuracies indexed by replica. Replica r of algo, algo+impl and the single-source presets
-    share seeds (common random numbers), so groups pair by replica index: Pitman–Morgan on the
-    replicas both have. Brown–Forsythe (independent groups) only when they cannot be paired: a
-    replica index repeats within a group (--by pooled several settings) or fewer than 3 are shared."""
+    share seeds (common random numbers), so groups pair by replica index: the paired
+    Brown–Forsythe test (metrics.paired_scale_p, which keeps its size when a few replicas diverge)
+    on the replicas both have. Brown–Forsythe (independent groups) only when they cannot be paired:
+    a replica index repeats within a group (--by pooled several settings) or fewer than 3 are shared."""
     shared = a.index.intersection(b.index)
     if a.index.is_unique and b.index.is_unique and len(shared) >= 3:
-        p = metrics.pitman_morgan_p(a[shared].to_numpy(), b[shared].to_numpy())
-        return p, f"Pitman–Morgan, {len(shared)} pairs"
+        p = metrics.paired_scale_p(a[shared].to_numpy(), b[shared].to_numpy())
+        return p, f"paired Brown–Forsythe, {len(shared)} pairs"
     unique = a.index.is_unique and b.index.is_unique
     why = f"{len(shared)} shared replicas" if unique else "replica indices repeat"
     return metrics.brown_forsythe_p(a.to_numpy(), b.to_numpy()), f"Brown–Forsythe, unpaired: {why}"
@@ -438,13 +446,18 @@ def _pair_churn(runs: Runs, ok: pd.DataFrame, a: np.ndarray, b: np.ndarray) -> n
 def _pair_l2(fs: pafs.FileSystem, root: str, ok: pd.DataFrame, a: np.ndarray, b: np.ndarray,
              groups: np.ndarray) -> np.ndarray:
     """Per pair, the L2 distance of the final parameters, for at most L2_MAX_RUNS pairs of each
-    table row (`groups`), drawn with a fixed seed: each pair reads two weight files. NaN elsewhere."""
+    table row (`groups`), drawn with a fixed seed: each pair of different digests reads two weight
+    files (equal digests are 0 unread). NaN elsewhere."""
     l2 = np.full(len(a), np.nan)
     rng = np.random.default_rng(0)
+    digest = ok["weights_sha256"].to_numpy(dtype=object)
     for members in pd.Series(np.arange(len(a))).groupby(groups, sort=True).indices.values():
         if len(members) > L2_MAX_RUNS:
             members = np.sort(rng.choice(members, L2_MAX_RUNS, replace=False))
         for k in members:
+            if pd.notna(digest[a[k]]) and digest[a[k]] == digest[b[k]]:
+                l2[k] = 0.0
+                continue
             try:
                 l2[k] = l2_matrix(fs, root, ok.iloc[[a[k], b[k]]])[0][0, 1]
             except WeightsUnavailable:
@@ -456,7 +469,10 @@ def cross_stack_table(runs: Runs, fs: pafs.FileSystem, root: str) -> pd.DataFram
     """Runs with the same seeds and settings that differ only in accelerator or tooling (thread
     count, fingerprint), compared pair by pair: the noise no seed removes. One row per
     (workload, noise, stack a, stack b) with the pair means; `l2` over at most L2_MAX_RUNS pairs
-    of a row (`n_pairs_l2`), the rest over every pair."""
+    of a row (`n_pairs_l2`), `churn` over the pairs with predictions on both sides
+    (`n_pairs_churn`), the rest over every pair. `acc_diff_mean` is the mean *absolute* accuracy
+    difference of a pair (how far a stack moves a run), `acc_diff_signed_mean` the mean of
+    accuracy a - accuracy b (whether one stack is better)."""
     ok = runs.meta[runs.meta["status"] == "ok"]
     stack = ok.groupby(list(STACK), dropna=False, sort=True).ngroup().to_numpy()
     a, b = _stack_pairs(ok, stack)
@@ -469,12 +485,12 @@ def cross_stack_table(runs: Runs, fs: pafs.FileSystem, root: str) -> pd.DataFram
                               **{f"{c}_a": col[c][a] for c in STACK}, **{f"{c}_b": col[c][b] for c in STACK},
                               "identical": pd.notna(digest[a]) & (digest[a] == digest[b]),
                               "churn": _pair_churn(runs, ok, a, b), "norm": (norm[a] + norm[b]) / 2,
-                              "acc_diff": np.abs(acc[a] - acc[b])})
+                              "acc_diff": np.abs(acc[a] - acc[b]), "acc_diff_signed": acc[a] - acc[b]})
         pairs["l2"] = _pair_l2(fs, root, ok, a, b, pairs.groupby(keys, dropna=False, sort=True).ngroup().to_numpy())
         df = pairs.groupby(keys, dropna=False, sort=True).agg(
             n_pairs=("churn", "size"), identical_fraction=("identical", "mean"), churn=("churn", "mean"),
-            l2=("l2", "mean"), n_pairs_l2=("l2", "count"), norm=("norm", "mean"),
-            acc_diff_mean=("acc_diff", "mean")).reset_index()
+            n_pairs_churn=("churn", "count"), l2=("l2", "mean"), n_pairs_l2=("l2", "count"), norm=("norm", "mean"),
+            acc_diff_mean=("acc_diff", "mean"), acc_diff_signed_mean=("acc_diff_signed", "mean")).reset_index()
         df["l2_rel"] = df["l2"] / df["norm"]
         table = df[CROSS_STACK]
     else:
@@ -567,8 +583,8 @@ def overhead_table(fs: pafs.FileSystem, root: str, seed: int = 0) -> pd.DataFram
 def _cell(v: object, numeric: bool) -> str:
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "nan" if numeric else ""
-    if isinstance(v, (float, np.floating)):
-        return f"{v:.4g}"
+    if isinstance(v, (float, np.floating)):  # whole numbers (replica counts) in full, not as 1.443e+04
+        return f"{v:.0f}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}"
     return str(v).replace("|", "\\|")  # a pipe in a note would split the cell
 
 
@@ -616,7 +632,7 @@ def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0
     by = asked if by else [c for c in asked if c not in TOOLING or runs.meta[c].notna().any()]
     variance, subgroups = variance_tables(runs, fs, root, by)
     tables = {"variance": variance, "subgroups": subgroups,
-              "sources": sources.sources_table(variance, runs.meta, runs.matrix, by, lambda key: group_seed(seed, key)),
+              "sources": sources.sources_table(variance, runs.meta, runs.matrix, by),
               "cross_stack": cross_stack_table(runs, fs, root), "overhead": overhead_table(fs, root, seed)}
     write_tables(fs, root, tables, fmt)
     return tables
