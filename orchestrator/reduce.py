@@ -93,6 +93,11 @@ class Runs:
             return None
         return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1)
 
+    def present(self, column: str, rows) -> np.ndarray:
+        """(len(rows),) bool: which rows have a value in a list column."""
+        arr = self.lists[column].take(pa.array(np.asarray(rows, dtype=np.int64)))
+        return pc.is_valid(arr).to_numpy(zero_copy_only=False)
+
 
 class WeightsUnavailable(ValueError):
     """A group's weight files are missing or do not describe the same model."""
@@ -430,12 +435,14 @@ def _stack_pairs(ok: pd.DataFrame, stack: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def _pair_churn(runs: Runs, ok: pd.DataFrame, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per pair, the fraction of test predictions that differ; one prediction matrix per dataset
-    (test sets of different datasets differ in length). NaN where predictions are missing."""
+    (test sets of different datasets differ in length). NaN for a pair where a run has no
+    predictions (and for the whole dataset when their lengths differ)."""
     churn = np.full(len(a), np.nan)
     datasets = ok["dataset"].to_numpy(dtype=object)[a]
     for name in pd.unique(datasets):
-        sel = datasets == name
-        rows = np.unique(np.concatenate([a[sel], b[sel]]))
+        rows = np.unique(np.concatenate([a[datasets == name], b[datasets == name]]))
+        rows = rows[runs.present("predictions", ok.index[rows])]
+        sel = (datasets == name) & np.isin(a, rows) & np.isin(b, rows)
         preds = runs.matrix("predictions", ok.index[rows])
         if preds is not None:
             ia, ib = np.searchsorted(rows, a[sel]), np.searchsorted(rows, b[sel])

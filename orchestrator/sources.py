@@ -68,13 +68,13 @@ def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, mat
     share, lo, hi = metrics.variance_share_ci(acc_s, acc_r, paired)
     verdict = share_verdict(name == reference, share, lo, hi)
     r = metrics.share_correlation(acc_s, acc_r) if paired else math.nan
-    needed = (metrics.share_replicas(r, paired) if verdict not in ("reference", "none", "no interval")
-              else math.nan)
+    exact = verdict in ("reference", "none")  # [1, 1] or [0, 0] whatever the replica count
+    needed = 2.0 if exact else math.nan if verdict == "no interval" else metrics.share_replicas(r, paired)
     ps, pr = matrix("predictions", src.index), matrix("predictions", ref.index)
     churn = (metrics.churn_share_ci(ps, pr, paired) if ps is not None and pr is not None
              and ps.shape[1] == pr.shape[1] else (math.nan,) * 3)
     notes = []
-    if verdict not in ("reference", "none") and not math.isnan(share):
+    if not exact and not math.isnan(share):
         notes.append(f"share: {'Pitman–Morgan interval, paired' if paired else 'F interval, independent'}"
                      + (", needs 3 paired replicas" if math.isnan(lo) else ""))
     if verdict == "inconclusive":
