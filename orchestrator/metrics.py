@@ -427,13 +427,19 @@ def variance_share_ci(num: Sequence[float], den: Sequence[float], paired: bool,
     return ratio, ratio * lo, ratio * hi
 
 
-def share_replicas(r: float, paired: bool, level: float = 0.95, factor: float = SHARE_FACTOR) -> float:
-    """Replicas per preset with which the share interval would span at most `factor` (hi/lo), for
-    paired presets at correlation r, or independent ones (r unused). The interval's relative width
-    depends on the replica count and r only, not on the share, so this is known before running
-    them. NaN for a NaN r when paired."""
+def share_replicas(r: float, n_pairs: int, paired: bool, level: float = 0.95, factor: float = SHARE_FACTOR) -> float:
+    """Replicas per preset with which the share interval would span at most `factor` (hi/lo): for
+    independent presets, or paired ones whose replicas correlate like the `n_pairs` pairs seen
+    (sample correlation r). The interval's relative width depends on the replica count and the
+    correlation only, not on the share, so the count can be known before running them. The
+    correlation is taken at the lower 95% bound of its magnitude (Fisher's z; 0 from three pairs
+    or fewer), so that a correlation seen in a few pairs does not promise too few replicas. NaN
+    for a NaN r when paired."""
     if paired and math.isnan(r):
         return math.nan
+    if paired and abs(r) < 1:
+        z = math.atanh(abs(r)) - float(stats.norm.ppf(0.5 + level / 2)) / math.sqrt(n_pairs - 3) if n_pairs > 3 else 0.0
+        r = math.tanh(max(z, 0.0))
 
     def narrow(n: int) -> bool:
         lo, hi = _share_factors(n, n, r, paired, level)

@@ -69,7 +69,7 @@ def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, mat
     verdict = share_verdict(name == reference, share, lo, hi)
     r = metrics.share_correlation(acc_s, acc_r) if paired else math.nan
     exact = verdict in ("reference", "none")  # [1, 1] or [0, 0] whatever the replica count
-    needed = 2.0 if exact else math.nan if verdict == "no interval" else metrics.share_replicas(r, paired)
+    needed = 2.0 if exact else math.nan if verdict == "no interval" else metrics.share_replicas(r, len(src), paired)
     ps, pr = matrix("predictions", src.index), matrix("predictions", ref.index)
     churn = (metrics.churn_share_ci(ps, pr, paired) if ps is not None and pr is not None
              and ps.shape[1] == pr.shape[1] else (math.nan,) * 3)

@@ -287,14 +287,22 @@ def test_variance_share_interval_covers_at_small_replica_counts(replicas, paired
 
 
 def test_share_replicas_is_where_the_interval_gets_narrow_enough():
-    n = metrics.share_replicas(0.0, paired=False)
+    n = metrics.share_replicas(0.0, 10, paired=False)
     ratio = stats.f.ppf(0.975, n - 1, n - 1) / stats.f.ppf(0.025, n - 1, n - 1)
     before = stats.f.ppf(0.975, n - 2, n - 2) / stats.f.ppf(0.025, n - 2, n - 2)
     assert ratio <= metrics.SHARE_FACTOR < before
-    # paired replicas that share most of their luck need far fewer; perfectly correlated ones 3
-    assert metrics.share_replicas(0.9, paired=True) < metrics.share_replicas(0.5, paired=True) < n
-    assert metrics.share_replicas(1.0, paired=True) == 3
-    assert math.isnan(metrics.share_replicas(math.nan, paired=True))
+    # paired replicas that share most of their luck need fewer, the more pairs show the correlation
+    assert metrics.share_replicas(0.9, 50, paired=True) < metrics.share_replicas(0.9, 10, paired=True) < n
+    assert metrics.share_replicas(0.9, 50, paired=True) < metrics.share_replicas(0.5, 50, paired=True) < n
+    # three pairs say nothing of the correlation: as if there were none
+    assert metrics.share_replicas(0.99, 3, paired=True) == metrics.share_replicas(0.0, 50, paired=True) >= n
+    r = math.tanh(math.atanh(0.9) - stats.norm.ppf(0.975) / math.sqrt(47))  # its lower 95% bound at 50 pairs
+    k = metrics.share_replicas(0.9, 50, paired=True)
+    t2 = stats.t.ppf(0.975, k - 2) ** 2
+    w = 1 + 2 * t2 * (1 - r * r) / (k - 2)
+    assert (w + math.sqrt(w * w - 1)) ** 2 <= metrics.SHARE_FACTOR  # the Pitman–Morgan width at that count
+    assert metrics.share_replicas(1.0, 20, paired=True) == 3
+    assert math.isnan(metrics.share_replicas(math.nan, 20, paired=True))
 
 
 def test_churn_share_jackknife_by_hand():
