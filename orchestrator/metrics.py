@@ -240,7 +240,7 @@ def paired_scale_p(a: Sequence[float], b: Sequence[float]) -> float:
     are correlated, and a test for independent groups loses power. The Pitman–Morgan test (exact
     for bivariate normal pairs) was used before; it is a test of a correlation, which one diverged
     replica drives: with 10% of replicas from a poor-convergence mode, equally in both groups, it
-    rejected a true null 25-38% of the time at 5-20 pairs. Absolute deviations from the median grow
+    rejected a true null 24-36% of the time at 5-20 pairs. Absolute deviations from the median grow
     only linearly with an outlier, and the t-test of their paired differences keeps its size with
     and without outliers (bench/bench_coverage.py), at the cost of some power. NaN below three pairs;
     1.0 when the deviations are equal pair by pair (both groups constant, or b = a + c), 0.0 when
@@ -408,8 +408,9 @@ def variance_share_ci(num: Sequence[float], den: Sequence[float], paired: bool,
     independent presets, the Pitman–Morgan interval when `paired` (num[i] and den[i] are replica i
     of two presets that share that replica's seeds). Both are exact **if the accuracies are
     normal**; heavy tails (a few diverged replicas) make them too narrow, as measured by
-    bench/bench_coverage.py. The percentile bootstrap used before was NaN at 3-6 replicas (a resample
-    that repeats one replica has no variance) and covered 91-93% at 10.
+    bench/bench_coverage.py. The percentile bootstrap used before was NaN for every group at 3
+    replicas and 81% of paired ones at 5 (a resample that repeats one replica has no variance), and
+    covered 88-92% at 10.
 
     Exactly 0 with [0, 0] when num has no spread at all (a preset that varies nothing on this
     stack); NaN when den has none (nothing to be a share of) or a side has fewer than two values;
@@ -468,7 +469,8 @@ def churn_share_ci(num_preds: np.ndarray, den_preds: np.ndarray, paired: bool,
     ratio (`_log_ratio_ci`; replica k left out of both presets when `paired`). Churn is a mean over
     replica pairs with no exact distribution to lean on; the jackknife needs 3 replicas a preset and
     holds its rate at 3-20 (bench/bench_coverage.py), where the percentile bootstrap it replaced was
-    NaN at 3-6 replicas (a resample of one replica has no pairs) and covered about 82% at 5.
+    NaN in 81-100% of groups at 3-5 replicas (a resample of one replica has no pairs) and covered
+    88-89% at 10.
     preds: (R, N) int, rows in replica order. Exactly 0 with [0, 0] when num's replicas all agree,
     NaN when den's do or a side has fewer than two runs; a NaN interval with two."""
     if len(num_preds) < 2 or len(den_preds) < 2:
@@ -580,11 +582,11 @@ def prob_improvement_ci(a: Sequence[float], b: Sequence[float], paired: bool = F
     """P(A > B) and a `level` score interval (Newcombe 2006, "Confidence intervals for an effect
     size measure based on the Mann–Whitney statistic", method 5): the θ whose Hanley–McNeil variance
     puts the estimate within z standard errors, a Wilson-type interval that stays inside [0, 1] and
-    holds at 5 runs a side, where the percentile bootstrap it replaced covered 87%. `paired`: the
-    variance is scaled by the pairs' design effect (`_design_effect`) and, since that is estimated
-    from the same few pairs, z becomes the t quantile on 2n - 2 df; without it paired sides that
-    share seed luck got intervals twice too wide. Coverage: bench/bench_coverage.py. NaN below two
-    runs a side; [x, x] when neither side varies."""
+    holds from 3 runs a side, where the percentile bootstrap it replaced covered 78% at 3 and 91%
+    at 5. `paired`: the variance is scaled by the pairs' design effect (`_design_effect`) and, since
+    that is estimated from the same few pairs, z becomes the t quantile on 2n - 2 df; treating paired
+    sides that share seed luck as independent overstates the variance. Coverage:
+    bench/bench_coverage.py. NaN below two runs a side; [x, x] when neither side varies."""
     a, b = _sides(a, b, paired)
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan, math.nan
@@ -616,9 +618,9 @@ def t_test_power(effect: float, stds: Sequence[float], n: int, alpha: float = 0.
     the estimated standard error, at the df Welch's test computes from those same variances; a
     midpoint rule over QUAD equal-probability χ² quantiles per variance takes that average. The
     noncentral t at the true Welch–Satterthwaite df, used before, is optimistic at small n (0.94
-    where a Monte Carlo gives 0.64: effect 0.03, stds 0.004 and 0.004, n=2), and scipy's nct.cdf
-    returns NaN in its far tail. A side with std 0 adds nothing (Welch's test is then the other
-    side's one-sample t-test)."""
+    where a Monte Carlo gives 0.63: effect 0.03, stds 0.004 and 0.004, n=2), and scipy's nct
+    returned NaN for effect 0.012, stds 0.001 and 0.002 at n=2. A side with std 0 adds nothing
+    (Welch's test is then the other side's one-sample t-test)."""
     s = np.asarray(stds, dtype=np.float64)
     s = s[s > 0]
     if not len(s):
