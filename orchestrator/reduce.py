@@ -262,8 +262,9 @@ def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.nd
 # --- variance ---------------------------------------------------------------------------------
 
 def group_seed(seed: int, key: dict) -> int:
-    """A bootstrap seed per group from the --seed and the group's key: each group's interval
-    is reproducible whatever other groups the results tree holds."""
+    """A seed per group from the --seed and the group's key, for a randomised statistic (ASO in
+    compare): reproducible whatever other groups the results tree holds. The intervals of the
+    tables are not randomised and need none."""
     text = json.dumps([seed, [str(v) for v in key.values()]])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
@@ -627,7 +628,8 @@ def write_tables(fs: pafs.FileSystem, root: str, tables: dict[str, pd.DataFrame]
 def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0) -> dict[str, pd.DataFrame]:
     """Every table of the results tree at `out_uri`, written to OUT/tables in the formats `fmt`
     and returned by name: variance, subgroups, sources, cross_stack, overhead. `by` overrides the variance
-    grouping (default DEFAULT_BY); `seed` seeds the bootstrap intervals."""
+    grouping (default DEFAULT_BY); `seed` is passed on to the overhead table (whose jackknife
+    interval does not use it)."""
     asked = list(dict.fromkeys(by or DEFAULT_BY))
     unknown = [c for c in asked if c not in store.RUN_SCHEMA.names and c != "workload"]
     if unknown or any(c in LISTS for c in asked):
@@ -677,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by", help=f"comma-separated grouping columns (default {','.join(DEFAULT_BY)})")
     parser.add_argument("--format", default=",".join(FORMATS),
                         help="files to write under OUT/tables, comma-separated")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="kept for scripts: no interval is resampled at random any more")
     args = parser.parse_args(argv)
     fmt = tuple(f.strip() for f in args.format.split(",") if f.strip())
     if not set(fmt) <= set(FORMATS):

@@ -73,7 +73,7 @@ def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, mat
     ps, pr = matrix("predictions", src.index), matrix("predictions", ref.index)
     churn = (metrics.churn_share_ci(ps, pr, paired) if ps is not None and pr is not None
              and ps.shape[1] == pr.shape[1] else (math.nan,) * 3)
-    notes = []
+    notes = ["share: the reference's replicas do not vary"] if np.ptp(acc_r) == 0 else []
     if not exact and not math.isnan(share):
         notes.append(f"share: {'Pitman–Morgan interval, paired' if paired else 'F interval, independent'}"
                      + (", needs 3 paired replicas" if math.isnan(lo) else ""))
