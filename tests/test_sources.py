@@ -305,3 +305,13 @@ def test_sweep_of_every_source_gives_the_sources_table_and_figure(ray_local, tmp
     assert "nan" not in line  # zeros read as zeros, not as missing
     page = open(report.write_report(str(out))).read()
     assert "Noise sources" in page and 'alt="share per source" src="data:image/png;base64,' in page
+
+
+def test_identical_data_in_two_groups_gives_identical_intervals(tmp_path):
+    """Two architectures whose runs carry the same numbers: their rows agree in every interval (a
+    bootstrap seeded by the group's key gave each group slightly different ends)."""
+    for arch in ("cnn", "mlp"):
+        write_tree(tmp_path, TRUE_STD, FLIP, n=10, seed=7, arch=arch)
+    table = reduce.reduce(str(tmp_path), fmt=())["sources"]
+    cnn, mlp = (table[table["arch"] == a][["source", *INTERVALS]].reset_index(drop=True) for a in ("cnn", "mlp"))
+    pd.testing.assert_frame_equal(cnn, mlp, check_exact=True)
