@@ -119,7 +119,7 @@ def main() -> None:
           f"{fingerprint.cpu_model()}, load average {os.getloadavg()[0]:.1f}")
     for name, units in runs.items():
         print(f"{name:13} median epoch {statistics.median(s for u in units for s in u):.3f} s")
-    ratio, lo, hi = metrics.median_ratio_ci(runs["orchestrator"], runs["bare"], seed=0)
+    ratio, lo, hi = metrics.median_ratio_ci(runs["orchestrator"], runs["bare"])
     print(f"ratio orchestrator / bare: {ratio:.3f} [{lo:.3f}, {hi:.3f}] (goal <= 1.15); "
           f"final weights {'identical on both sides' if len(digests) == 1 else f'DIFFER ({len(digests)} digests)'}")
 

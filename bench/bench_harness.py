@@ -147,7 +147,7 @@ def main() -> None:
           f"{args.rounds} rounds per side; final weights bitwise equal on all sides: yes")
     print("median epoch: " + ", ".join(f"{n} {v:.3f} s" for n, v in med.items()))
     for other, what in (("bare", "goal <= 1.05"), ("bare+malloc", "the harness alone")):
-        ratio, lo, hi = metrics.median_ratio_ci(runs["orchestrator"], runs[other], seed=0)
+        ratio, lo, hi = metrics.median_ratio_ci(runs["orchestrator"], runs[other])
         verdict = f"; {'met' if ratio <= 1.05 else 'NOT met'}" if other == "bare" else ""
         print(f"per-epoch time ratio orchestrator / {other}: {ratio:.3f}  95% interval [{lo:.3f}, {hi:.3f}]"
               f"  ({what}{verdict})")

@@ -164,7 +164,7 @@ def repeat_units(rows: list[dict], mode: str) -> list[np.ndarray]:
             for k in sorted({r["repeat"] for r in rows})]
 
 
-def overhead_summary(p: spec.ProbeSpec, result: dict, seed: int = 0) -> dict:
+def overhead_summary(p: spec.ProbeSpec, result: dict) -> dict:
     """One probe as {arch, overhead_pct, lo, hi, kernels_pct, ..., fill_pct, ..., top_ops, ...}: what
     deterministic mode costs in percent of the default step and its parts (metrics.cost_parts, paired
     intervals over repeats), and the ops whose self time grows most in deterministic mode."""
@@ -177,7 +177,7 @@ def overhead_summary(p: spec.ProbeSpec, result: dict, seed: int = 0) -> dict:
         return row | dict.fromkeys(PART_KEYS) | {"nondeterministic_ops": [], "top_ops": [], "error": result["error"]}
     rows = result["rows"]
     blocks = {m: repeat_units(rows, m) for m in dict.fromkeys(r["mode"] for r in rows)}
-    parts = metrics.cost_parts(blocks, seed)
+    parts = metrics.cost_parts(blocks)
     values = [_finite(v) for part in ("total", *PARTS) for v in parts[part]]
     medians = {f"step_ms_{m}": float(np.median(np.concatenate(u))) for m, u in blocks.items()}  # per mode timed
     top = [{k: o[k] for k in ("op", "ms_nondet", "ms_det", "delta_ms")} for o in result["profile"][:TOP_OPS]]

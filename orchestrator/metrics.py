@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 EPS = np.finfo(np.float64).eps
 
@@ -217,9 +218,9 @@ def binary_rates(preds: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def brown_forsythe_p(a: Sequence[float], b: Sequence[float]) -> float:
-    """p-value that two groups' accuracy variances differ: Levene's test centred on the median
-    (Brown–Forsythe), robust to the skewed, heavy-tailed accuracy distributions that a few
-    diverging replicas produce. NaN below two values per group; 1.0 when both groups have zero
+    """p-value that two independent groups' accuracy variances differ: Levene's test centred on
+    the median (Brown–Forsythe), robust to the skewed, heavy-tailed accuracy distributions that a
+    few diverging replicas produce. NaN below two values per group; 1.0 when both groups have zero
     spread (their variances are equal and the F ratio would be 0/0)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) < 2 or len(b) < 2:
@@ -228,51 +229,82 @@ def brown_forsythe_p(a: Sequence[float], b: Sequence[float]) -> float:
         return 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.levene(a, b, center="median").pvalue)
+        return float(stats.levene(np.sort(a), np.sort(b), center="median").pvalue)
 
 
-def pitman_morgan_p(a: Sequence[float], b: Sequence[float]) -> float:
-    """p-value that two *paired* groups' accuracy variances differ: Pitman–Morgan test.
+def paired_scale_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """p-value that two *paired* groups' accuracy variances differ: a paired Brown–Forsythe test,
+    the one-sample t-test of |a[r] - median(a)| - |b[r] - median(b)| over the pairs r.
 
     a[r] and b[r] are replica r of two presets that share seeds (common random numbers), so they
-    are correlated and a test for independent groups has the wrong size. For any bivariate normal
-    pair, var(a) = var(b) exactly when a+b and a−b are uncorrelated; the test is Pearson's
-    t-test of that correlation (n−2 degrees of freedom). NaN below three pairs; 1.0 when a+b or
-    a−b does not vary (the two spreads are then equal in the sample: both zero, or b = a + c)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) != len(b):
-        raise ValueError(f"paired samples of different lengths: {len(a)} and {len(b)}")
+    are correlated, and a test for independent groups loses power. The Pitman–Morgan test (exact
+    for bivariate normal pairs) was used before; it is a test of a correlation, which one diverged
+    replica drives: with 10% of replicas from a poor-convergence mode, equally in both groups, it
+    rejected a true null 24-36% of the time at 5-20 pairs. Absolute deviations from the median grow
+    only linearly with an outlier, and the t-test of their paired differences keeps its size with
+    and without outliers (bench/bench_coverage.py), at the cost of some power. NaN below three pairs;
+    1.0 when the deviations are equal pair by pair (both groups constant, or b = a + c), 0.0 when
+    they differ by the same non-zero amount in every pair."""
+    a, b = _paired_arrays(a, b)
     if len(a) < 3:
         return math.nan
-    s, d = a + b, a - b
-    if np.ptp(s) == 0 or np.ptp(d) == 0:
-        return 1.0
-    return float(stats.pearsonr(s, d).pvalue)
+    x = np.sort(np.abs(a - np.median(a)) - np.abs(b - np.median(b)))
+    if np.ptp(x) == 0:
+        return 1.0 if x[0] == 0 else 0.0
+    with warnings.catch_warnings():  # scipy's "precision loss" for deviations equal but for rounding
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_1samp(x, 0.0).pvalue)
 
 
-def percentile_ci(data: tuple, statistic, seed: int, n_boot: int, level: float, **options) -> tuple[float, float]:
-    """scipy's percentile bootstrap interval of `statistic` over `data`, from a seeded generator.
-    A resampling distribution with one value (two presets whose paired replicas are bitwise equal:
-    every resample gives the same ratio) is a valid answer, [x, x]; scipy warns about it, which
-    would only alarm the user, so that warning is silenced here and nowhere else."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
-        res = stats.bootstrap(data, statistic, n_resamples=n_boot, confidence_level=level, method="percentile",
-                              rng=np.random.default_rng(seed), **options)
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+def _jackknife_var(replicates: np.ndarray) -> float:
+    """Jackknife variance (n-1)/n · Σ(θ_k - θ̄)² of n leave-one-out replicates, summed in sorted
+    order so that it is bit for bit the same whatever order the units came in."""
+    t = np.sort(np.asarray(replicates, dtype=np.float64))
+    return (len(t) - 1) / len(t) * float(np.sort((t - t.mean()) ** 2).sum())
 
 
-def median_ratio_ci(num_units: Sequence[np.ndarray], den_units: Sequence[np.ndarray], seed: int,
-                    n_boot: int = 2000, level: float = 0.95, paired: bool = False) -> tuple[float, float, float]:
-    """median(num) / median(den) and a seeded percentile bootstrap interval of it.
+def _welch_df(variances, dfs) -> np.ndarray:
+    """Welch–Satterthwaite degrees of freedom of a sum of independent variance estimates (axis 0),
+    each with its own df: (Σv)² / Σ(v²/df). Where every estimate is 0 the sum has no error and any
+    df will do: the smallest is returned."""
+    v = np.asarray(variances, dtype=np.float64)
+    d = np.asarray(dfs, dtype=np.float64).reshape((-1,) + (1,) * (v.ndim - 1))
+    num, den = v.sum(axis=0) ** 2, (v * v / d).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, d.min())
 
-    Each side is a list of units (arrays of step times); the bootstrap resamples whole units.
-    Pass blocks of consecutive steps as units: steps within a block share clocks and caches, and
-    resampling them one by one would count correlated steps as independent evidence and give too
-    narrow an interval. Unpaired, each side is resampled on its own. `paired`: num_units[k] and
-    den_units[k] were measured together (a det/nondet pair of blocks, alternated to cancel drift),
-    so pair k is resampled as one unit and drift stays cancelled in every resample. NaN interval
-    below two units a side (two pairs when paired).
+
+def _log_ratio_ci(ratio: float, num_loo: np.ndarray, den_loo: np.ndarray, paired: bool,
+                  level: float) -> tuple[float, float]:
+    """Interval of ratio = num/den from the leave-one-out values of num and den: a delete-one
+    jackknife of log(ratio), with a t quantile on n-1 (paired: unit k left out of both) or Welch
+    degrees of freedom. The log is linearised (log x - log x̄ ≈ x/x̄ - 1), so a leave-one-out value
+    of 0 (all other replicas of a preset identical) needs no special case."""
+    u = np.asarray(num_loo, dtype=np.float64)
+    v = np.asarray(den_loo, dtype=np.float64)
+    u, v = u / np.sort(u).mean(), v / np.sort(v).mean()
+    if paired:
+        var, df = _jackknife_var(u - v), len(u) - 1
+    else:
+        va, vb = _jackknife_var(u), _jackknife_var(v)
+        var, df = va + vb, float(_welch_df([va, vb], [len(u) - 1, len(v) - 1]))
+    h = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(var)
+    with np.errstate(over="ignore"):
+        return ratio * float(np.exp(-h)), ratio * float(np.exp(h))
+
+
+def median_ratio_ci(num_units: Sequence[np.ndarray], den_units: Sequence[np.ndarray], level: float = 0.95,
+                    paired: bool = False) -> tuple[float, float, float]:
+    """median(num) / median(den) and a `level` interval of it.
+
+    Each side is a list of units (arrays of step times). Pass blocks of consecutive steps as units:
+    steps within a block share clocks and caches, and treating them one by one would count
+    correlated steps as independent evidence. The interval is a delete-one-unit jackknife of the
+    log ratio with a t quantile (`_log_ratio_ci`); `paired`: num_units[k] and den_units[k] were
+    measured together (a det/nondet pair of blocks, alternated to cancel drift), so pair k is left
+    out as one unit and drift stays cancelled. It holds its rate from 3 pairs on where the percentile
+    bootstrap it replaced, with few distinct resamples of 3-5 units, did not (bench/bench_coverage.py).
+    NaN interval below two units a side (two pairs when paired).
     """
     if paired and len(num_units) != len(den_units):
         raise ValueError(f"paired units of different counts: {len(num_units)} and {len(den_units)}")
@@ -282,14 +314,12 @@ def median_ratio_ci(num_units: Sequence[np.ndarray], den_units: Sequence[np.ndar
     ratio = float(np.median(num.values) / np.median(den.values))
     if num.n < 2 or den.n < 2:
         return ratio, math.nan, math.nan
-    return ratio, *percentile_ci((np.arange(num.n), np.arange(den.n)),
-                                 lambda i, j: np.median(num.take(i)) / np.median(den.take(j)), seed, n_boot, level,
-                                 vectorized=False, paired=paired)
+    return ratio, *_log_ratio_ci(ratio, num.loo_medians(), den.loo_medians(), paired, level)
 
 
 class _Units:
-    """Variable-length units packed in one array, so that a resample of unit ids is gathered in a
-    few numpy calls rather than a Python loop over units."""
+    """Variable-length units packed in one array, so that a subset of units is gathered in a few
+    numpy calls rather than a Python loop over units."""
 
     def __init__(self, units: Sequence[np.ndarray]):
         arrays = [np.asarray(u, dtype=np.float64).ravel() for u in units]
@@ -305,6 +335,11 @@ class _Units:
         offset = np.repeat(self.starts[ids] - (ends - lengths), lengths)
         return self.values[np.arange(ends[-1] if len(ends) else 0) + offset]
 
+    def loo_medians(self) -> np.ndarray:
+        """(n,) median of all values but those of unit k, for each k."""
+        ids = np.arange(self.n)
+        return np.array([np.median(self.take(np.delete(ids, k))) for k in ids])
+
 
 def class_accuracy(preds: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
     """Accuracy and per-class accuracy (index = class, 0 for a class with no test example), from
@@ -316,45 +351,128 @@ def class_accuracy(preds: np.ndarray, labels: np.ndarray) -> tuple[float, list[f
 
 
 # --- decisions: which source makes the variance, is a difference real, how many replicas ---------
+#
+# Every interval below is exact under a stated assumption (normal accuracies: F, Pitman–Morgan, t)
+# or a jackknife or score interval whose coverage bench/bench_coverage.py measures at 3-20 replicas.
+# None resamples at random: an interval depends on the values alone, not on a seed, on the group it
+# belongs to or on the order rows were read in (values are put in a canonical order first).
 
-def variance_share_ci(num: Sequence[float], den: Sequence[float], seed: int, paired: bool,
-                      n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
-    """var(num) / var(den) (ddof=1) and a seeded percentile bootstrap interval over replicas.
+SHARE_FACTOR = 4.0  # a share interval is informative when hi/lo <= this: the share known within x2 either way
+QUAD = 100  # χ² quantile points per variance in `t_test_power`: < 0.001 from a Monte Carlo of 200,000 runs
 
-    `paired`: num[i] and den[i] are replica i of two presets, which share that replica's seeds;
-    resampling replicas jointly keeps that correlation and narrows the interval. Exactly 0 with
-    [0, 0] when num has no spread at all (a preset that varies nothing on this stack), NaN when
-    den has none (nothing to be a share of) or either side has fewer than two values.
+
+def _paired_arrays(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Paired values as float arrays in one canonical order (by a, then b), so that sums over pairs
+    do not depend on the order replicas were listed in. ValueError when the lengths differ."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) != len(b):
+        raise ValueError(f"paired samples of different lengths: {len(a)} and {len(b)}")
+    order = np.lexsort((b, a))
+    return a[order], b[order]
+
+
+def _sides(a: Sequence[float], b: Sequence[float], paired: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Two samples in canonical order: pairs kept together when `paired`, each side sorted otherwise."""
+    if paired:
+        return _paired_arrays(a, b)
+    return np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation, exactly 1 for identical samples (sqrt(x·x) = |x| in IEEE arithmetic)."""
+    ca, cb = a - a.mean(), b - b.mean()
+    return float(np.clip((ca @ cb) / math.sqrt((ca @ ca) * (cb @ cb)), -1.0, 1.0))
+
+
+def _share_factors(n_num: int, n_den: int, r: float, paired: bool, level: float) -> tuple[float, float]:
+    """The variance share's interval as factors of the estimate F = s_a²/s_b²: [F·lo, F·hi].
+
+    Independent groups of normal values: (s_a²/σ_a²) / (s_b²/σ_b²) ~ F(n_a - 1, n_b - 1), so
+    lo = 1/F_{1-α/2} and hi = 1/F_{α/2}, exactly. Paired (bivariate normal, sample correlation r):
+    σ_a²/σ_b² = λ exactly when a + √λ·b and a - √λ·b are uncorrelated (Pitman 1939, Morgan 1939);
+    the λ that Pearson's t-test of that correlation (n - 2 df) does not reject are
+    [F/(K + √(K²-1)), F·(K + √(K²-1))] with K = 1 + 2t²(1 - r²)/(n - 2), t the 1-α/2 quantile:
+    exact whatever the correlation between the pairs."""
+    alpha = 1.0 - level
+    if paired:
+        k = 1.0 + 2.0 * float(stats.t.ppf(1 - alpha / 2, n_num - 2)) ** 2 * (1.0 - r * r) / (n_num - 2)
+        w = k + math.sqrt(k * k - 1.0)
+        return 1.0 / w, w
+    return (1.0 / float(stats.f.ppf(1 - alpha / 2, n_num - 1, n_den - 1)),
+            1.0 / float(stats.f.ppf(alpha / 2, n_num - 1, n_den - 1)))
+
+
+def variance_share_ci(num: Sequence[float], den: Sequence[float], paired: bool,
+                      level: float = 0.95) -> tuple[float, float, float]:
+    """var(num) / var(den) (ddof=1) and its `level` interval (`_share_factors`): the F interval for
+    independent presets, the Pitman–Morgan interval when `paired` (num[i] and den[i] are replica i
+    of two presets that share that replica's seeds). Both are exact **if the accuracies are
+    normal**; heavy tails (a few diverged replicas) make them too narrow, as measured by
+    bench/bench_coverage.py. The percentile bootstrap used before was NaN for every group at 3
+    replicas and 81% of paired ones at 5 (a resample that repeats one replica has no variance), and
+    covered 88-92% at 10.
+
+    Exactly 0 with [0, 0] when num has no spread at all (a preset that varies nothing on this
+    stack); NaN when den has none (nothing to be a share of) or a side has fewer than two values;
+    a NaN interval for two paired replicas (the paired interval needs three).
     """
-    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    a, b = _sides(num, den, paired)
     if len(a) < 2 or len(b) < 2 or np.ptp(b) == 0:
         return math.nan, math.nan, math.nan
-    if np.ptp(a) == 0:
+    ratio = float(_std(a)) ** 2 / float(_std(b)) ** 2
+    if ratio == 0:
         return 0.0, 0.0, 0.0
-
-    def ratio(x, y, axis=-1):
-        with np.errstate(divide="ignore", invalid="ignore"):  # a resample of 3 replicas can repeat one
-            return _std(x, axis=axis) ** 2 / _std(y, axis=axis) ** 2
-    return float(ratio(a, b)), *percentile_ci((a, b), ratio, seed, n_boot, level, paired=paired)
-
-
-def _pair_means(d: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Mean of pair matrix d (R, R) over the pairs of each resample in `ids` (B, R'), leaving
-    out pairs of a replica with its own copy (0 by construction: they would pull churn down).
-    With c the (B, R) counts of each replica in a resample, the sum over pairs is c·d·c, and
-    pairs of distinct replicas number R'² - Σc². NaN for a resample of one replica only."""
-    ids = np.atleast_2d(ids)
-    b, r = len(ids), len(d)
-    c = np.bincount((ids + r * np.arange(b)[:, None]).ravel(), minlength=b * r).reshape(b, r).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return ((c @ d) * c).sum(axis=1) / (ids.shape[1] ** 2 - (c * c).sum(axis=1))
+    if paired and len(a) < 3:
+        return ratio, math.nan, math.nan
+    lo, hi = _share_factors(len(a), len(b), _corr(a, b) if paired else 0.0, paired, level)
+    return ratio, ratio * lo, ratio * hi
 
 
-def churn_share_ci(num_preds: np.ndarray, den_preds: np.ndarray, seed: int, paired: bool,
-                   n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
-    """churn(num) / churn(den) and a seeded percentile bootstrap interval over replicas (jointly
-    resampled when `paired`, as in `variance_share_ci`). preds: (R, N) int. Exactly 0 with
-    [0, 0] when num's replicas all agree, NaN when den's do or a side has fewer than two runs."""
+def share_replicas(r: float, n_pairs: int, paired: bool, level: float = 0.95, factor: float = SHARE_FACTOR) -> float:
+    """Replicas per preset with which the share interval would span at most `factor` (hi/lo): for
+    independent presets, or paired ones whose replicas correlate like the `n_pairs` pairs seen
+    (sample correlation r). The interval's relative width depends on the replica count and the
+    correlation only, not on the share, so the count can be known before running them. The
+    correlation is taken at the lower 95% bound of its magnitude (Fisher's z; 0 from three pairs
+    or fewer), so that a correlation seen in a few pairs does not promise too few replicas. NaN
+    for a NaN r when paired."""
+    if paired and math.isnan(r):
+        return math.nan
+    if paired and abs(r) < 1:
+        z = math.atanh(abs(r)) - float(stats.norm.ppf(0.5 + level / 2)) / math.sqrt(n_pairs - 3) if n_pairs > 3 else 0.0
+        r = math.tanh(max(z, 0.0))
+
+    def narrow(n: int) -> bool:
+        lo, hi = _share_factors(n, n, r, paired, level)
+        return hi / lo <= factor
+    return _smallest(narrow, 3 if paired else 2, 10 ** 6)
+
+
+def share_correlation(num: Sequence[float], den: Sequence[float]) -> float:
+    """Correlation of paired replicas' accuracies, as the paired share interval uses it; NaN below
+    three pairs or without spread on a side."""
+    a, b = _paired_arrays(num, den)
+    return _corr(a, b) if len(a) >= 3 and np.ptp(a) > 0 and np.ptp(b) > 0 else math.nan
+
+
+def _loo_pair_means(d: np.ndarray) -> np.ndarray:
+    """(R,) mean of pair matrix d (R, R) over the pairs without replica k, for each k. Row sums are
+    taken in sorted order, so the values only move with the replicas, not with their order."""
+    r = len(d)
+    rows = np.sort(d, axis=1).sum(axis=1)
+    return (np.sort(rows).sum() / 2 - rows) / ((r - 1) * (r - 2) / 2)
+
+
+def churn_share_ci(num_preds: np.ndarray, den_preds: np.ndarray, paired: bool,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """churn(num) / churn(den) and a `level` interval: a delete-one-replica jackknife of the log
+    ratio (`_log_ratio_ci`; replica k left out of both presets when `paired`). Churn is a mean over
+    replica pairs with no exact distribution to lean on; the jackknife needs 3 replicas a preset and
+    holds its rate at 3-20 (bench/bench_coverage.py), where the percentile bootstrap it replaced was
+    NaN in 81-100% of groups at 3-5 replicas (a resample of one replica has no pairs) and covered
+    88-89% at 10.
+    preds: (R, N) int, rows in replica order. Exactly 0 with [0, 0] when num's replicas all agree,
+    NaN when den's do or a side has fewer than two runs; a NaN interval with two."""
     if len(num_preds) < 2 or len(den_preds) < 2:
         return math.nan, math.nan, math.nan
     dn, dd = pairwise_disagreement(num_preds), pairwise_disagreement(den_preds)
@@ -362,23 +480,70 @@ def churn_share_ci(num_preds: np.ndarray, den_preds: np.ndarray, seed: int, pair
         return math.nan, math.nan, math.nan
     if not dn.any():
         return 0.0, 0.0, 0.0
-
-    def ratio(i, j=None, axis=-1):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return _pair_means(dn, i) / _pair_means(dd, i if j is None else j)
-    data = (np.arange(len(dn)),) if paired else (np.arange(len(dn)), np.arange(len(dd)))
-    return churn(num_preds) / churn(den_preds), *percentile_ci(data, ratio, seed, n_boot, level)
+    ratio = churn(num_preds) / churn(den_preds)
+    if min(len(dn), len(dd)) < 3:
+        return ratio, math.nan, math.nan
+    return ratio, *_log_ratio_ci(ratio, _loo_pair_means(dn), _loo_pair_means(dd), paired, level)
 
 
-def mean_diff_ci(a: Sequence[float], b: Sequence[float], seed: int, paired: bool,
-                 n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
-    """mean(a) - mean(b) and a seeded percentile bootstrap interval (replicas resampled jointly
-    when `paired`: replica i of each side shares its seeds, so seed luck cancels)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+class MeanDiff(NamedTuple):
+    """mean(a) - mean(b) with what a t-test of it needs."""
+
+    diff: float
+    se: float  # its estimated standard error; NaN below two runs a side (two pairs)
+    df: float  # degrees of freedom of the t statistic
+    test: str  # "paired t" or "Welch t"
+
+
+def mean_diff(a: Sequence[float], b: Sequence[float], paired: bool) -> MeanDiff:
+    """The mean difference and its t statistic's parts. `paired`: replica r of each side shares its
+    seeds, so the paired t-test (the differences a[r] - b[r], n - 1 df) lets seed luck cancel;
+    otherwise Welch's unequal-variance t (Welch–Satterthwaite df). Exact (paired) or very nearly so
+    (Welch) **if the accuracies are normal**."""
+    a, b = _sides(a, b, paired)
+    test = "paired t" if paired else "Welch t"
+    if not len(a) or not len(b):
+        return MeanDiff(math.nan, math.nan, math.nan, test)
+    diff = float(a.mean() - b.mean())
     if len(a) < 2 or len(b) < 2:
-        return (float(a.mean() - b.mean()) if len(a) and len(b) else math.nan), math.nan, math.nan
-    return float(a.mean() - b.mean()), *percentile_ci(
-        (a, b), lambda x, y, axis=-1: x.mean(axis=axis) - y.mean(axis=axis), seed, n_boot, level, paired=paired)
+        return MeanDiff(diff, math.nan, math.nan, test)
+    if paired:
+        return MeanDiff(diff, float(_std(a - b)) / math.sqrt(len(a)), len(a) - 1.0, test)
+    va, vb = float(_std(a)) ** 2 / len(a), float(_std(b)) ** 2 / len(b)
+    return MeanDiff(diff, math.sqrt(va + vb), float(_welch_df([va, vb], [len(a) - 1, len(b) - 1])), test)
+
+
+def t_interval(m: MeanDiff, level: float = 0.95) -> tuple[float, float]:
+    """diff ± t_{1-α/2, df}·se; [diff, diff] when se is 0 (no spread: every replica agrees, the
+    difference is exact), NaN without an se."""
+    if math.isnan(m.se):
+        return math.nan, math.nan
+    h = float(stats.t.ppf(0.5 + level / 2, m.df)) * m.se if m.se > 0 else 0.0
+    return m.diff - h, m.diff + h
+
+
+def t_test(m: MeanDiff) -> tuple[float, float]:
+    """(t, two-sided p) of the mean difference; with se 0 the difference is exact: p = 0 unless it
+    is 0 (then p = 1)."""
+    if math.isnan(m.se):
+        return math.nan, math.nan
+    if m.se == 0:
+        return (math.copysign(math.inf, m.diff) if m.diff else 0.0), (0.0 if m.diff else 1.0)
+    t = m.diff / m.se
+    return t, float(2 * stats.t.sf(abs(t), m.df))
+
+
+def tost_p(m: MeanDiff, margin: float) -> float:
+    """p-value of equivalence within ±margin by two one-sided tests (TOST, Schuirmann 1987): the
+    larger of the one-sided p-values of diff > -margin and diff < margin. Below α it says the
+    difference lies inside the margin, which "not significantly different" never says; the same
+    as the (1 - 2α) t interval lying inside (-margin, margin). With se 0: 0 when |diff| < margin,
+    else 1."""
+    if math.isnan(m.se):
+        return math.nan
+    if m.se == 0:
+        return 0.0 if abs(m.diff) < margin else 1.0
+    return float(max(stats.t.sf((m.diff + margin) / m.se, m.df), stats.t.sf((margin - m.diff) / m.se, m.df)))
 
 
 def prob_improvement(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -392,44 +557,108 @@ def prob_improvement(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray
     return (ranks[..., :na].sum(axis=-1) - na * (na + 1) / 2) / (na * nb)
 
 
-def prob_improvement_ci(a: Sequence[float], b: Sequence[float], seed: int, n_boot: int = 2000,
+def _auc_var(theta: float, m: int, n: int) -> float:
+    """Variance of the probability of improvement as a function of its true value θ (Hanley and
+    McNeil 1982, with Newcombe's (m + n)/2 - 1 in place of both m - 1 and n - 1)."""
+    k = (m + n) / 2 - 1
+    return theta * (1 - theta) / (m * n) * (1 + k * ((1 - theta) / (2 - theta) + theta / (1 + theta)))
+
+
+def _design_effect(a: np.ndarray, b: np.ndarray) -> float:
+    """How much pairing changes the variance of the probability of improvement: var(P_a + P_b) /
+    (var P_a + var P_b) over the pairs, P_a[r] the share of b that a[r] beats and P_b[r] the share
+    of a that b[r] loses to (the placements whose mean is the estimate). Below 1 when paired runs
+    share seed luck. 1 when the placements do not vary (complete separation, all ties) or sum to a
+    constant, where there is nothing to estimate it from."""
+    wins = (np.sign(a[:, None] - b[None, :]) + 1) / 2
+    pa, pb = wins.mean(axis=1), wins.mean(axis=0)
+    apart = float(np.var(pa, ddof=1) + np.var(pb, ddof=1))
+    together = float(np.var(pa + pb, ddof=1))
+    return together / apart if apart > 0 and together > 0 else 1.0
+
+
+def prob_improvement_ci(a: Sequence[float], b: Sequence[float], paired: bool = False,
                         level: float = 0.95) -> tuple[float, float, float]:
-    """P(A > B) and a seeded percentile bootstrap interval, the sides resampled independently
-    (the probability is defined over independent draws). NaN below two runs a side."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    """P(A > B) and a `level` score interval (Newcombe 2006, "Confidence intervals for an effect
+    size measure based on the Mann–Whitney statistic", method 5): the θ whose Hanley–McNeil variance
+    puts the estimate within z standard errors, a Wilson-type interval that stays inside [0, 1] and
+    holds from 3 runs a side, where the percentile bootstrap it replaced covered 78% at 3 and 91%
+    at 5. `paired`: the variance is scaled by the pairs' design effect (`_design_effect`) and, since
+    that is estimated from the same few pairs, z becomes the t quantile on 2n - 2 df; treating paired
+    sides that share seed luck as independent overstates the variance. Coverage:
+    bench/bench_coverage.py. NaN below two runs a side; [x, x] when neither side varies."""
+    a, b = _sides(a, b, paired)
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan, math.nan
-    return float(prob_improvement(a, b)), *percentile_ci((a, b), prob_improvement, seed, n_boot, level)
+    theta = float(prob_improvement(a, b))
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return theta, theta, theta
+    m, n = len(a), len(b)
+    if paired:
+        f, q = _design_effect(a, b), float(stats.t.ppf(0.5 + level / 2, m + n - 2))
+    else:
+        f, q = 1.0, float(stats.norm.ppf(0.5 + level / 2))
+
+    def gap(t: float) -> float:  # < 0 inside the interval, 0 at its ends
+        return (theta - t) ** 2 - q * q * f * _auc_var(t, m, n)
+    eps = 1e-12  # θ = 0 and 1 are roots of gap when θ̂ sits there: search beside them
+    lo = optimize.brentq(gap, 0.0, min(theta, 1 - eps)) if theta > 0 else 0.0
+    hi = optimize.brentq(gap, max(theta, eps), 1.0) if theta < 1 else 1.0
+    return theta, float(lo), float(hi)
 
 
-def welch_power(effect: float, std_a: float, std_b: float, n: int, alpha: float = 0.05) -> float:
-    """Power of a two-sided Welch t-test at level alpha with n runs a side, when the true means
-    differ by `effect` and the true stds are std_a, std_b: the noncentral t with the
-    Welch–Satterthwaite degrees of freedom."""
-    va, vb = std_a ** 2 / n, std_b ** 2 / n
-    if va + vb == 0:
+def t_test_power(effect: float, stds: Sequence[float], n: int, alpha: float = 0.05) -> float:
+    """Power of a two-sided t-test at level alpha with n runs a side (n pairs) when the true mean
+    difference is `effect`: stds = (std of the differences,) for the paired t-test, (std_a, std_b)
+    for Welch's.
+
+    Exact for normal data up to quadrature error (< 0.001): the mean difference is normal and
+    independent of the sample variances, (n-1)s²/σ² ~ χ²(n-1) each, so the power is the average
+    over the sample variances of the normal probability that |diff| exceeds the t quantile times
+    the estimated standard error, at the df Welch's test computes from those same variances; a
+    midpoint rule over QUAD equal-probability χ² quantiles per variance takes that average. The
+    noncentral t at the true Welch–Satterthwaite df, used before, is optimistic at small n (0.94
+    where a Monte Carlo gives 0.63: effect 0.03, stds 0.004 and 0.004, n=2), and scipy's nct
+    returned NaN for effect 0.012, stds 0.001 and 0.002 at n=2. A side with std 0 adds nothing
+    (Welch's test is then the other side's one-sample t-test)."""
+    s = np.asarray(stds, dtype=np.float64)
+    s = s[s > 0]
+    if not len(s):
         return 1.0 if effect else alpha
-    df = (va + vb) ** 2 / ((va ** 2 + vb ** 2) / (n - 1))
-    ncp, crit = abs(effect) / math.sqrt(va + vb), stats.t.ppf(1 - alpha / 2, df)
-    return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+    q = stats.chi2.ppf((np.arange(QUAD) + 0.5) / QUAD, n - 1) / (n - 1)  # s²/σ² at equal-probability points
+    v = np.stack([g * (x * x / n) for g, x in zip(np.meshgrid(*([q] * len(s)), indexing="ij"), s)])
+    crit = stats.t.ppf(1 - alpha / 2, _welch_df(v, [n - 1] * len(s))) * np.sqrt(v.sum(axis=0))
+    se, d = math.sqrt(float((s * s).sum()) / n), abs(effect)
+    return float((stats.norm.sf((crit - d) / se) + stats.norm.cdf((-crit - d) / se)).mean())
 
 
-def replicas_needed(effect: float, std_a: float, std_b: float, power: float = 0.8, alpha: float = 0.05,
+def replicas_needed(effect: float, stds: Sequence[float], power: float = 0.8, alpha: float = 0.05,
                     n_max: int = 10 ** 7) -> float:
-    """Smallest n (runs per side, >= 2) at which a two-sided Welch t-test at level alpha detects a
-    true mean difference `effect` with probability `power`, given the sides' stds. inf when no
-    n up to n_max does (a zero effect is never detected), NaN when an input is NaN."""
-    if any(math.isnan(x) for x in (effect, std_a, std_b)):
+    """Smallest n (runs per side, or pairs; >= 2) at which a two-sided t-test at level alpha detects
+    a true mean difference `effect` with probability `power` (`t_test_power`: one std = the paired
+    t-test on the differences, two = Welch's). inf when no n up to n_max does (a zero effect is
+    never detected), NaN when an input is NaN."""
+    if math.isnan(effect) or any(math.isnan(x) for x in stds):
         return math.nan
-    if effect == 0 or welch_power(effect, std_a, std_b, n_max, alpha) < power:
+    if effect == 0:
         return math.inf
-    lo, hi = 1, 2  # power grows with n: double, then bisect; power(lo) < target <= power(hi)
-    while welch_power(effect, std_a, std_b, hi, alpha) < power:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if welch_power(effect, std_a, std_b, mid, alpha) >= power else (mid, hi)
-    return float(hi)
+    return _smallest(lambda n: t_test_power(effect, stds, n, alpha) >= power, 2, n_max)
+
+
+def _smallest(ok, lo: int, hi: int) -> float:
+    """Smallest integer n in [lo, hi] with ok(n), for ok false then true as n grows; inf when
+    ok(hi) is false. Doubling from lo, then bisection: O(log n) calls."""
+    if not ok(hi):
+        return math.inf
+    if ok(lo):
+        return float(lo)
+    below, above = lo, min(2 * lo, hi)
+    while not ok(above):
+        below, above = above, min(2 * above, hi)
+    while above - below > 1:
+        mid = (below + above) // 2
+        below, above = (below, mid) if ok(mid) else (mid, above)
+    return float(above)
 
 
 # Parts of the cost of determinism: part -> (upper mode, lower mode), each the step from one probe
@@ -440,15 +669,14 @@ COST_PARTS = {"total": ("det", "nondet"), "kernels": ("det_nofill", "nondet"), "
               "inductor": ("det_nofill", "det_noinductor")}
 
 
-def cost_parts(blocks: dict[str, Sequence[np.ndarray]], seed: int, n_boot: int = 2000,
-               level: float = 0.95) -> dict[str, tuple[float, float, float]]:
+def cost_parts(blocks: dict[str, Sequence[np.ndarray]], level: float = 0.95) -> dict[str, tuple[float, float, float]]:
     """part -> (percent, lo, hi) for every COST_PARTS entry: (median upper - median lower) / median
     nondet × 100. `blocks[mode][k]`: the step times of that mode's block in repeat k, every mode
     with one block per repeat (complete repeats only); a part whose modes are absent is NaN.
 
     Interval: `median_ratio_ci` of upper over lower, paired by repeat, scaled by median lower /
     median nondet. Where lower is nondet (total, kernels) that scale is 1 and the interval is the
-    paired bootstrap's own; for fill and inductor the scale is taken at its point estimate, so the
+    paired jackknife's own; for fill and inductor the scale is taken at its point estimate, so the
     interval leaves out its uncertainty, a second-order term (the part times the scale's relative
     error) beside the ratio's."""
     base = np.median(np.concatenate(blocks["nondet"])) if len(blocks.get("nondet", ())) else math.nan
@@ -457,7 +685,7 @@ def cost_parts(blocks: dict[str, Sequence[np.ndarray]], seed: int, n_boot: int =
         if not len(blocks.get(upper, ())) or not len(blocks.get(lower, ())):
             parts[part] = (math.nan, math.nan, math.nan)
             continue
-        ratio = median_ratio_ci(blocks[upper], blocks[lower], seed, n_boot=n_boot, level=level, paired=True)
+        ratio = median_ratio_ci(blocks[upper], blocks[lower], level=level, paired=True)
         scale = np.median(np.concatenate(blocks[lower])) / base
         parts[part] = tuple(float((r - 1) * scale * 100) for r in ratio)
     return parts

@@ -43,7 +43,6 @@ MATCH = ("arch", "dataset", "workload", "noise", "replica", "seed_init", "seed_o
 # ... but run on a different stack: another device, tooling setting or software stack.
 STACK = ("accelerator", *TOOLING, "fingerprint_id")
 FORMATS = ("md", "csv", "parquet")
-N_BOOT = 2000
 CHUNK = 1 << 23  # float64 weight values held at once, across all runs of a group (64 MiB)
 # Pairwise L2 costs O(R²) memory and R² dot products: above this many runs a group's l2 is the mean
 # over the pairs of a seeded random subset of this size, an unbiased estimate of the all-pairs mean.
@@ -63,7 +62,8 @@ VARIANCE = ["accelerator", "n_fingerprints", "n_runs", "n_failed", "n_test", "ac
 SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mean", "fpr_std",
              "fnr_mean", "fnr_std"]
 CROSS_STACK = ["arch", "dataset", "workload", "noise", *(f"{c}_a" for c in STACK), *(f"{c}_b" for c in STACK),
-               "n_pairs", "identical_fraction", "churn", "l2", "l2_rel", "acc_diff_mean", "n_pairs_l2"]
+               "n_pairs", "identical_fraction", "churn", "n_pairs_churn", "l2", "l2_rel", "acc_diff_mean",
+               "acc_diff_signed_mean", "n_pairs_l2"]
 # Overhead: grouped like the variance table (workload hash, tooling values), per accelerator;
 # probe rows record every axis too (world_size always 1; num_threads with the fingerprint).
 PROBE_TOOLING = tuple(TOOLING)
@@ -102,6 +102,11 @@ class Runs:
             return None
         return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1)
 
+    def present(self, column: str, rows) -> np.ndarray:
+        """(len(rows),) bool: which rows have a value in a list column."""
+        arr = self.lists[column].take(pa.array(np.asarray(rows, dtype=np.int64)))
+        return pc.is_valid(arr).to_numpy(zero_copy_only=False)
+
 
 class WeightsUnavailable(ValueError):
     """A group's weight files are missing or do not describe the same model."""
@@ -139,9 +144,12 @@ def load_runs(out_uri: str, columns: Sequence[str] = (), lists: Sequence[str] = 
     reads back null where a row lacks it. A row written for a worker that died has no fingerprint;
     its tooling values are taken from its spec so it lands in its group, and a row written before
     an axis existed (null where other rows record it) gets the axis's default. A row without a column
-    every table needs (REQUIRED) cannot be placed: it is left out and counted in one warning."""
+    every table needs (REQUIRED) cannot be placed: it is left out and counted in one warning.
+    Rows come sorted by run_id, not in the order files were listed or compacted."""
     scalars = [c for c in dict.fromkeys([*SCALARS, *columns]) if c != "workload" and c not in LISTS]
-    table = store.read_runs(out_uri, columns=[*scalars, *lists]).combine_chunks()  # 1 chunk: fast take()
+    table = store.read_runs(out_uri, columns=[*scalars, *lists])
+    # one row order whatever the files and compaction: every table is the same for the same runs
+    table = table.take(pc.sort_indices(table, [("run_id", "ascending")])).combine_chunks()  # 1 chunk: fast take()
     usable = np.logical_and.reduce([pc.is_valid(table[c]).to_numpy() for c in REQUIRED])
     skipped = int(np.count_nonzero(~usable))
     if skipped:
@@ -221,31 +229,34 @@ def _tensor_sq_dists(files: list[_Weights], name: str, dtype: str, shape: tuple[
 
 def _weights_sq_dists(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(R, R) squared L2 distances between the runs' final weights: over the float parameters,
-    and over the float buffers (all NaN when a file does not say which tensors are buffers).
-    Streamed one tensor at a time."""
+    and over the float buffers (all NaN when a file does not say which tensors are buffers, or the
+    model has no float buffer: a distance over nothing is undefined, not 0). Streamed one tensor
+    at a time; a single file is only opened for its header (every distance is 0)."""
     files = [_Weights(p) for p in paths]
     tensors, buffers = files[0].float_tensors(), files[0].buffers
     if any(f.float_tensors() != tensors or f.buffers != buffers for f in files[1:]):
         raise WeightsUnavailable("weight files differ in tensor names, shapes, dtypes or buffers")
     d2 = {"parameters": np.zeros((len(files), len(files))), "buffers": np.zeros((len(files), len(files)))}
-    for name, (dtype, shape) in sorted(tensors.items()):
+    for name, (dtype, shape) in sorted(tensors.items()) if len(files) > 1 else ():
         d2["buffers" if buffers and name in buffers else "parameters"] += _tensor_sq_dists(files, name, dtype, shape)
-    return d2["parameters"], d2["buffers"] if buffers is not None else np.full_like(d2["buffers"], np.nan)
+    has_buffers = buffers is not None and any(name in buffers for name in tensors)
+    return d2["parameters"], d2["buffers"] if has_buffers else np.full_like(d2["buffers"], np.nan)
 
 
 def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(R, R) L2 distances between the final weights of `runs`: over parameters, and over
-    buffers (NaN for files without the buffers metadata). Runs with equal weights_sha256 (a
-    digest of every tensor of the file) are bitwise equal: each distinct digest is read once and
-    equal ones are 0 without looking (a control group on one machine costs one file, not R).
+    buffers (NaN for files without the buffers metadata or models without float buffers). Runs
+    with equal weights_sha256 (a digest of every tensor of the file) are bitwise equal: each
+    distinct digest is read once and equal ones are 0 without looking (a control group on one
+    machine costs one file header, not R files; without that file its buffer distance is unknown).
     Remote files are copied to a local temp folder first, since safetensors reads through mmap."""
     digest = runs["weights_sha256"].fillna(runs["run_id"]).to_numpy(dtype=object)
     firsts, inverse = np.unique(digest, return_index=True, return_inverse=True)[1:]
     ids = runs["run_id"].to_numpy(dtype=object)[firsts]
-    if len(ids) == 1:
-        return np.zeros((len(runs), len(runs))), np.zeros((len(runs), len(runs)))
     paths = [store.weights_path(root, r) for r in ids]
     missing = [r for r, p in zip(ids, paths) if not store.exists(fs, p)]
+    if len(ids) == 1 and missing:
+        return np.zeros((len(runs), len(runs))), np.full((len(runs), len(runs)), np.nan)
     if missing:
         raise WeightsUnavailable(f"no weights file for {len(missing)} run(s), e.g. {missing[0]}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,13 +273,6 @@ def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.nd
 
 
 # --- variance ---------------------------------------------------------------------------------
-
-def group_seed(seed: int, key: dict) -> int:
-    """A bootstrap seed per group from the --seed and the group's key: each group's interval
-    is reproducible whatever other groups the results tree holds."""
-    text = json.dumps([seed, [str(v) for v in key.values()]])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
-
 
 def _accuracy_stats(acc: np.ndarray, correct: np.ndarray | None) -> dict:
     """Mean and std of the replicas' accuracies with the std's chi-square interval, and, when the
@@ -362,13 +366,14 @@ def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels) -> tup
 def variance_p(a: pd.Series, b: pd.Series) -> tuple[float, str]:
     """p-value that two groups' accuracy variances differ, and which test gave it. a, b: ok
     accuracies indexed by replica. Replica r of algo, algo+impl and the single-source presets
-    share seeds (common random numbers), so groups pair by replica index: Pitman–Morgan on the
-    replicas both have. Brown–Forsythe (independent groups) only when they cannot be paired: a
-    replica index repeats within a group (--by pooled several settings) or fewer than 3 are shared."""
+    share seeds (common random numbers), so groups pair by replica index: the paired
+    Brown–Forsythe test (metrics.paired_scale_p, which keeps its size when a few replicas diverge)
+    on the replicas both have. Brown–Forsythe (independent groups) only when they cannot be paired:
+    a replica index repeats within a group (--by pooled several settings) or fewer than 3 are shared."""
     shared = a.index.intersection(b.index)
     if a.index.is_unique and b.index.is_unique and len(shared) >= 3:
-        p = metrics.pitman_morgan_p(a[shared].to_numpy(), b[shared].to_numpy())
-        return p, f"Pitman–Morgan, {len(shared)} pairs"
+        p = metrics.paired_scale_p(a[shared].to_numpy(), b[shared].to_numpy())
+        return p, f"paired Brown–Forsythe, {len(shared)} pairs"
     unique = a.index.is_unique and b.index.is_unique
     why = f"{len(shared)} shared replicas" if unique else "replica indices repeat"
     return metrics.brown_forsythe_p(a.to_numpy(), b.to_numpy()), f"Brown–Forsythe, unpaired: {why}"
@@ -436,12 +441,14 @@ def _stack_pairs(ok: pd.DataFrame, stack: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def _pair_churn(runs: Runs, ok: pd.DataFrame, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per pair, the fraction of test predictions that differ; one prediction matrix per dataset
-    (test sets of different datasets differ in length). NaN where predictions are missing."""
+    (test sets of different datasets differ in length). NaN for a pair where a run has no
+    predictions (and for the whole dataset when their lengths differ)."""
     churn = np.full(len(a), np.nan)
     datasets = ok["dataset"].to_numpy(dtype=object)[a]
     for name in pd.unique(datasets):
-        sel = datasets == name
-        rows = np.unique(np.concatenate([a[sel], b[sel]]))
+        rows = np.unique(np.concatenate([a[datasets == name], b[datasets == name]]))
+        rows = rows[runs.present("predictions", ok.index[rows])]
+        sel = (datasets == name) & np.isin(a, rows) & np.isin(b, rows)
         preds = runs.matrix("predictions", ok.index[rows])
         if preds is not None:
             ia, ib = np.searchsorted(rows, a[sel]), np.searchsorted(rows, b[sel])
@@ -452,13 +459,18 @@ def _pair_churn(runs: Runs, ok: pd.DataFrame, a: np.ndarray, b: np.ndarray) -> n
 def _pair_l2(fs: pafs.FileSystem, root: str, ok: pd.DataFrame, a: np.ndarray, b: np.ndarray,
              groups: np.ndarray) -> np.ndarray:
     """Per pair, the L2 distance of the final parameters, for at most L2_MAX_RUNS pairs of each
-    table row (`groups`), drawn with a fixed seed: each pair reads two weight files. NaN elsewhere."""
+    table row (`groups`), drawn with a fixed seed: each pair of different digests reads two weight
+    files (equal digests are 0 unread). NaN elsewhere."""
     l2 = np.full(len(a), np.nan)
     rng = np.random.default_rng(0)
+    digest = ok["weights_sha256"].to_numpy(dtype=object)
     for members in pd.Series(np.arange(len(a))).groupby(groups, sort=True).indices.values():
         if len(members) > L2_MAX_RUNS:
             members = np.sort(rng.choice(members, L2_MAX_RUNS, replace=False))
         for k in members:
+            if pd.notna(digest[a[k]]) and digest[a[k]] == digest[b[k]]:
+                l2[k] = 0.0
+                continue
             try:
                 l2[k] = l2_matrix(fs, root, ok.iloc[[a[k], b[k]]])[0][0, 1]
             except WeightsUnavailable:
@@ -470,7 +482,10 @@ def cross_stack_table(runs: Runs, fs: pafs.FileSystem, root: str) -> pd.DataFram
     """Runs with the same seeds and settings that differ only in accelerator or tooling (thread
     count, fingerprint), compared pair by pair: the noise no seed removes. One row per
     (workload, noise, stack a, stack b) with the pair means; `l2` over at most L2_MAX_RUNS pairs
-    of a row (`n_pairs_l2`), the rest over every pair."""
+    of a row (`n_pairs_l2`), `churn` over the pairs with predictions on both sides
+    (`n_pairs_churn`), the rest over every pair. `acc_diff_mean` is the mean *absolute* accuracy
+    difference of a pair (how far a stack moves a run), `acc_diff_signed_mean` the mean of
+    accuracy a - accuracy b (whether one stack is better)."""
     ok = runs.meta[runs.meta["status"] == "ok"]
     stack = ok.groupby(list(STACK), dropna=False, sort=True).ngroup().to_numpy()
     a, b = _stack_pairs(ok, stack)
@@ -483,12 +498,12 @@ def cross_stack_table(runs: Runs, fs: pafs.FileSystem, root: str) -> pd.DataFram
                               **{f"{c}_a": col[c][a] for c in STACK}, **{f"{c}_b": col[c][b] for c in STACK},
                               "identical": pd.notna(digest[a]) & (digest[a] == digest[b]),
                               "churn": _pair_churn(runs, ok, a, b), "norm": (norm[a] + norm[b]) / 2,
-                              "acc_diff": np.abs(acc[a] - acc[b])})
+                              "acc_diff": np.abs(acc[a] - acc[b]), "acc_diff_signed": acc[a] - acc[b]})
         pairs["l2"] = _pair_l2(fs, root, ok, a, b, pairs.groupby(keys, dropna=False, sort=True).ngroup().to_numpy())
         df = pairs.groupby(keys, dropna=False, sort=True).agg(
             n_pairs=("churn", "size"), identical_fraction=("identical", "mean"), churn=("churn", "mean"),
-            l2=("l2", "mean"), n_pairs_l2=("l2", "count"), norm=("norm", "mean"),
-            acc_diff_mean=("acc_diff", "mean")).reset_index()
+            n_pairs_churn=("churn", "count"), l2=("l2", "mean"), n_pairs_l2=("l2", "count"), norm=("norm", "mean"),
+            acc_diff_mean=("acc_diff", "mean"), acc_diff_signed_mean=("acc_diff_signed", "mean")).reset_index()
         df["l2_rel"] = df["l2"] / df["norm"]
         table = df[CROSS_STACK]
     else:
@@ -564,10 +579,10 @@ def _blocks(g: pd.DataFrame) -> tuple[dict[str, list[np.ndarray]], int]:
     return blocks, incomplete
 
 
-def _cost_columns(blocks: dict[str, list[np.ndarray]], seed: int) -> dict:
+def _cost_columns(blocks: dict[str, list[np.ndarray]]) -> dict:
     """overhead_pct and its parts (overhead_<part>_pct), each with _lo and _hi (metrics.cost_parts)."""
     columns = {}
-    for part, values in metrics.cost_parts(blocks, seed, n_boot=N_BOOT).items():
+    for part, values in metrics.cost_parts(blocks).items():
         name = "overhead" if part == "total" else f"overhead_{part}"
         columns |= dict(zip((f"{name}_pct", f"{name}_lo", f"{name}_hi"), values))
     return columns
@@ -586,7 +601,7 @@ def _missing_modes(blocks: dict) -> list[str]:
     return []
 
 
-def _overhead_row(key: dict, g: pd.DataFrame, seed: int) -> dict:
+def _overhead_row(key: dict, g: pd.DataFrame) -> dict:
     blocks, incomplete = _blocks(g)
     n = len(next(iter(blocks.values()), []))
     notes = [f"{incomplete} incomplete repeat(s) left out"] if incomplete else []
@@ -598,7 +613,7 @@ def _overhead_row(key: dict, g: pd.DataFrame, seed: int) -> dict:
             "n_probes": g["probe_id"].nunique(),
             "n_fingerprints": g["fingerprint_id"].nunique() if "fingerprint_id" in g else 0,
             **{f"step_ms_{m}": _median(blocks.get(m, [])) for m in ("nondet", "det_nofill", "det")},
-            **_cost_columns(blocks, group_seed(seed, key)),
+            **_cost_columns(blocks),
             "n_pairs": n, "n_steps": sum(len(t) for units in blocks.values() for t in units),
             "n_steps_det": n_det, "n_steps_nondet": n_nondet,
             "nondeterministic_ops": _distinct(g, "nondeterministic_ops"), "note": "; ".join(notes)}
@@ -628,7 +643,7 @@ def _replica_pairs(det: pd.DataFrame, nondet: pd.DataFrame) -> tuple[pd.DataFram
     return a, b, None
 
 
-def _replica_row(key: dict, det: pd.DataFrame, nondet: pd.DataFrame, epochs: pa.ChunkedArray, seed: int) -> dict:
+def _replica_row(key: dict, det: pd.DataFrame, nondet: pd.DataFrame, epochs: pa.ChunkedArray) -> dict:
     """Overhead from the epoch times of control (deterministic) and impl (default kernels) replicas
     paired by replica index: the same seeds, so each pair differs only in the determinism switches."""
     a, b, refused = _replica_pairs(det, nondet)
@@ -653,11 +668,11 @@ def _replica_row(key: dict, det: pd.DataFrame, nondet: pd.DataFrame, epochs: pa.
     return {**key, "method": "replicas", "accelerator": _distinct(g, "accelerator"), "n_probes": 0,
             "n_fingerprints": g["fingerprint_id"].nunique(),
             "epoch_s_nondet": _median(units["nondet"]), "epoch_s_det": _median(units["det"]),
-            **_cost_columns(units, group_seed(seed, key)), "n_pairs": len(units["det"]),
+            **_cost_columns(units), "n_pairs": len(units["det"]),
             "n_epochs": sum(len(u) for side in units.values() for u in side), "note": "; ".join(notes)}
 
 
-def _replica_rows(runs: Runs, by: Sequence[str], seed: int) -> list[dict]:
+def _replica_rows(runs: Runs, by: Sequence[str]) -> list[dict]:
     """One row per group of the variance table (without `noise`) that has both control and impl runs."""
     meta = runs.meta.assign(_row=np.arange(len(runs.meta)))
     ok = meta[(meta["status"] == "ok") & meta["noise"].isin(["control", "impl"])]
@@ -667,7 +682,7 @@ def _replica_rows(runs: Runs, by: Sequence[str], seed: int) -> list[dict]:
     for vals, g in ok.groupby(keys, sort=True, dropna=False):
         det, nondet = g[g["noise"] == "control"], g[g["noise"] == "impl"]
         if len(det) and len(nondet):
-            rows.append(_replica_row(dict(zip(keys, vals)), det, nondet, runs.lists["epoch_seconds"], seed))
+            rows.append(_replica_row(dict(zip(keys, vals)), det, nondet, runs.lists["epoch_seconds"]))
     return rows
 
 
@@ -677,22 +692,22 @@ def _ordered(columns: list[str]) -> list[str]:
     return keys + [c for c in OVERHEAD if c not in keys]
 
 
-def overhead_table(fs: pafs.FileSystem, root: str, seed: int = 0, runs: Runs | None = None,
+def overhead_table(fs: pafs.FileSystem, root: str, runs: Runs | None = None,
                    by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
     """What determinism costs, one row per workload group and method. `probe` rows: per (arch,
     workload, tooling values, accelerator), never pooled across workloads that share an arch (the
     workload hash comes from the probe's spec, as for runs); median step time per mode over the
-    complete repeats, overhead_pct = det/nondet - 1 and its parts, with seeded bootstrap intervals
-    that resample whole repeats, so the drift the rotation cancels stays cancelled; fewer than 2
+    complete repeats, overhead_pct = det/nondet - 1 and its parts, with jackknife intervals
+    that leave out whole repeats, so the drift the rotation cancels stays cancelled; fewer than 2
     repeats: NaN intervals. `replicas` rows (when `runs` are given): per group of the variance
     table (`by`) without noise, from control and impl replicas' epoch times."""
     probes = _read_probes(fs, root)
     rows = []
     if probes is not None:
         keys = _probe_keys(probes)
-        rows = [_overhead_row(dict(zip(keys, vals)), g, seed)
+        rows = [_overhead_row(dict(zip(keys, vals)), g)
                 for vals, g in probes.groupby(keys, sort=True, dropna=False)]
-    rows += _replica_rows(runs, by, seed) if runs is not None else []
+    rows += _replica_rows(runs, by) if runs is not None else []
     columns = list(dict.fromkeys(c for r in rows for c in r)) if rows else ["arch", "workload", "accelerator"]
     table = pd.DataFrame(rows, columns=_ordered(columns))
     table.attrs["message"] = ("no determinism-overhead probes under OUT/overhead and no control/impl replica pairs; "
@@ -726,8 +741,8 @@ def overhead_ops_table(fs: pafs.FileSystem, root: str, top: int = TOP_OPS) -> pd
 def _cell(v: object, numeric: bool) -> str:
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "nan" if numeric else ""
-    if isinstance(v, (float, np.floating)):
-        return f"{v:.4g}"
+    if isinstance(v, (float, np.floating)):  # whole numbers (replica counts) in full, not as 1.443e+04
+        return f"{v:.0f}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}"
     return str(v).replace("|", "\\|")  # a pipe in a note would split the cell
 
 
@@ -760,10 +775,10 @@ def write_tables(fs: pafs.FileSystem, root: str, tables: dict[str, pd.DataFrame]
             store.write_bytes(fs, f"{base}.md", (format_markdown(df) + "\n").encode())
 
 
-def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0) -> dict[str, pd.DataFrame]:
+def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS) -> dict[str, pd.DataFrame]:
     """Every table of the results tree at `out_uri`, written to OUT/tables in the formats `fmt`
-    and returned by name: variance, subgroups, sources, cross_stack, overhead, overhead_ops. `by` overrides the variance
-    grouping (default DEFAULT_BY); `seed` seeds the bootstrap intervals."""
+    and returned by name: variance, subgroups, sources, cross_stack, overhead, overhead_ops. `by`
+    overrides the variance grouping (default DEFAULT_BY)."""
     asked = list(dict.fromkeys(by or DEFAULT_BY))
     unknown = [c for c in asked if c not in store.RUN_SCHEMA.names and c != "workload"]
     if unknown or any(c in LISTS for c in asked):
@@ -775,8 +790,8 @@ def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS, seed: int = 0
     by = asked if by else [c for c in asked if c not in TOOLING or runs.meta[c].notna().any()]
     variance, subgroups = variance_tables(runs, fs, root, by)
     tables = {"variance": variance, "subgroups": subgroups,
-              "sources": sources.sources_table(variance, runs.meta, runs.matrix, by, lambda key: group_seed(seed, key)),
-              "cross_stack": cross_stack_table(runs, fs, root), "overhead": overhead_table(fs, root, seed, runs, by),
+              "sources": sources.sources_table(variance, runs.meta, runs.matrix, by),
+              "cross_stack": cross_stack_table(runs, fs, root), "overhead": overhead_table(fs, root, runs, by),
               "overhead_ops": overhead_ops_table(fs, root)}
     write_tables(fs, root, tables, fmt)
     return tables
@@ -814,7 +829,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by", help=f"comma-separated grouping columns (default {','.join(DEFAULT_BY)})")
     parser.add_argument("--format", default=",".join(FORMATS),
                         help="files to write under OUT/tables, comma-separated")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     args = parser.parse_args(argv)
     fmt = tuple(f.strip() for f in args.format.split(",") if f.strip())
     if not set(fmt) <= set(FORMATS):
@@ -823,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with warnings_on_stderr():
-            tables = reduce(args.out, by=args.by.split(",") if args.by else None, fmt=fmt, seed=args.seed)
+            tables = reduce(args.out, by=args.by.split(",") if args.by else None, fmt=fmt)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

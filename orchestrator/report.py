@@ -39,6 +39,7 @@ FINGERPRINT = ["fingerprint_id", "accelerator", "gpu_name", "gpu_count", "gpu_ca
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
           "#bcbd22", "#17becf"]
 N_WORST = 3  # classes named per group in the per-class figure
+OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1), "borderaxespad": 0}  # legends beside the data
 COLUMNS = [*FINGERPRINT, "sweep", "hostname", "error"]  # run columns read beyond the reducer's own
 
 
@@ -50,9 +51,9 @@ def load_runs(out_uri: str) -> reduce.Runs:
     return reduce.load_runs(out_uri, COLUMNS, lists=["per_class_accuracy"])
 
 
-def load_tables(out_uri: str, by: list[str] | None = None, seed: int = 0) -> dict[str, pd.DataFrame]:
+def load_tables(out_uri: str, by: list[str] | None = None) -> dict[str, pd.DataFrame]:
     """The reducer's tables computed afresh and in memory (nothing is written under OUT/tables)."""
-    return reduce.reduce(out_uri, by=by, fmt=(), seed=seed)
+    return reduce.reduce(out_uri, by=by, fmt=())
 
 
 def load_progress(out_uri: str) -> dict | None:
@@ -163,7 +164,7 @@ def accuracy_by_noise(runs: reduce.Runs) -> Figure:
         ax.set_title(f"{title}: {name}", loc="left")
         ax.grid(axis="y", alpha=0.3)
         if any(names):
-            ax.legend(fontsize=8, loc="upper right")
+            ax.legend(fontsize=8, **OUTSIDE)
     return fig
 
 
@@ -208,40 +209,65 @@ def churn_l2_by_noise(variance: pd.DataFrame) -> Figure:
     axes[1].set_ylabel("L2 distance of final weights")
     axes[1].set_title("L2: how far apart the weights end", loc="left")
     if any(series):
-        axes[1].legend(fontsize=8, loc="upper left")
+        axes[1].legend(fontsize=8, **OUTSIDE)
     fig.suptitle(title, x=0.01, ha="left")
     return fig
 
 
+SHARE_SCALE = 1.0  # symlog: linear from 0 to 1, where most shares lie, logarithmic above
+SHARE_TICKS = (0, 0.25, 0.5, 0.75, 1, 2, 5, 10, 100, 1000, 10 ** 4, 10 ** 5, 10 ** 6)
+
+
 def source_shares(sources: pd.DataFrame) -> Figure:
-    """Share of the reference preset's accuracy variance and churn per noise source, with the 95%
-    bootstrap intervals as error bars; 1 (dashed) is the reference itself. One panel per workload
-    group of the sources table."""
-    title = "Which source makes the variance: share of the reference preset's"
+    """Share of the reference preset's accuracy variance and churn per noise source: a dot at the
+    share and a whisker over its 95% interval, 1 (dashed) being the reference itself. The axis is
+    linear from 0 to 1 and logarithmic above, so that shares of 0.2 and 0.5 stay apart while an
+    interval reaching 60 still fits. A share without an interval is a hollow dot labelled `no
+    interval` (not a dot without whiskers, which would look certain); each row ends with its
+    verdict (`inconclusive` with the replicas per preset that would settle it). One panel per
+    workload group of the sources table."""
+    title = "Which source makes the variance: share of the reference's variance and churn"
     if sources.empty:
         return _empty(title, sources.attrs.get("message", NONE) + f" ({NONE})", size=(8, 1.8))
     keys = [k for k in sources.columns if k in KEYS]
     groups = list(sources.groupby(keys, sort=True, dropna=False)) if keys else [((), sources)]
     names = _labels(sources, keys)
-    fig, axes = _grid(len(groups), width=6.5, height=0.5 * sources["source"].nunique() + 1.6)
+    fig, axes = _grid(len(groups), width=7.5, height=0.55 * sources["source"].nunique() + 1.8, ncols=1)
     for ax, (_, g) in zip(axes, groups):
         y = np.arange(len(g))
-        for off, (col, label, color) in zip((-0.18, 0.18), (("share", "accuracy variance", COLORS[0]),
+        for off, (col, label, color) in zip((-0.16, 0.16), (("share", "accuracy variance", COLORS[0]),
                                                             ("churn_share", "churn", COLORS[1]))):
             v, lo, hi = (g[c].to_numpy(float) for c in (col, f"{col}_lo", f"{col}_hi"))
-            err = np.nan_to_num(np.abs(np.vstack([v - lo, hi - v])))  # no bar where the interval is NaN
-            ax.barh(y + off, np.nan_to_num(v), 0.36, xerr=err, color=color, label=label, capsize=2)
-            for yi, vi in zip(y + off, v):  # a bar of length 0 is a measured zero, not a missing value
-                if vi == 0 or math.isnan(vi):
-                    ax.text(0.01, yi, "0" if vi == 0 else "n/a", va="center", fontsize=7,
-                            transform=ax.get_yaxis_transform())
+            known = np.isfinite(lo) & np.isfinite(hi)
+            ax.errorbar(v[known], y[known] + off, xerr=np.abs(np.vstack([v - lo, hi - v])[:, known]), fmt="o",
+                        color=color, ms=5, capsize=3, label=label)
+            bare = ~known & np.isfinite(v)
+            if bare.any():
+                ax.plot(v[bare], y[bare] + off, "o", mfc="white", color=color, ms=5)
+            for yi, vi in zip(y[bare] + off, v[bare]):
+                ax.annotate("no interval", (vi, yi), xytext=(6, 0), textcoords="offset points", va="center",
+                            fontsize=7, color=color)
+        for yi, (verdict, needed) in zip(y, zip(g["share_verdict"], g["share_replicas"])):
+            text = f"inconclusive: ~{needed:.0f} replicas/preset" if verdict == "inconclusive" else verdict
+            ax.annotate(text, (1.0, yi), xycoords=("axes fraction", "data"), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize=8,
+                        color="#b00" if verdict == "inconclusive" else "#444")
+        reference = g["reference"].iloc[0]
         ax.axvline(1.0, color="#555", ls="--", lw=1)
+        ax.annotate(f"{reference} = 1", (1.0, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -2),
+                    textcoords="offset points", va="top", fontsize=7, color="#555")
+        ax.set_xscale("symlog", linthresh=SHARE_SCALE, linscale=2.0)
+        right = 1.3 * np.nanmax(g[["share_hi", "churn_share_hi", "share", "churn_share"]].to_numpy(float),
+                                initial=2.0 / 1.3)
+        ax.set_xlim(-0.03, right)  # a share of exactly 0 (identical replicas) shows as a whole dot
+        ax.set_xticks([t for t in SHARE_TICKS if t <= right])
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}")
         ax.set_yticks(y, [f"{s} (n={n})" for s, n in zip(g["source"], g["n_runs"])])
-        ax.invert_yaxis()
-        ax.set_xlabel(f"share of {g['reference'].iloc[0]}")
+        ax.set_ylim(len(g) - 0.5, -0.5)
+        ax.set_xlabel(f"share of {reference} (linear to 1, logarithmic above)")
         ax.set_title(names[g.index[0]] or "all runs", loc="left", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper right", ncols=2, fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower left", ncols=2, fontsize=8)
     fig.suptitle(title, x=0.01, ha="left")
     return fig
 
@@ -304,14 +330,14 @@ def per_class_std(runs: reduce.Runs) -> Figure:
         ax.set_title(f"{title}: {name}", loc="left")
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.15)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.14), ncols=2, borderaxespad=0)
     return fig
 
 
 def overhead_bars(overhead: pd.DataFrame) -> Figure:
     """Cost of deterministic mode per accelerator and workload (arch, plus the settings, tooling
     values and method that tell the overhead table's rows of one arch apart): median step (or
-    epoch) time in it over the default's, minus 1, in percent, with the bootstrap interval
+    epoch) time in it over the default's, minus 1, in percent, with the interval over repeats
     (overhead_lo..overhead_hi) as error bars and the kernels and fill parts under the label."""
     title = "Cost of determinism: step-time overhead of deterministic mode"
     ok = overhead.dropna(subset=["overhead_pct"]) if len(overhead) and "overhead_pct" in overhead else overhead
@@ -345,7 +371,7 @@ def overhead_bars(overhead: pd.DataFrame) -> Figure:
     ax.set_title(title, loc="left")
     ax.grid(axis="y", alpha=0.3)
     ax.margins(y=0.2)
-    ax.legend(fontsize=8, title="workload")
+    ax.legend(fontsize=8, title="workload", **OUTSIDE)
     return fig
 
 
@@ -458,7 +484,7 @@ GUIDE = {
                    "accelerator, software fingerprint), compared pair by pair. identical_fraction < 1 or "
                    "churn > 0 here is noise that no seed removes.",
     "overhead": "Median training-step time in torch's deterministic mode over the default's, minus 1, per "
-                "accelerator and workload, in percent; error bars are the 95% bootstrap interval over repeats "
+                "accelerator and workload, in percent; error bars are the 95% jackknife interval over repeats "
                 "of blocks (none below 2). Probe rows are measured side by side in one probe per (workload, "
                 "tooling, accelerator) and split into the deterministic kernels' part and the NaN fill's "
                 "(they add up to the total); replicas rows come from control vs impl replicas' epoch times, "
@@ -467,13 +493,17 @@ GUIDE = {
                     "per step grows most in deterministic mode (aten::fill_ is the NaN fill of new tensors), "
                     "and, in each panel's title, the ops that had no deterministic kernel at all.",
     "sources": "Each single-source preset's accuracy variance (blue) and churn (orange) as a share of the "
-               "reference preset's (algo+impl, else algo), with 95% bootstrap intervals over replicas, "
-               "resampled jointly where presets ran the same replicas (paired: they share seeds). "
-               "A share near 1 means that source alone gives nearly all the variance; control and, on a "
-               "CPU, impl are exact zeros.",
-    "compare": "The last `python -m orchestrator.compare` of this tree: mean difference A - B with its "
-               "bootstrap interval, P(A > B), Welch's test, and the replicas per side a two-sided Welch "
-               "t-test at alpha 0.05 needs for 80% power.",
+               "reference preset's (algo+impl, else algo), with 95% intervals (variance: F, or Pitman–Morgan "
+               "where presets ran the same replicas and so share seeds; churn: jackknife over replicas). The axis "
+               "is linear from 0 to 1 and logarithmic above. A share near 1 means that source alone gives nearly "
+               "all the variance; control and, on a CPU, impl are exact zeros. At 3-10 replicas a variance share "
+               "is rarely pinned down: `inconclusive` rows give the replicas per preset that would pin it within "
+               "x2, and a share above 1 whose interval reaches below 1 is seed luck, not a source that adds "
+               "more than all sources together.",
+    "compare": "The last `python -m orchestrator.compare` of this tree: mean difference A - B with its t "
+               "interval (paired t where the sides ran the same replicas, Welch otherwise: the `test` column), "
+               "that test's p, P(A > B) with a score interval, the replicas per side the same test needs for 80% "
+               "power at alpha 0.05, and with --margin an equivalence verdict (TOST).",
     "variance": "The full variance table: one row per group. Columns that are the same in every row "
                 "are listed above it rather than repeated.",
     "subgroups": "Accuracy, false-positive and false-negative rates per subgroup, for datasets that define them.",

@@ -7,12 +7,15 @@ states it, and its *share* of the reference's accuracy variance and churn. Summe
 found any one source, even a one-bit change, gives nearly the full variance: shares near 1 say so.
 
 Replica r of every preset uses the same seed for each source that varies (noise.seeds_for), so
-when two presets ran the same replicas their runs are paired and the share's bootstrap resamples
-replicas jointly (`paired` column): correlated seed luck cancels in the ratio.
+when two presets ran the same replicas their runs are paired (`paired` column) and the intervals
+use that: correlated seed luck cancels in the ratio. At 3-10 replicas a share's interval is wide
+(a ratio of two variances from a few runs each): `share_verdict` says when it cannot tell the
+source apart from the reference and `share_replicas` how many replicas per preset would.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -26,7 +29,8 @@ SINGLE = (*noise.SOURCES, "control")
 # part of it (per-example flips removed, Jordan 2023), and churn.
 FROM_VARIANCE = ["n_runs", "acc_std", "acc_std_lo", "acc_std_hi", "acc_std_dist", "acc_std_dist_lo",
                  "acc_std_dist_hi", "churn"]
-SHARES = ["paired", "share", "share_lo", "share_hi", "churn_share", "churn_share_lo", "churn_share_hi"]
+SHARES = ["paired", "share", "share_lo", "share_hi", "share_verdict", "share_replicas", "churn_share",
+          "churn_share_lo", "churn_share_hi"]
 
 
 def _paired(a: pd.DataFrame, b: pd.DataFrame) -> bool:
@@ -35,27 +39,59 @@ def _paired(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     return ra.is_unique and rb.is_unique and set(ra) == set(rb)
 
 
-def _shares(src: pd.DataFrame, ref: pd.DataFrame, matrix: Callable, seed: int) -> dict:
-    """Accuracy-variance and churn shares of `src` over `ref` with their bootstrap intervals."""
-    src, ref = src.sort_values("replica"), ref.sort_values("replica")
+def share_verdict(reference: bool, share: float, lo: float, hi: float) -> str:
+    """What a share's interval lets a user say: `reference` (the reference's own row), `none` (the
+    preset's replicas do not vary at all), `below reference` / `above reference` (the interval
+    excludes 1), `like reference` (it holds 1 and spans at most a factor metrics.SHARE_FACTOR), and
+    `inconclusive` (it holds 1 but is wider: this many replicas cannot tell whether the source gives
+    a small part of the variance, all of it, or more; a share above 1 is then seed luck).
+    `no interval` where none could be given (the note says why)."""
+    if reference:
+        return "reference"
+    if share == 0 and hi == 0:
+        return "none"
+    if math.isnan(lo) or math.isnan(hi):
+        return "no interval"
+    if hi < 1:
+        return "below reference"
+    if lo > 1:
+        return "above reference"
+    return "inconclusive" if hi > metrics.SHARE_FACTOR * lo else "like reference"
+
+
+def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, matrix: Callable) -> tuple[dict, list]:
+    """Accuracy-variance and churn shares of `src` over `ref` with their intervals, the verdict,
+    and the notes that say how each interval was made or why it is missing."""
+    src, ref = src.sort_values(["replica", "run_id"]), ref.sort_values(["replica", "run_id"])
     paired = _paired(src, ref)
-    share = metrics.variance_share_ci(src["test_accuracy"].to_numpy(float), ref["test_accuracy"].to_numpy(float),
-                                      seed, paired)
+    acc_s, acc_r = src["test_accuracy"].to_numpy(float), ref["test_accuracy"].to_numpy(float)
+    share, lo, hi = metrics.variance_share_ci(acc_s, acc_r, paired)
+    verdict = share_verdict(name == reference, share, lo, hi)
+    r = metrics.share_correlation(acc_s, acc_r) if paired else math.nan
+    exact = verdict in ("reference", "none")  # [1, 1] or [0, 0] whatever the replica count
+    needed = 2.0 if exact else math.nan if verdict == "no interval" else metrics.share_replicas(r, len(src), paired)
     ps, pr = matrix("predictions", src.index), matrix("predictions", ref.index)
-    churn = (metrics.churn_share_ci(ps, pr, seed, paired) if ps is not None and pr is not None
-             and ps.shape[1] == pr.shape[1] else (np.nan,) * 3)
-    return dict(zip(SHARES, (paired, *share, *churn)))
+    churn = (metrics.churn_share_ci(ps, pr, paired) if ps is not None and pr is not None
+             and ps.shape[1] == pr.shape[1] else (math.nan,) * 3)
+    notes = ["share: the reference's replicas do not vary"] if np.ptp(acc_r) == 0 else []
+    if not exact and not math.isnan(share):
+        notes.append(f"share: {'Pitman–Morgan interval, paired' if paired else 'F interval, independent'}"
+                     + (", needs 3 paired replicas" if math.isnan(lo) else ""))
+    if verdict == "inconclusive":
+        notes.append(f"share inconclusive at {min(len(src), len(ref))} replicas (interval spans x{hi / lo:.3g}); "
+                     f"about {needed:.0f} per preset would pin it within x2 either way")
+    if name != reference and churn[0] > 0:
+        notes.append("churn_share: jackknife over replicas" + (", needs 3 a preset" if math.isnan(churn[1]) else ""))
+    return dict(zip(SHARES, (paired, share, lo, hi, verdict, needed, *churn))), notes
 
 
-def sources_table(variance: pd.DataFrame, meta: pd.DataFrame, matrix: Callable, by: list[str],
-                  seed_of: Callable[[dict], int]) -> pd.DataFrame:
+def sources_table(variance: pd.DataFrame, meta: pd.DataFrame, matrix: Callable, by: list[str]) -> pd.DataFrame:
     """One row per (workload group, preset in SINGLE or the reference) where the group has a
     reference preset with at least two ok runs.
 
     `variance` is the variance table of the same `meta` and `by`, one row per group of
     meta.groupby(by, dropna=False, sort=True) in that order: its spreads are copied, so both
-    tables state the same numbers. `matrix(column, rows)` gives a list column as an (R, L) array;
-    `seed_of(key)` seeds a row's bootstrap.
+    tables state the same numbers. `matrix(column, rows)` gives a list column as an (R, L) array.
     """
     columns = [c for c in by if c != "noise"] + ["reference", "source", *FROM_VARIANCE, *SHARES, "note"]
     rest = [c for c in by if c != "noise"]
@@ -72,11 +108,11 @@ def sources_table(variance: pd.DataFrame, meta: pd.DataFrame, matrix: Callable, 
             for name in (n for n in (*SINGLE, reference) if n in presets):
                 runs = presets[name]
                 v = variance.iloc[group_row[runs.index[0]]]
-                rows.append({**key, "reference": reference, "source": name,
-                             **{c: v[c] for c in FROM_VARIANCE},
-                             **_shares(runs, presets[reference], matrix, seed_of({**key, "source": name})),
-                             "note": v["note"]})
+                shares, notes = _shares(name, runs, presets[reference], reference, matrix)
+                rows.append({**key, "reference": reference, "source": name, **{c: v[c] for c in FROM_VARIANCE},
+                             **shares, "note": "; ".join([n for n in (v["note"],) if n] + notes)})
     table = pd.DataFrame(rows, columns=columns)
+    table["share_replicas"] = table["share_replicas"].astype(np.float64)
     table.attrs["message"] = ("no workload group ran a reference preset (algo+impl or algo) with 2 ok runs "
                               "beside single-source presets; add noise: [init, order, augment, impl, bitflip, "
                               "algo+impl] to a sweep to fill this table")

@@ -1,12 +1,14 @@
-"""Comparing two configurations: P(A > B) and the power calculation against Monte-Carlo
-simulation, and the compare command on a generated results tree."""
+"""Comparing two configurations: P(A > B), the t-tests and their power against Monte-Carlo
+simulation, the equivalence test, and the compare command on generated results trees."""
+
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from orchestrator import compare, metrics
+from orchestrator import compare, metrics, store
 from tests.test_sources import write_tree
 
 A, B = (0.905, 0.004), (0.900, 0.006)  # (mean, std) of two configurations' accuracies
@@ -18,8 +20,8 @@ def test_probability_of_improvement_agrees_with_monte_carlo():
     rng = np.random.default_rng(0)
     truth = float(np.mean(rng.normal(*A, 10 ** 6) > rng.normal(*B, 10 ** 6)))
     estimates, hits = [], []
-    for k in range(300):
-        p, lo, hi = metrics.prob_improvement_ci(rng.normal(*A, 50), rng.normal(*B, 50), seed=k, n_boot=1000)
+    for _ in range(300):
+        p, lo, hi = metrics.prob_improvement_ci(rng.normal(*A, 50), rng.normal(*B, 50))
         estimates.append(p)
         hits.append(lo <= truth <= hi)
     assert abs(np.mean(estimates) - truth) < 0.02
@@ -30,30 +32,47 @@ def test_probability_of_improvement_counts_pairs_and_half_ties():
     a, b = np.array([1.0, 2.0, 3.0]), np.array([2.0, 0.0])
     brute = np.mean([(x > y) + 0.5 * (x == y) for x in a for y in b])
     assert metrics.prob_improvement(a, b) == pytest.approx(brute)
-    assert metrics.prob_improvement_ci([0.9] * 4, [0.9] * 4, seed=0) == (0.5, 0.5, 0.5)
+    assert metrics.prob_improvement_ci([0.9] * 4, [0.9] * 4) == (0.5, 0.5, 0.5)
 
 
-def _mc_power(effect: float, sa: float, sb: float, n: int, rng, sims: int = 20000) -> float:
-    """Share of simulated experiments (n runs a side) in which scipy's Welch test rejects at 0.05."""
-    a = rng.normal(effect, sa, (sims, n))
-    b = rng.normal(0.0, sb, (sims, n))
+def _mc_power(effect: float, stds: tuple, n: int, rng, sims: int = 40000) -> float:
+    """Share of simulated experiments (n runs a side, or n pairs) in which scipy's test rejects at 0.05:
+    the paired t-test on differences of std stds[0], or Welch's test of sides with stds (sa, sb)."""
+    if len(stds) == 1:
+        return float(np.mean(stats.ttest_1samp(rng.normal(effect, stds[0], (sims, n)), 0, axis=1).pvalue < 0.05))
+    a, b = rng.normal(effect, stds[0], (sims, n)), rng.normal(0.0, stds[1], (sims, n))
     return float(np.mean(stats.ttest_ind(a, b, axis=1, equal_var=False).pvalue < 0.05))
 
 
-@pytest.mark.parametrize("effect, sa, sb", [(0.005, 0.004, 0.006), (0.002, 0.003, 0.003), (0.01, 0.02, 0.005)])
-def test_power_and_replicas_needed_agree_with_monte_carlo(effect, sa, sb):
+CASES = [(0.012, (0.001, 0.002)),  # the old noncentral t gave NaN here and called 2 runs enough (power 0.63)
+         (0.03, (0.004, 0.004)),   # the old formula said 0.94 at n=2 where the test has 0.63
+         (0.005, (0.004, 0.006)), (0.01, (0.02, 0.005)), (0.004, (0.003,)), (0.01, (0.012,))]
+
+
+@pytest.mark.parametrize("effect, stds", CASES)
+def test_power_agrees_with_monte_carlo_at_2_to_10_runs(effect, stds):
     rng = np.random.default_rng(1)
-    n = int(metrics.replicas_needed(effect, sa, sb))
-    for m in (max(2, n // 2), n):
-        assert abs(metrics.welch_power(effect, sa, sb, m) - _mc_power(effect, sa, sb, m, rng)) < 0.02
-    assert _mc_power(effect, sa, sb, n, rng) >= 0.78  # n runs a side reach 80% power ...
-    assert _mc_power(effect, sa, sb, n - 1, rng) < 0.82  # ... and n - 1 do not (within simulation error)
+    for n in range(2, 11):
+        assert metrics.t_test_power(effect, stds, n) == pytest.approx(_mc_power(effect, stds, n, rng), abs=0.01), n
+
+
+@pytest.mark.parametrize("effect, stds", CASES)
+def test_replicas_needed_is_the_smallest_n_with_80_percent_power(effect, stds):
+    rng = np.random.default_rng(2)
+    n = int(metrics.replicas_needed(effect, stds))
+    assert _mc_power(effect, stds, n, rng) >= 0.79  # n runs a side reach 80% power ...
+    if n > 2:
+        assert _mc_power(effect, stds, n - 1, rng) < 0.81  # ... and n - 1 do not (within simulation error)
 
 
 def test_replicas_needed_edge_cases():
-    assert metrics.replicas_needed(0.0, 0.004, 0.004) == float("inf")  # no difference: never detected
-    assert metrics.replicas_needed(0.01, 0.0, 0.0) == 2.0  # no spread: two runs a side suffice
-    assert np.isnan(metrics.replicas_needed(float("nan"), 0.004, 0.004))
+    assert metrics.replicas_needed(0.0, (0.004, 0.004)) == math.inf  # no difference: never detected
+    assert metrics.replicas_needed(0.01, (0.0, 0.0)) == 2.0  # no spread: two runs a side suffice
+    assert math.isnan(metrics.replicas_needed(math.nan, (0.004, 0.004)))
+    assert math.isnan(metrics.replicas_needed(0.01, (math.nan,)))
+    assert metrics.replicas_needed(1e-7, (0.004, 0.004), n_max=10 ** 5) == math.inf  # beyond n_max
+    big = metrics.replicas_needed(0.0001, (0.004, 0.006))  # ~ 2·(z_α/2 + z_β)²·σ²/δ² for large n
+    assert big == pytest.approx(2 * (1.95996 + 0.84162) ** 2 * (0.004 ** 2 + 0.006 ** 2) / 0.0001 ** 2 / 2, rel=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -63,46 +82,128 @@ def tree(tmp_path_factory):
     return root
 
 
+def _sides(tree, a: str, b: str, drop_b: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    runs = pd.read_parquet(tree / "runs")
+    xa = runs[runs["noise"] == a].sort_values("replica")["test_accuracy"].to_numpy()
+    xb = runs[(runs["noise"] == b) & (runs["replica"] != drop_b)].sort_values("replica")["test_accuracy"].to_numpy()
+    return xa, xb
+
+
 @pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy's own t-test on a zero-spread side
 def test_compare_command_writes_the_numbers_an_independent_computation_gives(tree, capsys):
     assert compare.main([str(tree), "--a", "noise=algo+impl", "--b", "noise=control", "--effect", "0.01"]) == 0
     out = capsys.readouterr().out
-    assert "Welch" in out and "80%" in out
+    assert "paired t" in out and "80%" in out
     table = pd.read_parquet(tree / "tables" / "compare.parquet")
     assert len(table) == 1 and (tree / "tables" / "compare.md").exists() and (tree / "tables" / "compare.csv").exists()
     row = table.iloc[0]
-    runs = pd.read_parquet(tree / "runs")
-    a = runs[runs["noise"] == "algo+impl"].sort_values("replica")["test_accuracy"].to_numpy()
-    b = runs[runs["noise"] == "control"].sort_values("replica")["test_accuracy"].to_numpy()
+    a, b = _sides(tree, "algo+impl", "control")
     assert (row["a"], row["b"], row["n_a"], row["n_b"], row["paired"]) == ("noise=algo+impl", "noise=control", 30, 30,
                                                                           True)
     assert row["diff"] == pytest.approx(a.mean() - b.mean(), abs=1e-15)
     assert row["diff_lo"] <= row["diff"] <= row["diff_hi"]
     assert row["p_a_gt_b"] == pytest.approx(np.mean([(x > y) + 0.5 * (x == y) for x in a for y in b]))
     assert row["welch_p"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    assert row["std_b"] == 0.0
-    assert row["replicas_needed"] == metrics.replicas_needed(a.mean() - b.mean(), np.std(a, ddof=1), 0.0)
-    assert row["replicas_needed_effect"] == metrics.replicas_needed(0.01, np.std(a, ddof=1), 0.0)
+    assert row["std_b"] == 0.0 and row["std_diff"] == pytest.approx(np.std(a - b, ddof=1))
+    assert row["replicas_needed"] == metrics.replicas_needed(a.mean() - b.mean(), (np.std(a - b, ddof=1),))
+    assert row["replicas_needed_effect"] == metrics.replicas_needed(0.01, (np.std(a - b, ddof=1),))
+
+
+def test_paired_sides_get_the_paired_t_test_and_its_power(tree, capsys):
+    assert compare.main([str(tree), "--a", "noise=order", "--b", "noise=algo+impl"]) == 0
+    row = pd.read_parquet(tree / "tables" / "compare.parquet").iloc[0]
+    a, b = _sides(tree, "order", "algo+impl")
+    ref = stats.ttest_rel(a, b)
+    assert row["paired"] and row["test"] == "paired t" and "test: paired t on 30 pairs" in row["note"]
+    assert (row["t"], row["p"]) == pytest.approx((ref.statistic, ref.pvalue))
+    assert (row["diff_lo"], row["diff_hi"]) == pytest.approx(tuple(ref.confidence_interval()))
+    assert row["welch_p"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)  # kept, for comparison
+    assert row["replicas_needed"] == metrics.replicas_needed(a.mean() - b.mean(), (np.std(a - b, ddof=1),))
+    assert "replicas_needed assumes it" in row["note"]
+
+
+def test_unpaired_sides_get_welch(tmp_path, capsys):
+    """Side b lacks replica 3: the sides no longer pair, so every number is Welch's."""
+    write_tree(tmp_path, {"order": 0.006, "algo+impl": 0.009}, {}, n=8)
+    (tmp_path / "runs" / "mlp-algo+impl-3.parquet").unlink()
+    assert compare.main([str(tmp_path), "--a", "noise=order", "--b", "noise=algo+impl"]) == 0
+    row = pd.read_parquet(tmp_path / "tables" / "compare.parquet").iloc[0]
+    a, b = _sides(tmp_path, "order", "algo+impl", drop_b=3)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert not row["paired"] and row["test"] == "Welch t" and math.isnan(row["std_diff"])
+    assert (row["t"], row["p"]) == pytest.approx((ref.statistic, ref.pvalue)) and row["p"] == row["welch_p"]
+    assert (row["diff_lo"], row["diff_hi"]) == pytest.approx(tuple(ref.confidence_interval()))
+    assert row["replicas_needed"] == metrics.replicas_needed(a.mean() - b.mean(), (np.std(a, ddof=1),
+                                                                                   np.std(b, ddof=1)))
+
+
+def test_margin_gives_an_equivalence_verdict(tmp_path, capsys):
+    """Two stacks whose paired replicas differ by a tiny shift: equivalent within 0.005, not within
+    0.00005; tost_p is the larger one-sided p of the paired t-test."""
+    write_tree(tmp_path, {"algo": 0.004}, {}, n=12, control=False)
+    runs = store.read_runs(str(tmp_path)).to_pandas()
+    fs, root = store.resolve(str(tmp_path))
+    for _, r in runs.iterrows():  # the same runs again on 2 threads, 0.0001 better and a little noisy
+        row = {k: v for k, v in r.items() if np.ndim(v) or pd.notna(v)}
+        store.write_run(fs, root, {**row, "run_id": r["run_id"] + "-t2", "num_threads": 2,
+                                   "test_accuracy": r["test_accuracy"] + 0.0001 + 0.0002 * (r["replica"] % 3 - 1)})
+    for margin, equivalent in (("0.005", True), ("5e-05", False)):
+        assert compare.main([str(tmp_path), "--a", "num_threads=2", "--b", "num_threads=1", "--margin", margin]) == 0
+        out = capsys.readouterr().out
+        row = pd.read_parquet(tmp_path / "tables" / "compare.parquet").iloc[0]
+        assert row["paired"] and row["margin"] == float(margin) and row["equivalent"] == equivalent
+        t = pd.read_parquet(tmp_path / "runs")
+        a, b = (t[t["num_threads"] == k].sort_values("replica")["test_accuracy"].to_numpy() for k in (2, 1))
+        m = float(margin)
+        assert row["tost_p"] == pytest.approx(max(stats.ttest_1samp(a - b, -m, alternative="greater").pvalue,
+                                                  stats.ttest_1samp(a - b, m, alternative="less").pvalue))
+        words = "are equivalent within ±" if equivalent else "not shown equivalent within ±"
+        assert f"{words}{margin}" in out and words in row["note"]
+    with pytest.raises(SystemExit, match="2"):
+        compare.main([str(tmp_path), "--a", "num_threads=2", "--b", "num_threads=1", "--margin", "-1"])
+    assert "--margin: give a positive" in capsys.readouterr().err
+
+
+def test_sides_accept_every_run_column(tree):
+    """--a/--b take any scalar column of the run schema, which grows as axes are added (stack,
+    world_size, attention): nothing is hard-coded."""
+    scalars = [f.name for f in store.RUN_SCHEMA if not str(f.type).startswith("list")]
+    for name in scalars:
+        assert compare.parse_side("--a", f"{name}=x") == {name: "x"}
 
 
 def test_compare_combines_keys_and_rejects_what_it_cannot_answer(tree, capsys):
-    assert compare.main([str(tree), "--a", "noise=order,num_threads=1", "--b", "noise=algo+impl",
-                         "--format", "md"]) == 0
+    assert compare.main([str(tree), "--a", "noise=order,num_threads=1", "--b", "noise=algo+impl"]) == 0
     capsys.readouterr()
     for args, words in ((["--a", "colour=red", "--b", "noise=order"], ["--a", "colour", "not a run column"]),
                         (["--a", "noise=nope", "--b", "noise=order"], ["--a", "no ok run", "algo+impl"]),
                         (["--a", "noise", "--b", "noise=order"], ["--a", "KEY=VAL"]),
-                        (["--a", "noise=order", "--b", "noise=order"], ["same runs"])):
+                        (["--a", "noise=order", "--b", "noise=order"], ["same runs"]),
+                        (["--a", "noise=order", "--b", "num_threads=1"], ["overlap", "30 ok run(s) match both",
+                                                                           "noise, num_threads"])):
         assert compare.main([str(tree), *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and all(w in err for w in words), err
+
+
+def test_compare_writes_every_format_each_time(tree, capsys):
+    """The report reads compare.parquet: a second comparison must replace all three files."""
+    assert compare.main([str(tree), "--a", "noise=order", "--b", "noise=control"]) == 0
+    assert compare.main([str(tree), "--a", "noise=algo+impl", "--b", "noise=order"]) == 0
+    capsys.readouterr()
+    tables = tree / "tables"
+    assert pd.read_parquet(tables / "compare.parquet")["a"].tolist() == ["noise=algo+impl"]
+    assert pd.read_csv(tables / "compare.csv")["a"].tolist() == ["noise=algo+impl"]
+    assert "noise=algo+impl" in (tables / "compare.md").read_text()
+    with pytest.raises(SystemExit):  # --format is gone: writing a subset let the report show an older table
+        compare.main([str(tree), "--a", "noise=order", "--b", "noise=control", "--format", "md"])
 
 
 def test_compare_never_pools_two_workloads_into_one_side(tmp_path, capsys):
     """Two architectures with very different accuracy: one row each, each with its own runs."""
     write_tree(tmp_path, {"order": 0.006, "algo+impl": 0.009}, {}, n=10, arch="small", mean=0.8)
     write_tree(tmp_path, {"order": 0.006, "algo+impl": 0.009}, {}, n=10, arch="large", mean=0.95, seed=1)
-    assert compare.main([str(tmp_path), "--a", "noise=algo+impl", "--b", "noise=order", "--format", "csv"]) == 0
+    assert compare.main([str(tmp_path), "--a", "noise=algo+impl", "--b", "noise=order"]) == 0
     table = pd.read_csv(tmp_path / "tables" / "compare.csv").set_index("arch")
     assert sorted(table.index) == ["large", "small"] and (table["n_a"] == 10).all()
     assert table.loc["small", "mean_a"] == pytest.approx(0.8, abs=0.01)

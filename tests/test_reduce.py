@@ -140,9 +140,11 @@ def test_cli_end_to_end(tree: Path):
     # class 0 accuracy per run 1, 3/4, 1; class 1: 1, 1, 3/4 -> equal spreads, lowest index wins
     assert algo["per_class_std_max"] == pytest.approx(np.std([1, 0.75, 1], ddof=1)) and algo["worst_class"] == 0
     assert algo["subgroup_acc_std_max"] == pytest.approx(np.std([1, 0.75, 1], ddof=1))
-    # replicas 0-2 of algo pair with replicas 0-2 of control (Pitman–Morgan): control does not
-    # move, so a+b and a-b are perfectly correlated
-    assert algo["p_vs_control"] == 0.0 and "p_vs_control: Pitman–Morgan, 3 pairs" in algo["note"]
+    # replicas 0-2 of algo pair with replicas 0-2 of control (paired Brown–Forsythe): control does
+    # not move; algo's deviations from its median are 1/8, 0, 0 against 0, 0, 0
+    x = np.array([1 / 8, 0, 0])
+    assert algo["p_vs_control"] == pytest.approx(stats.ttest_1samp(x, 0).pvalue)
+    assert "p_vs_control: paired Brown–Forsythe, 3 pairs" in algo["note"]
     assert math.isnan(algo["p_vs_algo"])
     assert (ctrl["acc_std_sampling"], ctrl["acc_std_dist"], ctrl["acc_std_dist_hi"]) == (0.0, 0.0, 0.0)
 
@@ -528,7 +530,8 @@ def test_variance_p_pairs_by_replica_and_says_when_it_cannot():
     a = pd.Series([0.90, 0.92, 0.88, 0.91, 0.89], index=[0, 1, 2, 3, 4])
     b = pd.Series([0.97, 0.80, 0.95, 0.75, 0.82], index=[4, 1, 3, 2, 0])  # listed in another order
     p, test = reduce.variance_p(a, b)
-    assert test == "Pitman–Morgan, 5 pairs" and p == metrics.pitman_morgan_p(a.to_numpy(), b.sort_index().to_numpy())
+    assert test == "paired Brown–Forsythe, 5 pairs"
+    assert p == metrics.paired_scale_p(a.to_numpy(), b.sort_index().to_numpy())
     p, test = reduce.variance_p(a, b.drop([0, 1, 2]))  # 2 shared replicas: too few pairs
     assert test == "Brown–Forsythe, unpaired: 2 shared replicas" and p == metrics.brown_forsythe_p(a, b.drop([0, 1, 2]))
     pooled = pd.concat([a, a + 0.01])  # --by pooled two settings: replica indices repeat
@@ -557,3 +560,46 @@ def test_cross_stack_l2_reads_at_most_l2_max_runs_pairs_per_row(tree: Path, monk
     monkeypatch.setattr(reduce, "L2_MAX_RUNS", 2)
     capped = reduce.reduce(str(tree), fmt=())["cross_stack"].iloc[0]
     assert (capped["n_pairs"], capped["n_pairs_l2"], capped["l2"], capped["churn"]) == (3, 2, 1.0, 1 / 8)
+
+
+def test_l2_buffers_is_nan_for_a_model_without_float_buffers(tmp_path: Path):
+    """A distance over no tensors is undefined: NaN, not 0 (it read 0 for models without buffers,
+    and for every group whose runs were all bitwise equal). Equal runs of a model that has buffers
+    are 0 apart, read from the one file's header."""
+    for run_id, dw, seeds in (("a", 0.0, (1, 2, 3)), ("b", 3.0, (4, 5, 6))):
+        write_run(tmp_path / "none", run_id, P0, weights({(0, 0): dw}), seeds=seeds)
+        save_file(weights({(0, 0): dw}), str(tmp_path / "none" / "weights" / f"{run_id}.safetensors"),
+                  metadata={"buffers": json.dumps(["steps"])})  # the int64 buffer only: no float buffer
+    row = reduce.reduce(str(tmp_path / "none"), fmt=())["variance"].iloc[0]
+    assert row["l2"] == pytest.approx(3.0) and math.isnan(row["l2_buffers"])
+    bn = weights() | {"bn.running_mean": np.ones(2, dtype=np.float32)}
+    for name, meta in (("equal", json.dumps(["bn.running_mean"])), ("equal-none", "[]")):
+        for r in range(3):
+            write_run(tmp_path / name, f"c-{r}", P0, bn, noise="control", replica=r)
+            save_file(bn, str(tmp_path / name / "weights" / f"c-{r}.safetensors"), metadata={"buffers": meta})
+    equal = reduce.reduce(str(tmp_path / "equal"), fmt=())["variance"].iloc[0]
+    assert (equal["l2"], equal["l2_buffers"], equal["identical_fraction"]) == (0.0, 0.0, 1.0)
+    equal_none = reduce.reduce(str(tmp_path / "equal-none"), fmt=())["variance"].iloc[0]
+    assert equal_none["l2"] == 0.0 and math.isnan(equal_none["l2_buffers"])
+
+
+@pytest.mark.filterwarnings("ignore:skipped 1")
+def test_cross_stack_counts_the_pairs_its_churn_stands_on_and_signs_the_accuracy_difference(tree: Path):
+    """churn is the mean over pairs with predictions on both sides: n_pairs_churn says how many
+    (n_pairs counts every pair). acc_diff_mean is the mean |acc_a - acc_b|; acc_diff_signed_mean
+    keeps the sign (side a, 1 thread, scores 1 and side b, 2 threads, 7/8 in every pair)."""
+    write_run(tree, "c1-3", P0, weights(), noise="control", replica=3, seeds=(7, 7, 7))
+    write_run(tree, "c2-3", P1, weights({(0, 0): 1.0}), noise="control", replica=3, num_threads=2, seeds=(7, 7, 7))
+    fs, root = store.resolve(str(tree))
+    unscored = store.read_runs(str(tree)).to_pandas().set_index("run_id").loc["c2-3"]
+    store.write_run(fs, root, {"run_id": "c2-3", **{k: v for k, v in unscored.items()
+                                                     if k != "predictions" and (np.ndim(v) or pd.notna(v))}})
+    row = reduce.reduce(str(tree), fmt=())["cross_stack"].iloc[0]
+    assert (row["n_pairs"], row["n_pairs_churn"], row["churn"]) == (4, 3, 1 / 8)
+    assert row["acc_diff_mean"] == pytest.approx(1 / 8) and row["acc_diff_signed_mean"] == pytest.approx(1 / 8)
+
+
+def test_whole_numbers_print_in_full():
+    table = pd.DataFrame({"replicas_needed": [14427.0, math.inf, 2.0], "x": [0.1234567, 1e-5, 123456.5]})
+    md = reduce.format_markdown(table)
+    assert "14427" in md and "1.443e+04" not in md and "inf" in md and "0.1235" in md and "1.235e+05" in md

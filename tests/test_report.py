@@ -227,3 +227,50 @@ def test_ops_figure_names_the_ops_without_a_deterministic_kernel():
     fig = report.overhead_ops_bars(ops)
     assert "no deterministic kernel: scatter_add_cuda_kernel" in texts(fig) and "+3" in texts(fig)
     assert "ms, device" in fig.axes[0].get_xlabel()
+
+
+def _sources(n: int, tmp_path) -> pd.DataFrame:
+    from tests.test_sources import FLIP, TRUE_STD, write_tree
+
+    write_tree(tmp_path, TRUE_STD, FLIP, n=n, seed=3)
+    return reduce.reduce(str(tmp_path), fmt=())["sources"]
+
+
+def test_source_shares_figure_reads_at_0_to_1_and_draws_missing_intervals_as_missing(tmp_path):
+    """The whole title; an axis linear from 0 to 1 (logarithmic above, for intervals reaching 60)
+    with the reference marked; a share without an interval as a hollow dot saying so, not a dot
+    without whiskers that looks certain; each row's verdict, with the replicas an inconclusive
+    share would need."""
+    table = _sources(6, tmp_path)
+    table.loc[table["source"] == "augment", ["share_lo", "share_hi", "share_verdict"]] = [np.nan, np.nan,
+                                                                                          "no interval"]
+    fig = report.source_shares(table)
+    ax = fig.axes[0]
+    assert fig._suptitle.get_text() == "Which source makes the variance: share of the reference's variance and churn"
+    assert ax.get_xscale() == "symlog" and ax.get_xlim()[0] < 0 and 0.25 in ax.get_xticks()
+    words = texts(fig)
+    assert "algo+impl = 1" in words and "no interval" in words and "reference" in words
+    inconclusive = table[table["share_verdict"] == "inconclusive"]
+    assert len(inconclusive) and all(f"inconclusive: ~{n:.0f} replicas/preset" in words
+                                     for n in inconclusive["share_replicas"])
+    hollow = [line for line in ax.lines if line.get_markerfacecolor() == "white"]
+    share = table.loc[table["source"] == "augment", "share"].iloc[0]
+    assert [list(h.get_xdata()) for h in hollow] == [[share]]
+
+
+def test_legends_do_not_cover_the_data(out, tmp_path):
+    """Every legend lies outside every axes of its figure (they covered dots and bars before)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    runs, tables = report.load_runs(str(out)), report.load_tables(str(out))
+    overhead = pd.DataFrame({"arch": ["cnn", "resnet"], "accelerator": ["T4", "T4"], "overhead_pct": [40.0, 196.0],
+                             "overhead_lo": [30.0, 150.0], "overhead_hi": [55.0, 240.0]})
+    for fig in (report.accuracy_by_noise(runs), report.churn_l2_by_noise(tables["variance"]),
+                report.per_class_std(runs), report.overhead_bars(overhead),
+                report.source_shares(_sources(5, tmp_path))):
+        FigureCanvasAgg(fig).draw()
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+        assert legends
+        for legend in legends:
+            box = legend.get_window_extent()
+            assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes), fig.axes[0].get_title()
