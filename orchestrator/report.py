@@ -35,7 +35,7 @@ KEYS = list(reduce.DEFAULT_BY)
 PANEL = ["arch", "dataset"]  # one panel per workload family: class counts and accuracy scales differ
 FINGERPRINT = ["fingerprint_id", "accelerator", "gpu_name", "gpu_count", "gpu_capability", "gpu_driver",
                "cuda_version", "cudnn_version", "torch_version", "torchvision_version", "ray_version",
-               "python_version", "cpu_model", "instance_type"]
+               "python_version", "cpu_model", "cpu_capability", "instance_type"]
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
           "#bcbd22", "#17becf"]
 N_WORST = 3  # classes named per group in the per-class figure
@@ -418,18 +418,22 @@ def overhead_ops_bars(ops: pd.DataFrame) -> Figure:
 
 # --- tables -----------------------------------------------------------------------------------
 
+def _joined(values: pd.Series) -> str:
+    return ", ".join(sorted({_fmt(v) for v in values.dropna()}))
+
+
 def fingerprints(runs: reduce.Runs) -> pd.DataFrame:
-    """One row per hardware + software stack the runs used, with how many runs and which thread
-    counts ran on it; columns nothing filled in (no GPU on any host) are left out."""
+    """One row per hardware + software stack the runs used, side by side: how many runs, which of
+    the sweep's stacks and thread counts ran on it; columns nothing filled in (no GPU on any host)
+    are left out."""
     ok = runs.meta.dropna(subset=["fingerprint_id"])
     cols = [c for c in FINGERPRINT if c in ok]
     if ok.empty:
-        out = pd.DataFrame(columns=[*cols, "n_runs", "num_threads", "hosts"])
+        out = pd.DataFrame(columns=[*cols, "n_runs", "stack", "num_threads", "hosts"])
     else:
         out = ok.groupby("fingerprint_id", sort=True).agg(
             **{c: (c, "first") for c in cols if c != "fingerprint_id"},
-            n_runs=("run_id", "size"),
-            num_threads=("num_threads", lambda s: ", ".join(sorted({_fmt(v) for v in s.dropna()}))),
+            n_runs=("run_id", "size"), stack=("stack", _joined), num_threads=("num_threads", _joined),
             hosts=("hostname", "nunique")).reset_index()
         out = out[[c for c in out if out[c].notna().any() and (out[c].astype(str) != "").any()]]
     out.attrs["message"] = "no run recorded a fingerprint"

@@ -1,17 +1,20 @@
 """Where a Tune trial's replica or probe executes: in a warm process of the run's software stack,
 or, for a data-parallel replica (world size k > 1), in a Ray Train run of k processes.
 
-    Tune trial (coordinator; memory only) --spec--> Replica actor: runtime_env = the run's stack,
-                                          |                        resources = the run's (CPUs, GPU, accelerator)
-                                          +-------> TorchTrainer: k workers, each with the run's resources,
-                                                    worker_runtime_env = the run's stack
+    launch stack, world size 1:   Tune trial, holding the run's resources, trains in its own process
+    other stack, world size 1:    Tune trial (coordinator: memory only) --> Replica actor: the stack's
+                                  runtime_env, the run's resources (CPUs, GPU, accelerator)
+    world size k > 1:             Tune trial (coordinator: memory only) --> TorchTrainer: k workers with
+                                  the run's resources each, worker_runtime_env = the stack's
 
-Tune has no per-trial runtime_env (ray-project/ray#23234), so the trial starts a child actor with
-the stack's runtime_env in the second bundle of the trial's own placement group, whose first bundle
-(the coordinator's) holds no CPU and no GPU. Ray sets the stack's environment variables and
+A run in the launch environment (the default stack) at world size 1 runs in the trial's own
+process, as a plain Tune trial. For any other stack: Tune has no per-trial runtime_env
+(ray-project/ray#23234), so the trial starts a child actor with the stack's runtime_env in the
+second bundle of the trial's own placement group, whose first bundle (the coordinator's) holds no
+CPU and no GPU. Ray sets the stack's environment variables and
 packages when that process starts, before torch is imported and CUDA starts. Tune reuses a trial's
 actor, and with it its placement group, for the next trial of the same pool (one stack, one
-determinism mode, see `sweep.pools`), so the child is created once per coordinator and stays warm:
+determinism mode, one world size: `sweep.pools`), so the child is created once per coordinator and stays warm:
 torch imported, dataset cached, CUDA up.
 
 A stack whose environment cannot be built (pip cannot resolve, an image that does not exist) fails
@@ -31,6 +34,7 @@ from ray.exceptions import RayActorError, RuntimeEnvSetupError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.spec import ProbeSpec, RunSpec, expanded
+
 
 def _quiet_exit(unraisable) -> None:
     """Ray stops a worker process by SIGTERM, whose handler raises SystemExit; when the signal lands
@@ -57,10 +61,26 @@ def process_resources(run: RunSpec | ProbeSpec) -> dict[str, float]:
     return {k: v for k, v in req.items() if v}
 
 
+def in_trial(run: RunSpec | ProbeSpec) -> bool:
+    """A one-process run whose stack changes nothing in the environment (`launch`) runs in the
+    trial's own process, which is that environment: a child would cost a process start and a torch
+    import per pool and slot (measured: 58 s instead of 44 s for the spine's sweep tests)."""
+    return run.world_size == 1 and not run.stack.runtime_env()
+
+
 def bundles(run: RunSpec | ProbeSpec) -> list[dict[str, float]]:
-    """The trial's placement group: the coordinator's bundle, then the training process's. At world
-    size > 1 the coordinator's alone: Ray Train reserves its workers in a placement group of its own."""
+    """The trial's placement group: the training process's bundle when the trial trains itself;
+    else the coordinator's, then the child's; at world size > 1 the coordinator's alone (Ray Train
+    reserves its workers in a placement group of its own)."""
+    if in_trial(run):
+        return [process_resources(run)]
     return [COORDINATOR] + ([process_resources(run)] if run.world_size == 1 else [])
+
+
+def run_here(spec: RunSpec | ProbeSpec, out: str) -> dict:
+    from orchestrator import probe, runner
+
+    return probe.run(spec, out) if isinstance(spec, ProbeSpec) else runner.run(spec, out)
 
 
 @ray.remote
@@ -71,10 +91,7 @@ class Replica:
         return os.getpid()
 
     def run(self, spec_json: str, out: str) -> dict:
-        from orchestrator import probe, runner
-
-        spec = expanded(spec_json)
-        return probe.run(spec, out) if isinstance(spec, ProbeSpec) else runner.run(spec, out)
+        return run_here(expanded(spec_json), out)
 
 
 _CHILDREN: dict[str, ray.actor.ActorHandle] = {}  # per coordinator process: the child of its pool's stack
@@ -114,23 +131,31 @@ def stack_error(spec: RunSpec | ProbeSpec, error: RuntimeEnvSetupError) -> str:
             f"{(said or lines or ['no error text'])[-1][:500]}")
 
 
+def failed(spec: RunSpec | ProbeSpec, out: str, error: str) -> dict:
+    """Record a run that failed before its own process could say so, and return its summary row.
+    A probe has no row: its error goes to the console, which the sweep's last lines point to."""
+    if isinstance(spec, RunSpec):
+        from orchestrator import runner, store
+
+        fs, root = store.resolve(out)
+        store.write_run(fs, root, runner.base_row(spec) | {"status": "failed", "error": error})
+    else:
+        print(f"overhead probe {spec.probe_id} failed: {error}", file=sys.stderr, flush=True)
+    return {"status": "failed", "error": error}
+
+
 def execute(spec: RunSpec | ProbeSpec, out: str) -> dict:
     """Run a replica or probe in its stack's process and return its summary row: a run whose stack
     cannot be built is recorded failed here (the child never ran), with the installer's error."""
-    if isinstance(spec, RunSpec) and spec.world_size > 1:
+    if spec.world_size > 1:
         return distributed(spec, out)
+    if in_trial(spec):
+        return run_here(spec, out)
     try:
         return ray.get(_child(spec).run.remote(spec.model_dump_json(), out))
     except RuntimeEnvSetupError as e:
         _CHILDREN.clear()
-        error = stack_error(spec, e)
-        if isinstance(spec, RunSpec):
-            from orchestrator import runner, store
-
-            fs, root = store.resolve(out)
-            store.write_run(fs, root, runner.base_row(spec) | {"status": "failed", "error": error})
-        print(f"failed: {error}", file=sys.stderr, flush=True)
-        return {"status": "failed", "error": error}
+        return failed(spec, out, stack_error(spec, e))
     except RayActorError:
         _CHILDREN.clear()  # the child died: Tune retries the trial, which starts a new one
         raise
@@ -170,11 +195,8 @@ def distributed(spec: RunSpec, out: str) -> dict:
     a rank whose process dies fails the trial, which Tune retries as any dead worker."""
     import uuid
 
-    from ray.exceptions import RayActorError
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, WorkerGroupError
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from orchestrator import runner, store
 
     gpu = spec.gpus > 0
     trainer = TorchTrainer(
@@ -189,8 +211,9 @@ def distributed(spec: RunSpec, out: str) -> dict:
     except WorkerGroupError as e:
         if any(isinstance(f, RayActorError) for f in e.worker_failures.values()):
             raise  # a rank's process died: retried by Tune, recorded by the sweep as a dead worker
-        error = rank_error(spec, e.worker_failures)
-        fs, root = store.resolve(out)
-        store.write_run(fs, root, runner.base_row(spec) | {"status": "failed", "error": error})
-        return {"status": "failed", "error": error}
+        return failed(spec, out, rank_error(spec, e.worker_failures))
+    except TrainingFailedError as e:  # the workers never ran: e.g. the stack cannot be built for them
+        last = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        return failed(spec, out, f"Ray Train could not start {spec.world_size} workers in stack "
+                                 f"{spec.stack.name}: {last[-1][:500]}")
     return {"status": "ok", "error": None}

@@ -12,39 +12,44 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def ddp_out(ray_local, tmp_path_factory):
-    """Your own DDP function (examples/own_training_ddp.py) and the built-in loop (mlp on digits):
-    control at world size 1 and 2; then algo at 2 for your own."""
+    """One results tree, two sweeps, five Ray Train runs (each ~20 s here: its processes start and
+    import torch). First control at world size 1 and 2: the built-in loop (mlp on digits) and a user
+    function whose rank 1 raises. Then algo at world size 2: your own DDP function
+    (examples/own_training_ddp.py)."""
     tmp = tmp_path_factory.mktemp("ddp")
-    workload = {"entrypoint": "examples.own_training_ddp:train", "name": "ddp", "dataset": "sklearn_digits",
-                "args": {"epochs": 1, "batch_size": 64, "lr": 0.1}}
-    builtin = {"arch": "mlp", "dataset": "digits", "epochs": 2, "batch_size": 64, "lr": 0.05}
+    builtin = {"arch": "mlp", "dataset": "digits", "epochs": 2, "batch_size": 64, "lr": 0.05, "replicas": 2}
+    raises = {"entrypoint": "tests.user_functions:raises_on_rank_1", "name": "f", "dataset": "four", "replicas": 1}
+    example = {"entrypoint": "examples.own_training_ddp:train", "name": "ddp", "dataset": "sklearn_digits",
+               "args": {"epochs": 1, "batch_size": 64, "lr": 0.1}}
     out = tmp / "out"
-    a = write_spec(tmp / "a.yaml", name="ddp", replicas=2, noise=["control"], tooling={"world_size": [1, 2]},
-                   workloads=[workload, builtin])
-    assert sweep.main([str(a), "--out", str(out)]) == 0
+    a = write_spec(tmp / "a.yaml", name="ddp", noise=["control"], tooling={"world_size": [1, 2]},
+                   workloads=[builtin, raises])
+    assert sweep.main([str(a), "--out", str(out)]) == 1  # the raising rank fails its replica
     b = write_spec(tmp / "b.yaml", name="ddp", replicas=2, noise=["algo"], tooling={"world_size": [2]},
-                   workloads=[workload])
+                   workloads=[example])
     assert sweep.main([str(b), "--out", str(out)]) == 0
     return out, store.read_runs(str(out)).to_pandas()
 
 
 def test_control_replicas_at_world_size_2_are_bitwise_identical(ddp_out):
     _, df = ddp_out
-    for arch, two in df[(df.world_size == 2) & (df.noise == "control")].groupby("arch"):
-        assert len(two) == 2 and (two.status == "ok").all(), two.error.tolist()
-        assert two.weights_sha256.nunique() == 1 and len({tuple(p) for p in two.predictions}) == 1, arch
-    assert set(df.arch) == {"ddp", "mlp"}
+    two = df[(df.world_size == 2) & (df.arch == "mlp")]
+    assert len(two) == 2 and (two.status == "ok").all(), two.error.tolist()
+    assert two.weights_sha256.nunique() == 1 and len({tuple(p) for p in two.predictions}) == 1
 
 
-def test_algo_replicas_at_world_size_2_differ(ddp_out):
+def test_algo_replicas_of_your_own_ddp_function_differ(ddp_out):
     _, df = ddp_out
     algo = df[df.noise == "algo"]
     assert len(algo) == 2 and (algo.status == "ok").all() and algo.weights_sha256.nunique() == 2
+    assert (algo.arch == "ddp").all() and (algo.epochs == 1).all()  # rank 0's ctx.report calls
 
 
 def test_each_rank_is_its_own_process_and_recorded(ddp_out):
     _, df = ddp_out
-    for r in df[df.world_size == 2].itertuples():
+    two = df[(df.world_size == 2) & (df.status == "ok")]
+    assert len(two) == 4
+    for r in two.itertuples():
         assert len(r.rank_pids) == 2 and len(set(r.rank_pids)) == 2 and r.worker_pid == r.rank_pids[0]
         assert len(r.rank_nodes) == 2 and r.dist_backend == "gloo" and r.ranks_agree
     one = df[df.world_size == 1]
@@ -55,19 +60,17 @@ def test_world_sizes_are_paired_in_cross_stack(ddp_out):
     out, _ = ddp_out
     tables = reduce.reduce(str(out))
     cs = tables["cross_stack"]
-    rows = cs[(cs.world_size_a == 1) & (cs.world_size_b == 2)]
-    assert sorted(rows.arch) == ["ddp", "mlp"] and (rows.n_pairs == 2).all() and (rows.noise == "control").all()
-    v = tables["variance"]
-    assert set(v.world_size) == {1, 2}
+    rows = cs[(cs.world_size_a == 1) & (cs.world_size_b == 2) & (cs.arch == "mlp")]
+    assert len(rows) == 1 and rows.n_pairs.iloc[0] == 2 and rows.noise.iloc[0] == "control"
+    assert set(tables["variance"].world_size) == {1, 2}
 
 
-def test_a_rank_that_raises_fails_the_replica_naming_it(ray_local, tmp_path):
-    path = write_spec(tmp_path / "s.yaml", name="rank-fails", replicas=1, tooling={"world_size": [2]},
-                      workloads=[{"entrypoint": "tests.user_functions:raises_on_rank_1", "name": "f",
-                                  "dataset": "four"}])
-    assert sweep.main([str(path), "--out", str(tmp_path / "out")]) == 1
-    row = store.read_runs(str(tmp_path / "out")).to_pandas().iloc[0]
-    assert row.status == "failed" and row.error.startswith("rank 1 of 2: ") and "rank one broke" in row.error
+def test_a_rank_that_raises_fails_the_replica_naming_it(ddp_out):
+    _, df = ddp_out
+    f = df[df.arch == "f"].set_index("world_size")
+    assert f.loc[1].status == "ok"  # at world size 1 there is no rank 1
+    assert f.loc[2].status == "failed" and f.loc[2].error.startswith("rank 1 of 2: ")
+    assert "rank one broke" in f.loc[2].error and "\n" not in f.loc[2].error
 
 
 def test_a_batch_not_divisible_by_the_world_size_is_a_spec_error(tmp_path):
