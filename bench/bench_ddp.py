@@ -10,8 +10,8 @@ processes started by torch.multiprocessing, gloo on 127.0.0.1, the same seeds, t
 epoch's permutation per rank (every other example, batch 64 / 2), DDP's gradient averaging, rank 0
 timing each epoch with perf_counter as the harness does. Both sides reproduce the same final
 weights (digest compared), so they do the same arithmetic. Rounds alternate which side goes first.
-Goal: orchestrator / bare <= 1.15, the ratio of median epoch times with a 95% bootstrap interval
-that resamples whole runs (the reducer's `median_ratio_ci`); start-up (Ray Train's worker group,
+Goal: orchestrator / bare <= 1.15, the ratio of median epoch times with a 95% jackknife interval
+that leaves out whole runs (the reducer's `median_ratio_ci`); start-up (Ray Train's worker group,
 the process group) is outside the epochs on both sides.
 """
 
@@ -103,7 +103,7 @@ def main() -> None:
     # with the dashboard: Ray Train's placement-group cleaner asks the State API (see sweep.connect)
     ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
     sides = {"orchestrator": orchestrated, "bare": bare}
-    runs = {name: [] for name in sides}  # bootstrap units: one array of epoch times per run
+    runs = {name: [] for name in sides}  # interval units: one array of epoch times per run
     digests = set()
     with tempfile.TemporaryDirectory() as d:
         for k in range(args.rounds):

@@ -15,8 +15,8 @@ malloc setting the orchestrator's workers use (orchestrator/malloc.py), which se
 harness costs from what that setting saves. The bare loop reproduces the replica bit for bit (same
 final weights digest), so every side does exactly the same arithmetic. Rounds rotate the order of
 the three sides so that a busy neighbour on this shared 2-core machine hits them alike.
-Goal: orchestrator / bare <= 1.05. The ratio of median epoch times comes with a 95% bootstrap
-interval that resamples whole runs (the reducer's `median_ratio_ci`): on a shared machine epoch
+Goal: orchestrator / bare <= 1.05. The ratio of median epoch times comes with a 95% jackknife
+interval that leaves out whole runs (the reducer's `median_ratio_ci`): on a shared machine epoch
 times swing by +-15% with the neighbours' load, and one round proves nothing.
 """
 
@@ -129,7 +129,7 @@ def main() -> None:
              "bare": lambda tmp, k: bare_in_fresh_process(w, False),
              "bare+malloc": lambda tmp, k: bare_in_fresh_process(w, True)}
     epochs = {name: [] for name in sides}
-    runs = {name: [] for name in sides}  # bootstrap units: one array of epoch times per run
+    runs = {name: [] for name in sides}  # interval units: one array of epoch times per run
     with tempfile.TemporaryDirectory() as d:
         for k in range(args.rounds):
             names = list(sides)[k % 3:] + list(sides)[:k % 3]

@@ -17,11 +17,11 @@ BROKEN = "tooling-noise-no-such-package==0.0.1"
 
 @pytest.fixture(scope="module")
 def stacks_out(ray_local, tmp_path_factory):
-    """One sweep over four stacks, control x 3: the launch environment, an env-var stack that
+    """One sweep over four stacks, control x 2: the launch environment, an env-var stack that
     pins torch's CPU kernels to the baseline ISA, a pip stack with another version of six than the
     launch environment's (1.17.0), and a pip stack that cannot be built."""
     tmp = tmp_path_factory.mktemp("stacks")
-    path = write_spec(tmp / "s.yaml", name="stacks", replicas=3, fail_fast=1, stacks=[
+    path = write_spec(tmp / "s.yaml", name="stacks", replicas=2, fail_fast=1, stacks=[
         {"name": "launch"},
         {"name": "isa-default", "env_vars": {"ATEN_CPU_CAPABILITY": "default"}},
         {"name": "six-old", "pip": ["six==1.16.0"]},
@@ -35,14 +35,14 @@ def stacks_out(ray_local, tmp_path_factory):
 def test_each_stack_runs_in_its_own_environment(stacks_out):
     _, df, _ = stacks_out
     ok = df[df.status == "ok"]
-    assert sorted(ok["stack"].unique()) == ["isa-default", "launch", "six-old"] and len(ok) == 9
+    assert sorted(ok["stack"].unique()) == ["isa-default", "launch", "six-old"] and len(ok) == 6
     by = {name: g for name, g in ok.groupby("stack")}
     assert (by["isa-default"].cpu_capability == "DEFAULT").all()  # dispatched as the variable asked
     assert all(json.loads(e)["ATEN_CPU_CAPABILITY"] == "default" for e in by["isa-default"].env)
     assert (by["launch"].cpu_capability == torch.backends.cpu.get_cpu_capability()).all()
     assert all("ATEN_CPU_CAPABILITY" not in json.loads(e) for e in by["launch"].env)
     # the version imported inside the worker, not the launch environment's
-    assert [json.loads(p)["six"] for p in by["six-old"].packages] == ["1.16.0"] * 3
+    assert [json.loads(p)["six"] for p in by["six-old"].packages] == ["1.16.0"] * 2
     assert version("six") != "1.16.0" and all("six" not in json.loads(p) for p in by["launch"].packages)
     assert json.loads(by["six-old"].stack_spec.iloc[0]) == {"name": "six-old", "pip": ["six==1.16.0"]}
     for name, g in by.items():  # control replicas are bitwise identical within a stack
@@ -55,7 +55,7 @@ def test_a_stack_that_cannot_be_built_fails_its_runs_alone(stacks_out):
     code, df, _ = stacks_out
     assert code == 1
     broken = df[df["stack"] == "broken"]
-    assert sorted(broken.status) == ["failed", "skipped", "skipped"]  # fail_fast: 1 skips the rest
+    assert sorted(broken.status) == ["failed", "skipped"]  # fail_fast: 1 skips the rest
     error = broken.error.iloc[0]
     assert error.startswith("stack broken: its environment could not be built: ") and "\n" not in error
     assert len(error) < 700
@@ -70,7 +70,7 @@ def test_variance_and_cross_stack_are_per_stack(stacks_out):
     assert (v[v["stack"] != "broken"].identical_fraction == 1).all()
     cs = tables["cross_stack"]
     pairs = {tuple(sorted((r.stack_a, r.stack_b))): r.n_pairs for r in cs.itertuples()}
-    assert pairs == {("isa-default", "launch"): 3, ("launch", "six-old"): 3, ("isa-default", "six-old"): 3}
+    assert pairs == {("isa-default", "launch"): 2, ("launch", "six-old"): 2, ("isa-default", "six-old"): 2}
 
 
 def test_bad_stacks_are_spec_errors_all_at_once(tmp_path):
