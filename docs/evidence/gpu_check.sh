@@ -2,10 +2,10 @@
 # GPU evidence for issue #13 in one command, on a GPU box that has torch, torchvision, pyarrow,
 # PyYAML and scipy but no Ray, no pydantic and no network. Run from the repository root:
 #
-#   bash docs/evidence/gpu_check.sh [all|doctor|probes]      (default all; ~2 + ~5 minutes on one H100)
+#   bash docs/evidence/gpu_check.sh [all|doctor|probes|axes]  (default all; ~2 + ~5 + ~3 minutes on one H100, estimated)
 #
 # Writes $OUT/<date>-<gpu>/ (OUT defaults to docs/evidence): node.txt (date, nvidia-smi, the exact
-# commands and their exit codes), doctor.{txt,json}, overhead_gpu.{txt,json}. Missing Python
+# commands and their exit codes), doctor.{txt,json}, overhead_gpu.{txt,json}, axes.{txt,json}. Missing Python
 # packages come from wheels in $WHEELS (default results/wheels-gpu), unpacked into a temp folder on
 # PYTHONPATH (no pip needed, nothing installed system-wide); see docs/evidence/README.md.
 set -uo pipefail
@@ -40,5 +40,8 @@ fi
 if [[ $STEP == all || $STEP == probes ]]; then
   record overhead_gpu "$PY" -m orchestrator.doctor --device cuda --probes sweeps/overhead_gpu.yaml \
     --arch "$ARCHS" --json "$DEST/overhead_gpu.json"
+fi
+if [[ $STEP == all || $STEP == axes ]]; then  # attention kernels, world size 1 vs 2 on one GPU (issues #20, #21)
+  record axes "$PY" docs/evidence/axes_check.py --device cuda --json "$DEST/axes.json"
 fi
 echo "evidence in $DEST"
