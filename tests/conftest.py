@@ -1,3 +1,4 @@
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +22,11 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
     ray.shutdown()
+    # A pip/uv stack is a clone of this whole venv (6 GB with torch's CUDA wheels) in the session
+    # folder, which Ray never deletes: a few suite runs would fill the disk.
+    shutil.rmtree(session / "runtime_resources", ignore_errors=True)
 
 
 def write_spec(path: Path, **fields) -> Path:
