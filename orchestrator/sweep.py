@@ -8,7 +8,9 @@ same command resumes: run_ids already `ok` under OUT are not run again.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
+import shutil
 import json
 import logging
 import os
@@ -365,9 +367,21 @@ def connect(address: str | None, dashboard: bool = False) -> None:
     # A local cluster turns token authentication on and says so in a warning, every run
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
-        ray.init(address=address, include_dashboard=dashboard, logging_level="WARNING")
+        context = ray.init(address=address, include_dashboard=dashboard, logging_level="WARNING")
     except Exception as e:  # noqa: BLE001 - Ray raises RuntimeError, ConnectionError, AuthenticationError...
         raise connect_error(address, e) from None
+    if not address:
+        atexit.register(drop_env_clones, Path(context.address_info["session_dir"]))
+
+
+def drop_env_clones(session: Path) -> None:
+    """Stop the local cluster this sweep started and delete its built stack environments. A pip or
+    uv stack launched from a virtualenv is a copy of that whole virtualenv (6 GB with torch's CUDA
+    wheels) in the session folder; Ray never deletes it, and a new cluster builds its own anyway."""
+    import ray
+
+    ray.shutdown()
+    shutil.rmtree(session / "runtime_resources", ignore_errors=True)
 
 
 def connect_error(address: str | None, error: Exception) -> ConnectError:

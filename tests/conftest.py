@@ -1,4 +1,3 @@
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,18 +14,16 @@ def ray_local():
 
     import ray
 
+    from orchestrator.sweep import drop_env_clones
+
     # Ray tries to build a runtime_env 3 times (for flaky networks); a pip stack that cannot be
     # built then costs minutes per attempt of a run here. The cluster's agent reads this at start.
     os.environ.setdefault("RUNTIME_ENV_RETRY_TIMES", "1")
     # workers import tests.faulty (fault-injecting model builders) through PYTHONPATH
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    context = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                       runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
-    session = Path(ray._private.worker._global_node.get_session_dir_path())
-    ray.shutdown()
-    # A pip/uv stack is a clone of this whole venv (6 GB with torch's CUDA wheels) in the session
-    # folder, which Ray never deletes: a few suite runs would fill the disk.
-    shutil.rmtree(session / "runtime_resources", ignore_errors=True)
+    drop_env_clones(Path(context.address_info["session_dir"]))  # a few suite runs would fill the disk
 
 
 def write_spec(path: Path, **fields) -> Path:
