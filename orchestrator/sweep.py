@@ -274,11 +274,14 @@ def _trial_id(run: RunSpec | ProbeSpec) -> str:
 def trainable(table):
     """The Tune trainable of one pool, given the ref of its spec table in the object store. Tune
     unpickles it twice per trial, so it holds nothing that grows with the sweep: the placement group
-    comes from the trial's config (`worker.bundles`), specs from the table."""
+    comes from the trial's config (`worker.bundles`), specs from the table. Its bundles share a node:
+    the coordinator checks the child's interpreter there (`worker.python_error`)."""
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(_trial, table=(table,)),
-                               resources=lambda config: tune.PlacementGroupFactory(config["bundles"]))
+    def resources(config):
+        return tune.PlacementGroupFactory(config["bundles"], strategy="STRICT_PACK")
+
+    return tune.with_resources(tune.with_parameters(_trial, table=(table,)), resources=resources)
 
 
 def pools(runs: list[RunSpec | ProbeSpec]) -> list[list[RunSpec | ProbeSpec]]:

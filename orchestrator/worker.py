@@ -17,15 +17,19 @@ actor, and with it its placement group, for the next trial of the same pool (one
 determinism mode, one world size: `sweep.pools`), so the child is created once per coordinator and stays warm:
 torch imported, dataset cached, CUDA up.
 
-A stack whose environment cannot be built (pip cannot resolve, an image that does not exist) fails
-each of its runs with one line naming the stack and the installer's own error; fail-fast then skips
+A stack whose environment cannot be built (pip cannot resolve, an image that does not exist, a
+py_executable that cannot run Ray) fails each of its runs with one line naming the stack and the
+installer's or interpreter's own error; fail-fast then skips
 the rest of that stack. A child process that dies is dropped, and the trial fails so that Tune
 retries it as any dead worker.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import shlex
+import subprocess
 import sys
 import time
 
@@ -123,6 +127,22 @@ def _child(spec: RunSpec | ProbeSpec) -> ray.actor.ActorHandle:
     return _CHILDREN[key]
 
 
+@functools.cache
+def python_error(py_executable: str) -> str | None:
+    """Why `py_executable` cannot run a Ray worker on this node, or None. Ray retries a worker
+    process that dies at start for ever, so a stack naming a missing interpreter, or one without
+    Ray, would leave its runs waiting: the coordinator, on the child's node, asks it first (~1 s,
+    once per process)."""
+    try:
+        r = subprocess.run([*shlex.split(py_executable), "-c", "import ray"], capture_output=True, text=True,
+                           timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"py_executable {py_executable!r} cannot start here: {e}"
+    lines = r.stderr.strip().splitlines()
+    return None if r.returncode == 0 else (f"py_executable {py_executable!r} cannot import ray "
+                                           f"(exit {r.returncode}): {(lines or ['no error text'])[-1][:300]}")
+
+
 def stack_error(spec: RunSpec | ProbeSpec, error: RuntimeEnvSetupError) -> str:
     """One line naming the stack and the installer's own error (its last line that says something)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -147,6 +167,8 @@ def failed(spec: RunSpec | ProbeSpec, out: str, error: str) -> dict:
 def execute(spec: RunSpec | ProbeSpec, out: str) -> dict:
     """Run a replica or probe in its stack's process and return its summary row: a run whose stack
     cannot be built is recorded failed here (the child never ran), with the installer's error."""
+    if spec.stack.py_executable and (error := python_error(spec.stack.py_executable)):
+        return failed(spec, out, f"stack {spec.stack.name}: its environment could not be built: {error}")
     if spec.world_size > 1:
         return distributed(spec, out)
     if in_trial(spec):

@@ -3,12 +3,13 @@ own group, paired across stacks in cross_stack; on a real local Ray cluster. The
 real virtualenvs from PyPI (six, tiny and pure Python), as a user's would."""
 
 import json
+import sys
 from importlib.metadata import version
 
 import pytest
 import torch
 
-from orchestrator import reduce, spec, store, sweep
+from orchestrator import reduce, spec, store, sweep, worker
 from tests.conftest import cli, write_spec
 
 pytestmark = pytest.mark.integration
@@ -17,15 +18,17 @@ BROKEN = "tooling-noise-no-such-package==0.0.1"
 
 @pytest.fixture(scope="module")
 def stacks_out(ray_local, tmp_path_factory):
-    """One sweep over four stacks, control x 2: the launch environment, an env-var stack that
+    """One sweep over five stacks, control x 2: the launch environment, an env-var stack that
     pins torch's CPU kernels to the baseline ISA, a pip stack with another version of six than the
-    launch environment's (1.17.0), and a pip stack that cannot be built."""
+    launch environment's (1.17.0), a pip stack that cannot be built, and an interpreter that does
+    not exist (Ray would retry its worker's start for ever)."""
     tmp = tmp_path_factory.mktemp("stacks")
     path = write_spec(tmp / "s.yaml", name="stacks", replicas=2, fail_fast=1, stacks=[
         {"name": "launch"},
         {"name": "isa-default", "env_vars": {"ATEN_CPU_CAPABILITY": "default"}},
         {"name": "six-old", "pip": ["six==1.16.0"]},
-        {"name": "broken", "pip": [BROKEN]}],
+        {"name": "broken", "pip": [BROKEN]},
+        {"name": "no-python", "py_executable": "/nonexistent/bin/python"}],
         workloads=[{"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}])
     out = tmp / "out"
     code = sweep.main([str(path), "--out", str(out)])
@@ -59,15 +62,28 @@ def test_a_stack_that_cannot_be_built_fails_its_runs_alone(stacks_out):
     error = broken.error.iloc[0]
     assert error.startswith("stack broken: its environment could not be built: ") and "\n" not in error
     assert len(error) < 700
-    assert (df[df["stack"] != "broken"].status == "ok").all()
+    gone = df[df["stack"] == "no-python"]
+    assert sorted(gone.status) == ["failed", "skipped"]
+    assert gone.error.iloc[0].startswith("stack no-python: its environment could not be built: py_executable "
+                                         "'/nonexistent/bin/python' cannot start here: ")
+    assert (df[~df["stack"].isin(["broken", "no-python"])].status == "ok").all()
+
+
+def test_an_interpreter_without_ray_is_named_with_its_own_error(tmp_path):
+    fake = tmp_path / "python"  # an interpreter that starts but cannot import ray
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'ray'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    assert worker.python_error(str(fake)) == (f"py_executable '{fake}' cannot import ray (exit 1): "
+                                              "ModuleNotFoundError: No module named 'ray'")
+    assert worker.python_error(sys.executable) is None
 
 
 def test_variance_and_cross_stack_are_per_stack(stacks_out):
     _, _, out = stacks_out
     tables = reduce.reduce(str(out))
     v = tables["variance"]
-    assert set(v["stack"]) == {"launch", "isa-default", "six-old", "broken"}
-    assert (v[v["stack"] != "broken"].identical_fraction == 1).all()
+    assert set(v["stack"]) == {"launch", "isa-default", "six-old", "broken", "no-python"}
+    assert (v[~v["stack"].isin(["broken", "no-python"])].identical_fraction == 1).all()
     cs = tables["cross_stack"]
     pairs = {tuple(sorted((r.stack_a, r.stack_b))): r.n_pairs for r in cs.itertuples()}
     assert pairs == {("isa-default", "launch"): 2, ("launch", "six-old"): 2, ("isa-default", "six-old"): 2}
