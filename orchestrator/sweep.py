@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
-import shutil
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections import defaultdict, deque
