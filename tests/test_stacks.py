@@ -105,3 +105,20 @@ def test_bad_stacks_are_spec_errors_all_at_once(tmp_path):
     dupes = write_spec(tmp_path / "d.yaml", stacks=[{"name": "x"}, {"name": "x"}])
     with pytest.raises(spec.SpecError, match="stacks: stack names must be unique; 'x' appears more than once"):
         spec.load(dupes)
+
+
+def test_a_local_clusters_stack_environments_are_deleted_with_it(tmp_path, monkeypatch):
+    """The sweep registers this at exit for a local cluster it started (checked by hand: no
+    runtime_resources left after a pip-stack sweep); here on a session folder of that layout, with
+    the module's cluster left running (Ray's shutdown recorded, not done)."""
+    import ray
+
+    clone = tmp_path / "runtime_resources" / "pip" / "ae40" / "virtualenv" / "bin"
+    clone.mkdir(parents=True)
+    (clone / "python").write_text("")
+    (tmp_path / "logs").mkdir()
+    stopped = []
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(clone.exists()))
+    sweep.drop_env_clones(tmp_path)
+    assert stopped == [True]  # the cluster stops first, while its environments still exist
+    assert not (tmp_path / "runtime_resources").exists() and (tmp_path / "logs").is_dir()  # logs stay
