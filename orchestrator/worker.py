@@ -138,17 +138,21 @@ def python_error(py_executable: str) -> str | None:
                            timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"py_executable {py_executable!r} cannot start here: {e}"
-    lines = r.stderr.strip().splitlines()
     return None if r.returncode == 0 else (f"py_executable {py_executable!r} cannot import ray "
-                                           f"(exit {r.returncode}): {(lines or ['no error text'])[-1][:300]}")
+                                           f"(exit {r.returncode}): {last_line(r.stderr)}")
+
+
+def last_line(text: str, saying: str = "") -> str:
+    """The line of an error text that names the cause, for a one-line row: installers, interpreters
+    and Ray put it last; with `saying`, the last line that contains it (Ray's traceback follows pip's)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    said = [line for line in lines if saying and saying in line.lower() and not line.startswith("Traceback")]
+    return (said or lines or ["no error text"])[-1][:500]
 
 
 def stack_error(spec: RunSpec | ProbeSpec, error: RuntimeEnvSetupError) -> str:
-    """One line naming the stack and the installer's own error (its last line that says something)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    said = [line for line in lines if "error" in line.lower() and not line.startswith("Traceback")]
-    return (f"stack {spec.stack.name}: its environment could not be built: "
-            f"{(said or lines or ['no error text'])[-1][:500]}")
+    """One line naming the stack and the installer's own error (its last line that says so)."""
+    return f"stack {spec.stack.name}: its environment could not be built: {last_line(str(error), 'error')}"
 
 
 def failed(spec: RunSpec | ProbeSpec, out: str, error: str) -> dict:
@@ -201,8 +205,7 @@ def rank_error(spec: RunSpec, failures: dict[int, Exception]) -> str:
     their own first: when one rank raises, the others often fail next in a collective whose peer
     went away, and that is not the cause."""
     def last(error: Exception) -> str:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        return (lines or [type(error).__name__])[-1][:300]
+        return last_line(str(error).strip() or type(error).__name__)[:300]
 
     def knock_on(item: tuple[int, Exception]) -> tuple[bool, int]:
         return any(w in last(item[1]) for w in ("gloo", "NCCL", "Connection closed", "peer")), item[0]
@@ -238,7 +241,6 @@ def distributed(spec: RunSpec, out: str) -> dict:
             raise  # a rank's process died: retried by Tune, recorded by the sweep as a dead worker
         return failed(spec, out, rank_error(spec, e.worker_failures))
     except TrainingFailedError as e:  # the workers never ran: e.g. the stack cannot be built for them
-        last = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         return failed(spec, out, f"Ray Train could not start {spec.world_size} workers in stack "
-                                 f"{spec.stack.name}: {last[-1][:500]}")
+                                 f"{spec.stack.name}: {last_line(str(e))}")
     return {"status": "ok", "error": None}
