@@ -39,13 +39,13 @@ class Stack(Strict):
     process starts, so it is in force before torch is imported and CUDA starts (ATEN_CPU_CAPABILITY,
     CUBLAS_WORKSPACE_CONFIG, NCCL_ALGO and NVIDIA_TF32_OVERRIDE are read once per process).
     `launch` is the environment the sweep started in. `pip`/`uv` layer packages on the launch
-    environment (a virtualenv Ray builds and caches per node); `py_executable` runs another
+    environment (a virtualenv uv builds once per node, `orchestrator.stacks`); `py_executable` runs another
     interpreter; `image_uri` a container image (the cluster needs container support)."""
 
     name: Name
     env_vars: dict[str, str] = {}  # set in the worker before anything is imported; values are strings
     pip: list[str] | None = None  # PEP 508 requirements, e.g. ["torch==2.13.0", "torchvision==0.28.0"]
-    uv: list[str] | None = None  # the same, installed by uv (Ray's uv plugin)
+    uv: list[str] | None = None  # the same (both are installed by uv, layered on the launch environment)
     py_executable: str | None = None  # an interpreter with its own packages (Ray must match the cluster's)
     image_uri: str | None = None  # container image of the worker
 
@@ -124,7 +124,8 @@ AXES = (
     Axis("cudnn_benchmark", bool, False, "cudnn_benchmark", pa.bool_(),
          "cuDNN autotuning: picks conv algorithms by timing them (GPU only); default off, as in PyTorch"),
     Axis("world_size", PositiveInt, 1, "world_size", pa.int32(),
-         "data-parallel workers per replica (Ray Train; gloo on CPUs, NCCL on GPUs), each with the sweep's "
+         "data-parallel processes per replica (a warm group, its process group gloo on CPUs, NCCL on GPUs), "
+         "each with the sweep's "
          "per-replica resources; the global batch stays the workload's batch_size, split evenly over ranks"),
     Axis("attention", Attention, "auto", "attention", pa.string(),
          "the kernel of scaled_dot_product_attention (torch.nn.attention.sdpa_kernel), around the built-in loop "

@@ -189,14 +189,15 @@ def rank_columns(fp: dict, rank: Rank) -> dict:
             "ranks_agree": len({f for _, _, f in every}) == 1}
 
 
-def run(spec: RunSpec, out: str, rank: Rank = SOLO) -> dict:
+def run(spec: RunSpec, out: str, rank: Rank = SOLO, attempts: int = 1) -> dict:
     """Run one replica and write its row. A training error (including divergence) is recorded as
     status=failed with the error and returned, never raised: one bad replica must not stop a sweep.
-    A rank of a data-parallel replica raises instead: Ray Train then stops every rank (the others
-    would wait in a collective) and the coordinator records which rank failed (orchestrator/worker.py)."""
+    A rank of a data-parallel replica raises instead: its coordinator then stops every rank (the
+    others would wait in a collective) and records which rank failed (orchestrator/worker.py).
+    `attempts`: the how-many-th try this is (a try before it lost its process)."""
     fs, root = store.resolve(out)
-    row = base_row(spec) | {"worker_pid": os.getpid(), "worker_runs": next(_RUNS_IN_PROCESS)}
-    device = rank.device or pick_device(spec)
+    row = base_row(spec) | {"worker_pid": os.getpid(), "worker_runs": next(_RUNS_IN_PROCESS), "attempts": attempts}
+    device = pick_device(spec)  # a rank's process sees only its own GPU
     try:
         row |= train_one(spec, fs, root, device, rank)
     except Exception as e:  # recorded, not dropped: the row says what went wrong

@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections import defaultdict, deque
@@ -274,12 +273,12 @@ def _trial_id(run: RunSpec | ProbeSpec) -> str:
 def trainable(table):
     """The Tune trainable of one pool, given the ref of its spec table in the object store. Tune
     unpickles it twice per trial, so it holds nothing that grows with the sweep: the placement group
-    comes from the trial's config (`worker.bundles`), specs from the table. Its bundles share a node:
-    the coordinator checks the child's interpreter there (`worker.python_error`)."""
+    comes from the trial's config (`worker.bundles`), specs from the table. PACK: one node where the
+    bundles fit, the ranks of a data-parallel replica spread over nodes where they do not."""
     from ray import tune
 
     def resources(config):
-        return tune.PlacementGroupFactory(config["bundles"], strategy="STRICT_PACK")
+        return tune.PlacementGroupFactory(config["bundles"], strategy="PACK")
 
     return tune.with_resources(tune.with_parameters(_trial, table=(table,)), resources=resources)
 
@@ -320,9 +319,8 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n, pool in enumerate(pools(runs)):
         if installer := {k: v for k, v in pool[0].stack.runtime_env().items() if k != "env_vars"}:
-            print(f"stack {pool[0].stack.name}: {len(pool)} trials; Ray builds its environment ({installer}) on "
-                  "each node before the node's first run in it (pip: minutes the first time, cached after)",
-                  flush=True)
+            print(f"stack {pool[0].stack.name}: {len(pool)} trials; its environment ({installer}) is built on "
+                  "each node before the node's first run in it, unless an earlier sweep built it there", flush=True)
         tuner = tune.Tuner(
             trainable(ray.put({_trial_id(r): r.model_dump_json() for r in pool})),
             param_space={"out": out},
@@ -355,11 +353,9 @@ class ConnectError(SpecError):
     """The cluster cannot be joined: one line saying what to set."""
 
 
-def connect(address: str | None, dashboard: bool = False) -> None:
+def connect(address: str | None) -> None:
     """Join the cluster given by --address or RAY_ADDRESS (as inside `ray job submit`), or start
-    a local one on this machine's cores: with its dashboard when `dashboard`, which data-parallel
-    replicas need (Ray Train's placement-group cleaner asks the State API the dashboard serves, and
-    warns every few seconds without it)."""
+    a local one on this machine's cores, stopped when the sweep ends."""
     import ray
 
     if ray.is_initialized():  # already connected (tests, notebooks): use that cluster
@@ -370,21 +366,11 @@ def connect(address: str | None, dashboard: bool = False) -> None:
     # A local cluster turns token authentication on and says so in a warning, every run
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
-        context = ray.init(address=address, include_dashboard=dashboard, logging_level="WARNING")
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
     except Exception as e:  # noqa: BLE001 - Ray raises RuntimeError, ConnectionError, AuthenticationError...
         raise connect_error(address, e) from None
     if not address:
-        atexit.register(drop_env_clones, Path(context.address_info["session_dir"]))
-
-
-def drop_env_clones(session: Path) -> None:
-    """Stop the local cluster this sweep started and delete its built stack environments. A pip or
-    uv stack launched from a virtualenv is a copy of that whole virtualenv (6 GB with torch's CUDA
-    wheels) in the session folder; Ray never deletes it, and a new cluster builds its own anyway."""
-    import ray
-
-    ray.shutdown()
-    shutil.rmtree(session / "runtime_resources", ignore_errors=True)
+        atexit.register(ray.shutdown)  # its children and their groups stop with it; stack builds stay
 
 
 def connect_error(address: str | None, error: Exception) -> ConnectError:
@@ -453,7 +439,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     for note in resource_notes(spec):
         print(f"note: {note}", flush=True)
     if todo or todo_probes:
-        connect(args.address, dashboard=any(r.world_size > 1 for r in todo))
+        connect(args.address)
         if not args.wait_for_autoscaling:
             preflight(todo + todo_probes)
     start_out(spec, out, doomed, {"done": already, "total": total, "failed": 0, "updated": time.time()})

@@ -1,32 +1,35 @@
-"""Where a Tune trial's replica or probe executes: in a warm process of the run's software stack,
-or, for a data-parallel replica (world size k > 1), in a Ray Train run of k processes.
+"""Where a Tune trial's replica or probe executes: in the trial's own process, or in a warm group
+of processes of the run's software stack, one per data-parallel rank.
 
     launch stack, world size 1:   Tune trial, holding the run's resources, trains in its own process
-    other stack, world size 1:    Tune trial (coordinator: memory only) --> Replica actor: the stack's
-                                  runtime_env, the run's resources (CPUs, GPU, accelerator)
-    world size k > 1:             Tune trial (coordinator: memory only) --> TorchTrainer: k workers with
-                                  the run's resources each, worker_runtime_env = the stack's
+    any other run:                Tune trial (coordinator: memory only) --> k Replica actors (k = world
+                                  size), each in the stack's environment with the run's resources,
+                                  at k > 1 joined once in a torch process group (gloo / NCCL)
 
-A run in the launch environment (the default stack) at world size 1 runs in the trial's own
-process, as a plain Tune trial. For any other stack: Tune has no per-trial runtime_env
-(ray-project/ray#23234), so the trial starts a child actor with the stack's runtime_env in the
-second bundle of the trial's own placement group, whose first bundle (the coordinator's) holds no
-CPU and no GPU. Ray sets the stack's environment variables and
-packages when that process starts, before torch is imported and CUDA starts. Tune reuses a trial's
-actor, and with it its placement group, for the next trial of the same pool (one stack, one
-determinism mode, one world size: `sweep.pools`), so the child is created once per coordinator and stays warm:
-torch imported, dataset cached, CUDA up.
+Tune has no per-trial runtime_env (ray-project/ray#23234), so a trial whose run needs another
+environment or more than one process starts child actors in the other bundles of its own placement
+group, whose first bundle (the coordinator's) holds no CPU and no GPU. Ray sets the stack's
+environment variables and interpreter when a child starts, before torch is imported and CUDA starts.
+Tune reuses a trial's actor, and with it its placement group, for the next trial of the same pool
+(one stack, determinism mode and world size: `sweep.pools`), so the children are started once per
+coordinator and stay warm: torch imported, dataset cached, CUDA up, process group set up. Ray Train
+cannot do that for ranks: each `TorchTrainer.fit()` starts a new worker group and tears it down at
+the end of the run (Train V2's controller owns the group's lifetime, `ray.train.v2` WorkerGroup), which
+cost ~12 s of start-up per 2-rank replica here, and its public API has no way to keep a group
+between fits; a group of actors with a process group set up once is the pattern verl and OpenRLHF
+use on Ray.
 
-A stack whose environment cannot be built (pip cannot resolve, an image that does not exist, a
-py_executable that cannot run Ray) fails each of its runs with one line naming the stack and the
-installer's or interpreter's own error; fail-fast then skips
-the rest of that stack. A child process that dies is dropped, and the trial fails so that Tune
-retries it as any dead worker.
+A pip or uv stack is built by `orchestrator.stacks` on each node that runs it (once, reused across
+sweeps) and its children start with that interpreter. A stack that cannot be built (the installer
+refuses its requirements, an image that does not exist, a py_executable that cannot run Ray) fails
+each of its runs with one line naming the stack and the installer's or interpreter's own error;
+fail-fast then skips the rest of that stack. A child that dies (killed, out of memory) is replaced
+and the replica run again, `max_retries` times, the number of tries in the row's `attempts`; a rank
+that raises fails its replica with the rank's error, and the group is started anew for the next.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shlex
 import subprocess
@@ -35,9 +38,12 @@ import time
 
 import ray
 from ray.exceptions import RayActorError, RuntimeEnvSetupError
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from orchestrator import stacks
+from orchestrator.axes import Stack
 from orchestrator.spec import ProbeSpec, RunSpec, expanded
+from orchestrator.stacks import last_line
 
 
 def _quiet_exit(unraisable) -> None:
@@ -74,65 +80,74 @@ def in_trial(run: RunSpec | ProbeSpec) -> bool:
 
 def bundles(run: RunSpec | ProbeSpec) -> list[dict[str, float]]:
     """The trial's placement group: the training process's bundle when the trial trains itself;
-    else the coordinator's, then the child's; at world size > 1 the coordinator's alone (Ray Train
-    reserves its workers in a placement group of its own)."""
+    else the coordinator's, then one per rank (the children's). Ray packs them on one node where
+    they fit and spreads the ranks over nodes where they do not."""
     if in_trial(run):
         return [process_resources(run)]
-    return [COORDINATOR] + ([process_resources(run)] if run.world_size == 1 else [])
+    return [COORDINATOR] + [process_resources(run)] * run.world_size
 
 
-def run_here(spec: RunSpec | ProbeSpec, out: str) -> dict:
+def run_here(spec: RunSpec | ProbeSpec, out: str, rank=None, attempts: int = 1) -> dict:
     from orchestrator import probe, runner
+    from workloads.train import SOLO
 
-    return probe.run(spec, out) if isinstance(spec, ProbeSpec) else runner.run(spec, out)
+    if isinstance(spec, ProbeSpec):
+        return probe.run(spec, out)
+    return runner.run(spec, out, rank or SOLO, attempts)
 
 
 @ray.remote
 class Replica:
-    """A process in one stack's environment that runs replicas and probes, one after another."""
+    """A process in one stack's environment that runs replicas and probes one after another; in a
+    data-parallel group, one rank, its process group set up once for every replica it runs."""
 
-    def pid(self) -> int:
+    def __init__(self):
+        self.rank = None
+
+    def endpoint(self) -> tuple[str, int]:
+        """Where rank 0 listens for the others when the group forms: this node and a free port."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def join(self, rank: int, world_size: int, local_rank: int, address: str, port: int, gpu: bool) -> int:
+        import torch.distributed as dist
+
+        from workloads.train import Rank
+
+        dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://{address}:{port}",
+                                rank=rank, world_size=world_size)
+        self.rank = Rank(rank, world_size, local_rank)
         return os.getpid()
 
-    def run(self, spec_json: str, out: str) -> dict:
-        return run_here(expanded(spec_json), out)
+    def run(self, spec_json: str, out: str, attempts: int) -> dict:
+        return run_here(expanded(spec_json), out, self.rank, attempts)
 
 
-_CHILDREN: dict[str, ray.actor.ActorHandle] = {}  # per coordinator process: the child of its pool's stack
+@ray.remote(num_cpus=0)
+def prepare(stack_json: str) -> dict:
+    """On one node, in the launch environment: the runtime_env of the stack's children there, its
+    pip/uv environment built first when this node has none, or {"error": the installer's or
+    interpreter's line}. Runs where the children will, since each node keeps its own builds."""
+    stack = Stack.model_validate_json(stack_json)
+    env = {"env_vars": stack.env_vars} if stack.env_vars else {}
+    if stack.image_uri:
+        return env | {"image_uri": stack.image_uri}
+    try:
+        python = stacks.build(stack) if (stack.pip or stack.uv) else stack.py_executable
+    except stacks.BuildError as e:
+        return {"error": str(e)}
+    if python and (error := python_error(python)):
+        return {"error": error}
+    return env | ({"py_executable": python} if python else {})
 
 
-def _child(spec: RunSpec | ProbeSpec) -> ray.actor.ActorHandle:
-    """This coordinator's child for the spec's stack, started (and its environment built) on first use."""
-    key = spec.stack.model_dump_json() + repr(bundles(spec))
-    if key not in _CHILDREN:
-        for old in _CHILDREN.values():  # its bundle is the new child's: one child at a time
-            ray.kill(old)
-        _CHILDREN.clear()
-        resources = process_resources(spec)
-        options = {"num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0), "resources": resources,
-                   "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                       ray.util.get_current_placement_group(), placement_group_bundle_index=1)}
-        if env := spec.stack.runtime_env():
-            options["runtime_env"] = env
-        child = Replica.options(**options).remote()
-        if {"pip", "uv", "image_uri"} & set(env):
-            print(f"stack {spec.stack.name}: building its environment on this node for the first run here "
-                  f"({', '.join(f'{k}: {v}' for k, v in env.items() if k != 'env_vars')}); "
-                  "Ray caches it per node", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            ray.get(child.pid.remote())  # raises RuntimeEnvSetupError when it cannot be built
-            print(f"stack {spec.stack.name}: environment ready after {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)
-        _CHILDREN[key] = child
-    return _CHILDREN[key]
-
-
-@functools.cache
 def python_error(py_executable: str) -> str | None:
     """Why `py_executable` cannot run a Ray worker on this node, or None. Ray retries a worker
     process that dies at start for ever, so a stack naming a missing interpreter, or one without
-    Ray, would leave its runs waiting: the coordinator, on the child's node, asks it first (~1 s,
-    once per process)."""
+    Ray, would leave its runs waiting: it is asked first (~1 s per group start)."""
     try:
         r = subprocess.run([*shlex.split(py_executable), "-c", "import ray"], capture_output=True, text=True,
                            timeout=120)
@@ -142,105 +157,132 @@ def python_error(py_executable: str) -> str | None:
                                            f"(exit {r.returncode}): {last_line(r.stderr)}")
 
 
-def last_line(text: str, saying: str = "") -> str:
-    """The line of an error text that names the cause, for a one-line row: installers, interpreters
-    and Ray put it last; with `saying`, the last line that contains it (Ray's traceback follows pip's)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    said = [line for line in lines if saying and saying in line.lower() and not line.startswith("Traceback")]
-    return (said or lines or ["no error text"])[-1][:500]
+class StackError(RuntimeError):
+    """The stack's environment cannot be had on a node: deterministic, the run fails, never retried."""
 
 
-def stack_error(spec: RunSpec | ProbeSpec, error: RuntimeEnvSetupError) -> str:
-    """One line naming the stack and the installer's own error (its last line that says so)."""
-    return f"stack {spec.stack.name}: its environment could not be built: {last_line(str(error), 'error')}"
+_GROUP: dict[str, list] = {}  # per coordinator process: the children of its pool's stack and world size
 
 
-def failed(spec: RunSpec | ProbeSpec, out: str, error: str) -> dict:
+def release() -> None:
+    """Stop this coordinator's children: their bundles are free for the next group."""
+    for children in _GROUP.values():
+        for child in children:
+            ray.kill(child)
+    _GROUP.clear()
+
+
+def _start(spec: RunSpec | ProbeSpec) -> list:
+    """Start one child per rank in bundles 1..k of this trial's placement group, each in the stack's
+    environment as prepared on its node; at k > 1 join them in a process group (rank 0 listens)."""
+    pg = ray.util.get_current_placement_group()
+    nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+    resources = process_resources(spec)
+    envs: dict[str, dict] = {}
+    children = []
+    for i in range(spec.world_size):
+        node = nodes[i + 1]
+        if node not in envs:
+            t0 = time.perf_counter()
+            envs[node] = ray.get(prepare.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                                 .remote(spec.stack.model_dump_json()))
+            if "error" in envs[node]:
+                raise StackError(envs[node]["error"])
+            if (took := time.perf_counter() - t0) > 5:
+                print(f"stack {spec.stack.name}: environment ready on node {node[:8]} after {took:.0f} s "
+                      "(kept for later sweeps: python -m orchestrator.stacks list)", file=sys.stderr, flush=True)
+        options = {"num_cpus": resources.get("CPU", 0), "num_gpus": resources.get("GPU", 0),
+                   "resources": {k: v for k, v in resources.items() if k not in ("CPU", "GPU")},
+                   "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + 1)}
+        children.append(Replica.options(**options, **({"runtime_env": envs[node]} if envs[node] else {})).remote())
+    if spec.world_size > 1:
+        address, port = ray.get(children[0].endpoint.remote())
+        local = [sum(nodes[j + 1] == nodes[i + 1] for j in range(i)) for i in range(spec.world_size)]
+        ray.get([c.join.remote(i, spec.world_size, local[i], address, port, spec.gpus > 0)
+                 for i, c in enumerate(children)])
+    return children
+
+
+def _group(spec: RunSpec | ProbeSpec) -> list:
+    """This coordinator's children for the spec's stack and world size, started on first use."""
+    key = spec.stack.model_dump_json() + repr(bundles(spec))
+    if key not in _GROUP:
+        release()  # their bundles are the new group's: one group at a time
+        _GROUP[key] = _start(spec)
+    return _GROUP[key]
+
+
+GRACE_S = 5.0  # after one rank fails: how long the others get to fail or finish before the group is stopped
+
+
+def _outcomes(children: list, spec: RunSpec | ProbeSpec, out: str, attempts: int) -> tuple[dict | None, dict]:
+    """Run the replica on every child; rank 0's row and the ranks that failed. When one rank fails,
+    the others usually wait in a collective for it: they get GRACE_S, then the group is stopped."""
+    futures = [c.run.remote(spec.model_dump_json(), out, attempts) for c in children]
+    rows, failures, pending = {}, {}, list(futures)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=GRACE_S if failures else None)
+        if not done:
+            break
+        for f in done:
+            try:
+                rows[futures.index(f)] = ray.get(f)
+            except Exception as e:  # noqa: BLE001 - a rank's own error, or its process died (RayActorError)
+                failures[futures.index(f)] = e
+    return rows.get(0), failures
+
+
+def execute(spec: RunSpec | ProbeSpec, out: str) -> dict:
+    """Run a replica or probe where it belongs and return its summary row. A run whose stack cannot
+    be had is recorded failed here (no child ever ran it); a child that died is replaced and the run
+    tried again up to `max_retries` times; a rank that raised fails the replica naming it."""
+    if in_trial(spec):
+        return run_here(spec, out)
+    died = []
+    while True:
+        try:
+            row, failures = _outcomes(_group(spec), spec, out, attempts=len(died) + 1)
+        except (StackError, RuntimeEnvSetupError) as e:
+            release()
+            return failed(spec, out, f"stack {spec.stack.name}: its environment could not be built: "
+                                     f"{last_line(str(e), 'error')}")
+        if not failures:
+            return row
+        release()  # ranks stuck in a collective or dead: the next replica starts a fresh group
+        dead = {r: e for r, e in failures.items() if isinstance(e, RayActorError)}
+        if not dead:
+            return failed(spec, out, rank_error(spec, failures))
+        died.append(rank_error(spec, dead))
+        if len(died) > spec.max_retries:
+            return failed(spec, out, f"worker died in each of {len(died)} attempts: {died[-1]}", len(died))
+        ident = spec.run_id if isinstance(spec, RunSpec) else spec.probe_id
+        print(f"{ident}: worker died ({died[-1]}); "
+              f"attempt {len(died) + 1} of {spec.max_retries + 1}", file=sys.stderr, flush=True)
+
+
+def failed(spec: RunSpec | ProbeSpec, out: str, error: str, attempts: int = 1) -> dict:
     """Record a run that failed before its own process could say so, and return its summary row.
     A probe has no row: its error goes to the console, which the sweep's last lines point to."""
     if isinstance(spec, RunSpec):
         from orchestrator import runner, store
 
         fs, root = store.resolve(out)
-        store.write_run(fs, root, runner.base_row(spec) | {"status": "failed", "error": error})
+        store.write_run(fs, root, runner.base_row(spec) | {"status": "failed", "error": error, "attempts": attempts})
     else:
         print(f"overhead probe {spec.probe_id} failed: {error}", file=sys.stderr, flush=True)
     return {"status": "failed", "error": error}
 
 
-def execute(spec: RunSpec | ProbeSpec, out: str) -> dict:
-    """Run a replica or probe in its stack's process and return its summary row: a run whose stack
-    cannot be built is recorded failed here (the child never ran), with the installer's error."""
-    if spec.stack.py_executable and (error := python_error(spec.stack.py_executable)):
-        return failed(spec, out, f"stack {spec.stack.name}: its environment could not be built: {error}")
-    if spec.world_size > 1:
-        return distributed(spec, out)
-    if in_trial(spec):
-        return run_here(spec, out)
-    try:
-        return ray.get(_child(spec).run.remote(spec.model_dump_json(), out))
-    except RuntimeEnvSetupError as e:
-        _CHILDREN.clear()
-        return failed(spec, out, stack_error(spec, e))
-    except RayActorError:
-        _CHILDREN.clear()  # the child died: Tune retries the trial, which starts a new one
-        raise
-
-
-def _rank_main(config: dict) -> None:
-    """One rank of a data-parallel replica, inside a Ray Train worker (process group set up)."""
-    import ray.train
-    import ray.train.torch
-
-    from orchestrator import runner
-    from workloads.train import Rank
-
-    ctx = ray.train.get_context()
-    rank = Rank(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), ray.train.torch.get_device())
-    runner.run(expanded(config["spec"]), config["out"], rank)
-
-
-def rank_error(spec: RunSpec, failures: dict[int, Exception]) -> str:
+def rank_error(spec: RunSpec | ProbeSpec, failures: dict[int, Exception]) -> str:
     """One line naming every failed rank with its error's own last line, the ranks that failed on
     their own first: when one rank raises, the others often fail next in a collective whose peer
-    went away, and that is not the cause."""
+    went away, and that is not the cause. At world size 1 the child's own error alone."""
     def last(error: Exception) -> str:
         return last_line(str(error).strip() or type(error).__name__)[:300]
 
     def knock_on(item: tuple[int, Exception]) -> tuple[bool, int]:
         return any(w in last(item[1]) for w in ("gloo", "NCCL", "Connection closed", "peer")), item[0]
 
+    if spec.world_size == 1:
+        return "; ".join(last(e) for e in failures.values())
     return "; ".join(f"rank {r} of {spec.world_size}: {last(e)}" for r, e in sorted(failures.items(), key=knock_on))
-
-
-def distributed(spec: RunSpec, out: str) -> dict:
-    """World size k > 1: one Ray Train run (Train V2, started from this trial as Ray documents it)
-    of k workers, each with the run's resources and in the run's stack (`worker_runtime_env`);
-    gloo on CPUs, NCCL on GPUs. A rank that raises fails the replica with the rank and its error;
-    a rank whose process dies fails the trial, which Tune retries as any dead worker."""
-    import uuid
-
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, WorkerGroupError
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    # Train's controller polls its workers every 2 s by default: the end of a short replica waited
-    # for it (measured 12 s -> 10.5 s per trivial 2-worker run at 0.2 s); it reads this at start
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    gpu = spec.gpus > 0
-    trainer = TorchTrainer(
-        _rank_main, train_loop_config={"spec": spec.model_dump_json(), "out": out},
-        scaling_config=ScalingConfig(num_workers=spec.world_size, use_gpu=gpu,
-                                     resources_per_worker=process_resources(spec)),
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(name=f"{spec.run_id}-{uuid.uuid4().hex[:8]}", storage_path=f"{out}/tune/train",
-                             worker_runtime_env=spec.stack.runtime_env(), failure_config=FailureConfig(max_failures=0)))
-    try:
-        trainer.fit()
-    except WorkerGroupError as e:
-        if any(isinstance(f, RayActorError) for f in e.worker_failures.values()):
-            raise  # a rank's process died: retried by Tune, recorded by the sweep as a dead worker
-        return failed(spec, out, rank_error(spec, e.worker_failures))
-    except TrainingFailedError as e:  # the workers never ran: e.g. the stack cannot be built for them
-        return failed(spec, out, f"Ray Train could not start {spec.world_size} workers in stack "
-                                 f"{spec.stack.name}: {last_line(str(e))}")
-    return {"status": "ok", "error": None}

@@ -7,23 +7,27 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One real local Ray cluster per test module: start-up costs seconds, trials reuse it."""
+@pytest.fixture(scope="session")
+def stacks_home(tmp_path_factory):
+    """Where the suite's pip/uv stacks are built: one folder for the session (a user's persists in
+    ~/.cache), shared by every test module and its workers."""
     import os
 
+    home = tmp_path_factory.mktemp("stacks")
+    os.environ["TOOLING_NOISE_STACKS"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def ray_local(stacks_home):
+    """One real local Ray cluster per test module: start-up costs seconds, trials reuse it."""
     import ray
 
-    from orchestrator.sweep import drop_env_clones
-
-    # Ray tries to build a runtime_env 3 times (for flaky networks); a pip stack that cannot be
-    # built then costs minutes per attempt of a run here. The cluster's agent reads this at start.
-    os.environ.setdefault("RUNTIME_ENV_RETRY_TIMES", "1")
     # workers import tests.faulty (fault-injecting model builders) through PYTHONPATH
-    context = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                       runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
-    drop_env_clones(Path(context.address_info["session_dir"]))  # a few suite runs would fill the disk
+    ray.shutdown()
 
 
 def write_spec(path: Path, **fields) -> Path:

@@ -3,17 +3,20 @@ own group, paired across stacks in cross_stack; on a real local Ray cluster. The
 real virtualenvs from PyPI (six, tiny and pure Python), as a user's would."""
 
 import json
+import subprocess
 import sys
 from importlib.metadata import version
 
 import pytest
 import torch
 
-from orchestrator import reduce, spec, store, sweep, worker
+from orchestrator import reduce, spec, stacks, store, sweep, worker
+from orchestrator.axes import Stack
 from tests.conftest import cli, write_spec
 
 pytestmark = pytest.mark.integration
 BROKEN = "tooling-noise-no-such-package==0.0.1"
+
 
 
 @pytest.fixture(scope="module")
@@ -107,18 +110,25 @@ def test_bad_stacks_are_spec_errors_all_at_once(tmp_path):
         spec.load(dupes)
 
 
-def test_a_local_clusters_stack_environments_are_deleted_with_it(tmp_path, monkeypatch):
-    """The sweep registers this at exit for a local cluster it started (checked by hand: no
-    runtime_resources left after a pip-stack sweep); here on a session folder of that layout, with
-    the module's cluster left running (Ray's shutdown recorded, not done)."""
-    import ray
+def test_a_pip_stack_holds_only_what_it_pins_and_is_kept_for_later_sweeps(stacks_out, stacks_home):
+    """The six-old stack was built by uv into the tool's folder, layered on the launch environment
+    (Ray, torch and this package imported from there, not copied). A second build finds the folder
+    ready; `delete` removes only what the tool built."""
+    built = stacks.listed()
+    assert [e["requirements"] for e in built] == [["six==1.16.0"]]  # the broken stack left nothing behind
+    folder = stacks_home / built[0]["key"]
+    assert built[0]["bytes"] < 100 * 2**20 and not list(folder.rglob("torch/__init__.py"))
+    python = stacks.build(Stack(name="six-old", pip=["six==1.16.0"]))
+    assert python == str(folder / "bin" / "python")
+    r = subprocess.run([python, "-c", "import six, ray, torch, orchestrator; print(six.__version__)"],
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == "1.16.0", r.stderr
+    (stacks_home / "not-ours").mkdir()
+    assert stacks.main(["delete", "--all"]) == 0
+    assert stacks.listed() == [] and (stacks_home / "not-ours").is_dir()
 
-    clone = tmp_path / "runtime_resources" / "pip" / "ae40" / "virtualenv" / "bin"
-    clone.mkdir(parents=True)
-    (clone / "python").write_text("")
-    (tmp_path / "logs").mkdir()
-    stopped = []
-    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(clone.exists()))
-    sweep.drop_env_clones(tmp_path)
-    assert stopped == [True]  # the cluster stops first, while its environments still exist
-    assert not (tmp_path / "runtime_resources").exists() and (tmp_path / "logs").is_dir()  # logs stay
+
+def test_an_unresolvable_requirement_fails_at_once_with_the_installers_line(stacks_home):
+    with pytest.raises(stacks.BuildError, match="tooling-noise-no-such-package was not found"):
+        stacks.build(Stack(name="broken", pip=[BROKEN]))
+    assert stacks.listed() == [] and not list(stacks_home.glob("*/bin"))  # no half-built folder left

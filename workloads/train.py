@@ -78,12 +78,11 @@ class TrainResult:
 @dataclass(frozen=True)
 class Rank:
     """This process's place in a data-parallel replica. With world_size > 1, torch.distributed is
-    already set up (by Ray Train) when training starts; rank 0 evaluates and reports."""
+    already set up (by the replica's group of processes) when training starts; rank 0 evaluates and reports."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0  # index among the ranks on this node
-    device: torch.device | None = None  # the device Ray Train gave this rank; None: the run's own choice
 
 
 SOLO = Rank()
