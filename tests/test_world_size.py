@@ -1,6 +1,6 @@
-"""Data-parallel replicas (tooling.world_size) through Ray Train with gloo, on a real local Ray
-cluster of 2 CPUs: a world-size-2 replica is two processes of 1 CPU each, its coordinating trial
-holding no CPU."""
+"""Data-parallel replicas (tooling.world_size): a warm group of rank processes with a gloo process
+group, on a real local Ray cluster of 2 CPUs: a world-size-2 replica is two processes of 1 CPU each,
+its coordinating trial holding no CPU."""
 
 import pytest
 
@@ -12,18 +12,19 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def ddp_out(ray_local, tmp_path_factory):
-    """One results tree, two sweeps, five Ray Train runs (each ~20 s here: its processes start and
-    import torch). First control at world size 1 and 2: the built-in loop (mlp on digits) and a user
-    function whose rank 1 raises. Then algo at world size 2: your own DDP function
-    (examples/own_training_ddp.py)."""
+    """One results tree, two sweeps. First control at world size 1 and 2: the built-in loop (mlp on
+    digits), a user function whose rank 1 raises, and one whose rank 1 process is killed on its first
+    try. Then algo at world size 2: your own DDP function (examples/own_training_ddp.py)."""
     tmp = tmp_path_factory.mktemp("ddp")
     builtin = {"arch": "mlp", "dataset": "digits", "epochs": 2, "batch_size": 64, "lr": 0.05, "replicas": 2}
     raises = {"entrypoint": "tests.user_functions:raises_on_rank_1", "name": "f", "dataset": "four", "replicas": 1}
+    dies = {"entrypoint": "tests.user_functions:rank_1_dies_once", "name": "dies", "dataset": "four", "replicas": 1,
+            "args": {"marker": str(tmp / "killed")}}
     example = {"entrypoint": "examples.own_training_ddp:train", "name": "ddp", "dataset": "sklearn_digits",
                "args": {"epochs": 1, "batch_size": 64, "lr": 0.1}}
     out = tmp / "out"
     a = write_spec(tmp / "a.yaml", name="ddp", noise=["control"], tooling={"world_size": [1, 2]},
-                   workloads=[builtin, raises])
+                   workloads=[builtin, raises, dies])
     assert sweep.main([str(a), "--out", str(out)]) == 1  # the raising rank fails its replica
     b = write_spec(tmp / "b.yaml", name="ddp", replicas=2, noise=["algo"], tooling={"world_size": [2]},
                    workloads=[example])
@@ -48,7 +49,7 @@ def test_algo_replicas_of_your_own_ddp_function_differ(ddp_out):
 def test_each_rank_is_its_own_process_and_recorded(ddp_out):
     _, df = ddp_out
     two = df[(df.world_size == 2) & (df.status == "ok")]
-    assert len(two) == 4
+    assert len(two) == 5  # mlp x 2, dies, algo x 2
     for r in two.itertuples():
         assert len(r.rank_pids) == 2 and len(set(r.rank_pids)) == 2 and r.worker_pid == r.rank_pids[0]
         assert len(r.rank_nodes) == 2 and r.dist_backend == "gloo" and r.ranks_agree
@@ -85,3 +86,11 @@ def test_a_replica_no_cluster_can_hold_is_refused_before_anything_starts(ray_loc
     assert sweep.main([str(path), "--out", str(tmp_path / "out")]) == 2
     assert "a replica of world size 4 needs 4 processes of 1 CPU" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_rank_is_retried_and_its_attempts_recorded(ddp_out):
+    _, df = ddp_out
+    dies = df[df.arch == "dies"].set_index("world_size")
+    assert dies.loc[1].status == "ok" and dies.loc[1].attempts == 1  # no rank 1: nothing killed
+    assert dies.loc[2].status == "ok" and dies.loc[2].attempts == 2  # rank 1 killed on try 1, retried
+    assert (df[df.arch == "mlp"].attempts == 1).all()

@@ -29,3 +29,16 @@ def raises_on_rank_1(ctx):
     if ctx.rank == 1:
         raise ValueError("rank one broke")
     return {"predictions": torch.zeros(4, dtype=torch.int64), "labels": torch.zeros(4, dtype=torch.int64)}
+
+
+def rank_1_dies_once(ctx, marker: str):
+    """A data-parallel function whose rank 1 process is killed (SIGKILL, as the OOM killer does) the
+    first time it runs; the retry finds the marker and trains."""
+    import os
+    import signal
+    from pathlib import Path
+
+    if ctx.rank == 1 and not Path(marker).exists():
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"predictions": torch.zeros(4, dtype=torch.int64), "labels": torch.zeros(4, dtype=torch.int64)}
