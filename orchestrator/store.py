@@ -182,6 +182,14 @@ def write_run(fs: pafs.FileSystem, root: str, row: dict) -> None:
     write_table(fs, run_path(root, row["run_id"]), table)
 
 
+def amend_run(fs: pafs.FileSystem, root: str, run_id: str, **columns) -> None:
+    """Rewrite one run's file with some columns changed (the driver's word on a run, e.g. how many
+    tries its trial took, which the run's own process cannot know)."""
+    with fs.open_input_file(run_path(root, run_id)) as f:
+        row = pq.read_table(f).to_pylist()[0]
+    write_run(fs, root, row | columns)
+
+
 def list_files(fs: pafs.FileSystem, folder: str, suffix: str) -> list[str]:
     """Finished files under `folder` (temp names of writes in flight or interrupted are not)."""
     return sorted(i.path for i in _finished(fs, folder, suffix))

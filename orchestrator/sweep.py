@@ -161,12 +161,14 @@ def make_progress(total: int, out: str, failure_row, fail_fast: FailFast, by_id:
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
             if isinstance(run := by_id[trial.config["run"]], RunSpec):
+                if trial.num_failures:  # Tune restarted a trial whose process died: its row says so
+                    store.amend_run(*store.resolve(out), run.run_id, attempts=trial.num_failures + 1)
                 fail_fast.record(run, None if result.get("status") == "ok" else str(result.get("error")))
             self._update(result.get("status") != "ok")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             run = by_id[trial.config["run"]]
-            error = failure_row(run, trial_error(trial))
+            error = failure_row(run, trial_error(trial), trial.num_failures)
             if isinstance(run, RunSpec):
                 fail_fast.record(run, error.splitlines()[0])
             self._update(True)
@@ -187,7 +189,7 @@ def record_trial_error(out: str):
     of Ray's text) followed by the whole text; returns that. A probe has no row: main reports it missing."""
     fs, root = store.resolve(out)
 
-    def write(run: RunSpec | ProbeSpec, error: str) -> str:
+    def write(run: RunSpec | ProbeSpec, error: str, attempts: int) -> str:
         from orchestrator.runner import base_row
 
         last = error.strip().splitlines()[-1] if error.strip() else "no error text"
@@ -195,7 +197,7 @@ def record_trial_error(out: str):
         full = f"{'worker died: ' if isinstance(run, RunSpec) else ''}{last}\n\n{error.strip()}\n"
         store.write_bytes(fs, store.log_path(root, _trial_id(run)), full.encode())
         if isinstance(run, RunSpec):
-            store.write_run(fs, root, base_row(run) | {"status": "failed", "error": full.strip()})
+            store.write_run(fs, root, base_row(run) | {"status": "failed", "error": full.strip(), "attempts": attempts})
         return full
 
     return write

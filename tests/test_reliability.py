@@ -41,6 +41,8 @@ def test_failures_are_retried_recorded_and_the_sweep_carries_on(ray_local, tmp_p
     log = tmp_path / "out" / "logs" / f"{died.run_id}.log"  # the full error, every attempt, beside the row
     assert log.read_text().strip() == died.error and "Failure # 3" in died.error
     assert df.loc["tests.faulty:exit_once"].status == "ok"  # a retry that succeeds counts once
+    assert df.loc["tests.faulty:exit_once"].attempts == 2 and died.attempts == 3
+    assert (df.loc["mlp"].attempts == 1).all()
     diverged = df[df.status == "failed"].drop(index="tests.faulty:exit_on_build")
     assert len(diverged) == 1 and diverged.error.iloc[0] == "Diverged: diverged at epoch 1"
     assert (df.status == "ok").sum() == 2 and len(df) == 4
