@@ -1,88 +1,124 @@
-"""What a declared stack costs per run, warm, against the launch environment; and a pip stack's
-one-time build.
+"""What a pip stack costs to have: Ray's own `pip` runtime_env (the old way) against the tool's
+uv-built environment layered on the launch environment (`orchestrator.stacks`), side by side.
 
-    python bench/bench_stacks.py [--runs N] [--rounds R]   (default 30 runs, 2 rounds: ~5 minutes on 2 cores)
+    python bench/bench_stacks.py   (~6 minutes on 2 cores, most of it the old way's copies)
 
-Each round is one sweep through the real command (`python -m orchestrator.sweep`, a fresh local Ray
-cluster of 2 CPUs) of N control runs of mlp on digits (1 epoch) in each of three stacks: the launch environment,
-an env-var stack (ATEN_CPU_CAPABILITY=default) and a pip stack (six==1.16.0: a virtualenv that Ray
-builds on the launch environment, per node, at the stack's first run there). A stack's runs reuse
-their worker processes. Per-run wall: the time between consecutive runs finishing in the same
-worker process (each row's file is written as its run ends), the first run of each process left out
-(its process start, imports and dataset load are the cold start). Goal: warm stack / launch <= 1.1.
-The stacks run one after another (one Tune run each), so a busy neighbour on a shared machine can
-land on one of them: rounds alternate the stacks' order (and each builds the pip stack afresh, on a
-new cluster), and the load average is printed beside the figures.
+For each way, on fresh local Ray clusters of 2 CPUs: the disk the stack's environment takes; the
+seconds from asking for a task in the stack to its first result, on a new cluster with nothing built
+(cold), on the same cluster again, and on a second new cluster (what a second sweep pays); and the
+seconds until a misspelled requirement fails. The stack pins `six==1.16.0` (the launch environment
+has 1.17.0), so the task's answer also shows the pin won. Goals (issue #30): disk <= the pinned
+packages + 100 MB; a second sweep starts the stack in <= 5 s; a misspelled package fails in <= 15 s.
+The physical minimum of the new way is a process start with the launch interpreter (~1 s with torch
+not imported). Ray's copy lives in the session folder, deleted here after measuring it.
 """
 
-import argparse
 import os
-import re
-import statistics
-import subprocess
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator import fingerprint, store  # noqa: E402
+import ray  # noqa: E402
 
-STACKS = [{"name": "launch"}, {"name": "env-var", "env_vars": {"ATEN_CPU_CAPABILITY": "default"}},
-          {"name": "pip", "pip": ["six==1.16.0"]}]
+from orchestrator import fingerprint, stacks  # noqa: E402
+from orchestrator.axes import Stack  # noqa: E402
 
-
-def warm_walls(out: Path) -> dict[str, list[float]]:
-    """Per stack: seconds between consecutive run completions of each worker process, the first left out."""
-    df = store.read_runs(str(out), columns=["run_id", "stack", "worker_pid", "status"]).to_pandas()
-    assert (df.status == "ok").all(), df[df.status != "ok"]
-    df["done"] = [os.stat(store.run_path(str(out), r)).st_mtime for r in df.run_id]
-    walls = {}
-    for stack, g in df.groupby("stack"):
-        walls[stack] = [d for _, p in g.groupby("worker_pid") for d in p["done"].sort_values().diff().dropna()]
-    return walls
+PIN = ["six==1.16.0"]
+BROKEN = ["tooling-noise-no-such-package==0.0.1"]
 
 
-def sweep_round(stacks: list[dict], runs: int) -> tuple[dict[str, list[float]], str | None]:
-    """One sweep over `stacks` in that order: warm per-run walls per stack, and the pip build's seconds."""
-    with tempfile.TemporaryDirectory() as tmp:
-        doc = {"name": "bench-stacks", "replicas": runs, "noise": ["control"], "stacks": stacks,
-               "workloads": [{"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}]}
-        (Path(tmp) / "s.yaml").write_text(yaml.safe_dump(doc))
-        out = Path(tmp) / "out"
-        r = subprocess.run([sys.executable, "-m", "orchestrator.sweep", f"{tmp}/s.yaml", "--out", str(out)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=1800)
-        assert r.returncode == 0, r.stderr[-3000:]
-        build = re.findall(r"stack pip: environment ready after (\d+) s", r.stdout + r.stderr)
-        return warm_walls(out), (build[0] if build else None)
+@ray.remote(num_cpus=1)
+def which_six() -> str:
+    import six
+
+    return six.__version__
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()) if path.exists() else 0
+
+
+def timed(runtime_env: dict) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    try:
+        got = ray.get(which_six.options(runtime_env=runtime_env).remote())
+    except Exception as e:  # noqa: BLE001 - the failure is what is timed
+        got = f"failed: {type(e).__name__}"
+    return time.perf_counter() - t0, got
+
+
+def cluster() -> Path:
+    context = ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    return Path(context.address_info["session_dir"])
+
+
+def old_way() -> dict:
+    """Ray's pip runtime_env: built in the session folder per cluster, 3 tries on failure (Ray's default)."""
+    session = cluster()
+    cold, got = timed({"pip": PIN})
+    again, _ = timed({"pip": PIN})
+    disk = du(session / "runtime_resources")
+    shutil.rmtree(session / "runtime_resources", ignore_errors=True)
+    ray.shutdown()
+    session = cluster()
+    second, _ = timed({"pip": PIN})
+    shutil.rmtree(session / "runtime_resources", ignore_errors=True)
+    broken, said = timed({"pip": BROKEN})
+    shutil.rmtree(session / "runtime_resources", ignore_errors=True)
+    ray.shutdown()
+    return {"disk": disk, "cold": cold, "again": again, "second": second, "broken": broken, "six": got,
+            "broken_said": said}
+
+
+def new_way() -> dict:
+    """The tool's way: `stacks.build` on the node, then Ray starts the task with that interpreter."""
+    stacks.delete([])
+    cluster()
+    t0 = time.perf_counter()
+    python = stacks.build(Stack(name="pip", pip=PIN))
+    build = time.perf_counter() - t0
+    cold, got = timed({"py_executable": python})
+    again, _ = timed({"py_executable": python})
+    ray.shutdown()
+    cluster()
+    t0 = time.perf_counter()
+    python = stacks.build(Stack(name="pip", pip=PIN))  # found ready
+    second, _ = timed({"py_executable": python})
+    second += time.perf_counter() - t0
+    ray.shutdown()
+    t0 = time.perf_counter()
+    try:
+        stacks.build(Stack(name="broken", pip=BROKEN))
+        said = "built?"
+    except stacks.BuildError as e:
+        said = str(e)[:90]
+    broken = time.perf_counter() - t0
+    disk = sum(e["bytes"] for e in stacks.listed())
+    stacks.delete([])
+    return {"disk": disk, "cold": build + cold, "again": again, "second": second, "broken": broken, "six": got,
+            "broken_said": said}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=30, help="runs per stack and round")
-    parser.add_argument("--rounds", type=int, default=2, help="sweeps, the stacks' order reversed every other one")
-    args = parser.parse_args()
-    walls, builds = {s["name"]: [] for s in STACKS}, []
-    print(f"{args.runs} runs per stack and round (digits mlp, 1 epoch, control, 2 CPU workers) "
-          f"on {fingerprint.cpu_model()}")
-    for n in range(args.rounds):
-        order = STACKS if n % 2 == 0 else STACKS[::-1]
-        got, build = sweep_round(order, args.runs)
-        base = statistics.median(got["launch"])
-        print(f"round {n + 1} ({' -> '.join(s['name'] for s in order)}): "
-              + ", ".join(f"{k} {statistics.median(v) / base:.2f}" for k, v in got.items())
-              + f" of launch; pip build {build} s; load average {os.getloadavg()[0]:.1f}")
-        for k, v in got.items():
-            walls[k] += v
-        builds.append(build)
-    base = statistics.median(walls["launch"])
-    print(f"{'stack':10} {'warm runs':>9} {'median s/run':>12} {'ratio to launch':>15}")
-    for stack, v in walls.items():
-        print(f"{stack:10} {len(v):9d} {statistics.median(v):12.3f} {statistics.median(v) / base:15.2f}")
-    print(f"pip stack one-time build (first run on a new node), per round: {', '.join(map(str, builds))} s")
+    with tempfile.TemporaryDirectory() as home, tempfile.TemporaryDirectory() as cache:
+        os.environ.update(TOOLING_NOISE_STACKS=home, UV_CACHE_DIR=cache)  # cold: nothing built, nothing cached
+        new = new_way()
+    old = old_way()
+    print(f"pip stack {PIN} on {fingerprint.cpu_model()}, launch venv {stacks.launch_site()}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'':34} {'Ray pip (old)':>14} {'uv layered (new)':>17} {'old / new':>10}")
+    rows = [("disk per stack, MB", "disk", 2**20), ("cold: first task, new cluster, s", "cold", 1),
+            ("same cluster again, s", "again", 1), ("second sweep (new cluster), s", "second", 1),
+            ("misspelled package fails after, s", "broken", 1)]
+    for label, k, unit in rows:
+        print(f"{label:34} {old[k] / unit:14.2f} {new[k] / unit:17.2f} {old[k] / max(new[k], 1e-9):10.1f}")
+    print(f"six imported in the task: old {old['six']}, new {new['six']}")
+    print(f"misspelled: old {old['broken_said']}; new {new['broken_said']}")
 
 
 if __name__ == "__main__":

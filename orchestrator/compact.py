@@ -8,7 +8,7 @@ row written meanwhile is lost or counted twice; see store.compact).
 import argparse
 import sys
 
-from orchestrator import store
+from orchestrator import lease, store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     if not store.exists(fs, f"{root}/runs"):
         print(f"error: out: {args.out} has no runs/ folder; give the OUT of a sweep", file=sys.stderr)
         return 2
-    merged = store.compact(store.absolute(args.out))
+    try:
+        with lease.held(args.out):
+            merged = store.compact(store.absolute(args.out))
+    except lease.LeaseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"compacted {merged} run files under {args.out}/runs")
     return 0
 

@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from safetensors import SafetensorError, safe_open
 
-from orchestrator import axes, metrics, sources, store
+from orchestrator import axes, lease, metrics, sources, store
 
 # Tooling axes are grouping keys: a thread count or a stack is not noise, it changes the bits.
 # Their run columns, each with its axis (orchestrator/axes.py: RunSpec field, default).
@@ -836,9 +836,9 @@ def main(argv: list[str] | None = None) -> int:
     if no_tree(args.out):
         return 2
     try:
-        with warnings_on_stderr():
+        with lease.held(args.out), warnings_on_stderr():
             tables = reduce(args.out, by=args.by.split(",") if args.by else None, fmt=fmt)
-    except UsageError as e:
+    except (UsageError, lease.LeaseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, df in tables.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator import store
+from orchestrator import lease, store
 from orchestrator.spec import ProbeSpec, RunSpec, SpecError, SweepSpec, expand, expand_probes, expanded, load
 
 # Tune's per-trial JSON/CSV/TensorBoard loggers cost more than a small replica's training.
@@ -368,7 +368,8 @@ def connect(address: str | None) -> None:
     # A local cluster turns token authentication on and says so in a warning, every run
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        # "local": a cluster of its own, never one `ray start` registered on this host by discovery
+        ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING")
     except Exception as e:  # noqa: BLE001 - Ray raises RuntimeError, ConnectionError, AuthenticationError...
         raise connect_error(address, e) from None
     if not address:
@@ -440,6 +441,12 @@ def run_sweep(args: argparse.Namespace) -> int:
           + (f"; {len(probes)} overhead probes, {len(todo_probes)} to run" if probes else ""), flush=True)
     for note in resource_notes(spec):
         print(f"note: {note}", flush=True)
+    with lease.held(out):  # before anything under OUT is written or deleted; also proves OUT writable
+        return run_leased(args, spec, out, runs, probes, todo, todo_probes, doomed, total, already)
+
+
+def run_leased(args, spec, out, runs, probes, todo, todo_probes, doomed, total, already) -> int:
+    """The part of a sweep that may write under OUT, under its lease."""
     if todo or todo_probes:
         connect(args.address)
         if not args.wait_for_autoscaling:

@@ -63,3 +63,22 @@ def test_ray_job_submit_runs_a_sweep(head_node, tmp_path):
     assert "Job 'sweep-1' succeeded" in status.stdout  # the CLI's wording of status SUCCEEDED
     df = store.read_runs(str(out)).to_pandas()
     assert len(df) == 2 and (df.status == "ok").all()
+
+
+def test_a_sweep_without_address_starts_its_own_cluster_beside_a_registered_one(head_node, tmp_path):
+    """A `ray start --head` cluster registered on this host: a sweep given no address (and no
+    RAY_ADDRESS) must neither run on it nor touch it; the cluster is still up and its own after."""
+    ray_bin, env = head_node
+    nodes = "import ray; ray.init(address='auto', logging_level='ERROR'); print(*[n['NodeID'] for n in ray.nodes()])"
+    head_ids = subprocess.run([sys.executable, "-c", nodes], env=env, capture_output=True, text=True,
+                              timeout=120).stdout.split()
+    assert head_ids  # the registered cluster, found by discovery as a plain ray.init() would
+    spec = write_spec(tmp_path / "s.yaml", name="mine", replicas=1, workloads=TINY)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(spec), "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = store.read_runs(str(out)).to_pandas()
+    assert len(df) == 1 and df.ray_node_id.iloc[0] not in head_ids
+    after = subprocess.run([sys.executable, "-c", nodes], env=env, capture_output=True, text=True, timeout=120)
+    assert after.stdout.split() == head_ids  # still up, same node: the sweep stopped only its own cluster
