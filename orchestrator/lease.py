@@ -84,10 +84,14 @@ def _local(out: str, fs, root: str, me: dict):
         except BlockingIOError:
             f.seek(0)
             raise _refusal(out, json.loads(f.read() or "{}")) from None
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(me))
-        f.flush()
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(me))
+            f.flush()
+            os.fsync(f.fileno())  # a full disk says so here, before Ray starts
+        except OSError as e:
+            raise store.unreachable(out, e) from None
         yield
     finally:
         if created and {p.name for p in folder.iterdir()} == {NAME}:  # a refused command leaves nothing

@@ -112,6 +112,41 @@ class WeightsUnavailable(ValueError):
     """A group's weight files are missing or do not describe the same model."""
 
 
+class WeightsDamaged(WeightsUnavailable):
+    """Weight files whose bytes no longer match their run's weights_sha256."""
+
+    def __init__(self, run_ids: list[str]):
+        super().__init__(f"damaged weights file(s) {', '.join(run_ids)} (bytes do not match weights_sha256): left "
+                         "out; their runs are marked failed and a resumed sweep runs them again")
+        self.run_ids = run_ids
+
+
+# safetensors dtype codes as torch names them: the runner's digest hashes str(tensor.dtype)
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                 "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+                 "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
+
+
+def file_digest(path: str) -> str | None:
+    """weights_sha256 recomputed from a safetensors file's own bytes, as the runner's weights_digest
+    makes it (each tensor's name, torch dtype, shape and raw bytes in sorted-name order), without
+    torch; None when the file cannot even be parsed."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            h = hashlib.sha256()
+            for name in sorted(k for k in header if k != "__metadata__"):
+                t = header[name]
+                a, b = t["data_offsets"]
+                h.update(f"{name}|torch.{_TORCH_DTYPES[t['dtype']]}|{tuple(t['shape'])}|".encode())
+                f.seek(8 + n + a)
+                h.update(f.read(b - a))
+            return h.hexdigest()
+    except (OSError, ValueError, KeyError, TypeError, MemoryError, OverflowError):
+        return None
+
+
 class UsageError(ValueError):
     """A request the tables cannot answer, such as grouping on a column runs do not have."""
 
@@ -249,7 +284,8 @@ def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.nd
     with equal weights_sha256 (a digest of every tensor of the file) are bitwise equal: each
     distinct digest is read once and equal ones are 0 without looking (a control group on one
     machine costs one file header, not R files; without that file its buffer distance is unknown).
-    Remote files are copied to a local temp folder first, since safetensors reads through mmap."""
+    Remote files are copied to a local temp folder first, since safetensors reads through mmap.
+    Each file read is checked against its run's weights_sha256 first (WeightsDamaged)."""
     digest = runs["weights_sha256"].fillna(runs["run_id"]).to_numpy(dtype=object)
     firsts, inverse = np.unique(digest, return_index=True, return_inverse=True)[1:]
     ids = runs["run_id"].to_numpy(dtype=object)[firsts]
@@ -265,6 +301,10 @@ def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.nd
             for src, dst in zip(paths, local):
                 pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             paths = local
+        expected = runs["weights_sha256"].to_numpy(dtype=object)[firsts]
+        damaged = [r for r, p, d in zip(ids, paths, expected) if isinstance(d, str) and file_digest(p) != d]
+        if damaged:
+            raise WeightsDamaged(damaged)
         try:
             d2 = _weights_sq_dists(paths)
         except SafetensorError as e:
@@ -304,6 +344,10 @@ def _weight_stats(fs: pafs.FileSystem, root: str, ok: pd.DataFrame, notes: list[
         notes.append(f"l2: mean over the pairs of a seeded sample of {L2_MAX_RUNS} of {len(ok)} runs")
     try:
         out["l2"], out["l2_buffers"] = map(metrics.mean_over_pairs, l2_matrix(fs, root, sample))
+    except WeightsDamaged as e:
+        notes.append(f"l2: {e}")
+        for run_id in e.run_ids:
+            store.amend_run(fs, root, run_id, status="failed", error=f"damaged weights file: {e}")
     except WeightsUnavailable as e:
         notes.append(f"l2: {e}")
     out["l2_rel"] = out["l2"] / ok["weights_norm"].mean()

@@ -35,6 +35,8 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # Ctrl-C raises KeyboardInterrupt at once (main says how to resume) instead of Tune's own stop,
 # which waits for a checkpoint and then suggests Tuner.restore(...): resuming here is re-running.
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+STORAGE = "storage failed"  # a trial's status when its outcome could not be written under OUT
+EXIT_STORAGE = 4  # the sweep's exit code when writes under OUT failed: 0 ok, 1 runs failed, 2 refused, 130 Ctrl-C
 OUT_ENTRIES = ("sweep.yaml", "runs", "weights", "datasets", "overhead", "tables", "tune", "logs", "progress.json")
 
 
@@ -122,7 +124,10 @@ def _trial(config: dict, table: tuple) -> None:
     # and Ray pickles `_trial` by value, but a worker can only reach the cache through the package
     from orchestrator.sweep import _specs
 
-    row = worker.execute(expanded(_specs(table[0])[config["run"]]), config["out"])
+    try:
+        row = worker.execute(expanded(_specs(table[0])[config["run"]]), config["out"])
+    except OSError as e:  # its result could not be written under OUT: the driver counts it, resume reruns it
+        row = {"status": STORAGE, "error": f"{type(e).__name__}: {e}"}
     tune.report({"status": row["status"], "test_accuracy": row.get("test_accuracy"), "error": row.get("error")})
 
 
@@ -140,6 +145,22 @@ def make_progress(total: int, out: str, failure_row, fail_fast: FailFast, by_id:
     class Progress(Callback):
         def __init__(self):
             self.t0, self.done, self.failed, self.skipped, self.written = time.time(), done, 0, 0, 0.0
+            self.lost: list[str] = []  # storage faults: runs whose outcome could not be written
+
+        def storage_fault(self, error: BaseException | str) -> None:
+            """A write under OUT that failed (after store.WRITE_TRIES tries) is counted and said once,
+            never raised into Tune, where it ended the whole sweep: the run is left for resume."""
+            self.lost.append((str(error).strip().splitlines() or [type(error).__name__])[0][:300])
+            if len(self.lost) == 1:
+                print(f"storage: a write under {out} failed ({self.lost[0]}); the sweep goes on and the runs "
+                      "whose results could not be written are left for the same command to resume", file=sys.stderr,
+                      flush=True)
+
+        def stored(self, write, *args, **kwargs) -> None:
+            try:
+                write(*args, **kwargs)
+            except OSError as e:
+                self.storage_fault(e)
 
         def _update(self, failed: bool, skipped: bool = False) -> None:
             self.done, self.failed, self.skipped = self.done + 1, self.failed + failed, self.skipped + skipped
@@ -152,23 +173,29 @@ def make_progress(total: int, out: str, failure_row, fail_fast: FailFast, by_id:
             self.written = time.time()
             state = {"done": self.done, "total": total, "failed": self.failed, "skipped": self.skipped,
                      "elapsed_s": round(elapsed, 1), "eta_s": round(eta, 1), "updated": self.written}
-            store.write_bytes(fs, f"{root}/progress.json", json.dumps(state).encode())
+            self.stored(store.write_bytes, fs, f"{root}/progress.json", json.dumps(state).encode())
 
         def skip(self, run: RunSpec, error: str) -> None:
-            store.write_run(fs, root, base_row(run) | {"status": "skipped", "error": error})
+            self.stored(store.write_run, fs, root, base_row(run) | {"status": "skipped", "error": error})
             self._update(False, skipped=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
-            if isinstance(run := by_id[trial.config["run"]], RunSpec):
+            if result.get("status") == STORAGE:
+                self.storage_fault(result.get("error"))
+            elif isinstance(run := by_id[trial.config["run"]], RunSpec):
                 if trial.num_failures:  # Tune restarted a trial whose process died: its row says so
-                    store.amend_run(*store.resolve(out), run.run_id, attempts=trial.num_failures + 1)
+                    self.stored(store.amend_run, fs, root, run.run_id, attempts=trial.num_failures + 1)
                 fail_fast.record(run, None if result.get("status") == "ok" else str(result.get("error")))
             self._update(result.get("status") != "ok")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             run = by_id[trial.config["run"]]
-            error = failure_row(run, trial_error(trial), trial.num_failures)
+            try:
+                error = failure_row(run, trial_error(trial), trial.num_failures)
+            except OSError as e:
+                self.storage_fault(e)
+                error = "storage failed"
             if isinstance(run, RunSpec):
                 fail_fast.record(run, error.splitlines()[0])
             self._update(True)
@@ -305,9 +332,10 @@ def quiet_tune() -> None:
         tune_log.addFilter(lambda record: not record.getMessage().startswith("Trials did not complete"))
 
 
-def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: int) -> None:
+def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: int) -> list[str]:
     """Fan the runs out as Tune trials, one per replica or overhead probe, one Tune run per pool.
-    Worker processes are reused within a pool (warm: torch imported, dataset cached, CUDA up)."""
+    Worker processes are reused within a pool (warm: torch imported, dataset cached, CUDA up).
+    Returns the storage faults met (writes under OUT that failed): those runs are left for resume."""
     import ray
     from ray import tune
 
@@ -335,6 +363,7 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: 
                 failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                 callbacks=[progress], verbose=0))
         tuner.fit()  # trial outcomes are in OUT/runs; Tune's own result grid is not needed
+    return progress.lost
 
 
 def replicas_at_once(run: RunSpec | ProbeSpec) -> int | None:
@@ -452,15 +481,24 @@ def run_leased(args, spec, out, runs, probes, todo, todo_probes, doomed, total, 
         if not args.wait_for_autoscaling:
             preflight(todo + todo_probes)
     start_out(spec, out, doomed, {"done": already, "total": total, "failed": 0, "updated": time.time()})
+    lost = []
     if todo or todo_probes:
         print(f"running {len(todo) + len(todo_probes)} trials with Ray Tune; progress also in {out}/progress.json",
               flush=True)
         try:
-            schedule(todo + todo_probes, spec, out, total)
+            lost = schedule(todo + todo_probes, spec, out, total)
         except KeyboardInterrupt:
             return interrupted(out, runs)
-    store.compact(out, at_least=store.COMPACT_AT)
-    return report(out, runs, probes)
+    try:
+        store.compact(out, at_least=store.COMPACT_AT)
+        code = report(out, runs, probes)
+    except OSError as e:
+        lost.append(str(store.unreachable(out, e)))
+    if lost:
+        print(f"error: storage failed: {len(lost)} write(s) under {out} failed, first: {lost[0]}; the runs they "
+              "concern are not ok there, and the same command resumes them once OUT is writable", file=sys.stderr)
+        return EXIT_STORAGE
+    return code
 
 
 def report(out: str, runs: list[RunSpec], probes: list[ProbeSpec]) -> int:

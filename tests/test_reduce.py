@@ -1,9 +1,9 @@
 """The reducer on real results trees written with store.write_run and safetensors, end to end."""
 
-import hashlib
 import json
 import math
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -32,6 +32,15 @@ def weights(dw: dict[tuple[int, int], float] | None = None) -> dict[str, np.ndar
     return {"w": w, "b": np.full(2, 0.5, dtype=np.float32), "steps": np.array(7, dtype=np.int64)}
 
 
+def digest(tensors: dict[str, np.ndarray]) -> str:
+    """weights_sha256 as the runner computes it, from torch tensors (reduce checks files against it)."""
+    import torch
+
+    from orchestrator.runner import weights_digest
+
+    return weights_digest({k: torch.from_numpy(v.copy()) for k, v in tensors.items()})[0]
+
+
 def write_run(root: Path, run_id: str, preds=None, tensors=None, *, noise="algo", replica=0, num_threads=1,
               status="ok", seeds=(1, 2, 3), lr=0.01, **columns) -> None:
     """One run as the runner writes it: weights file first, then its row (RUN_SCHEMA names, and
@@ -46,10 +55,9 @@ def write_run(root: Path, run_id: str, preds=None, tensors=None, *, noise="algo"
     if status == "ok":
         preds = np.asarray(preds, dtype=np.int32)
         correct = preds == LABELS
-        raw = b"".join(t.tobytes() for _, t in sorted(tensors.items()))
         row |= {"test_accuracy": float(correct.mean()), "predictions": preds.tolist(),
                 "per_class_accuracy": [float(correct[LABELS == c].mean()) for c in (0, 1)],
-                "weights_sha256": hashlib.sha256(raw).hexdigest(),
+                "weights_sha256": digest(tensors),
                 "weights_norm": math.sqrt(sum(float((t.astype(np.float64) ** 2).sum())
                                               for t in tensors.values() if t.dtype.kind == "f"))}
         (root / "weights").mkdir(parents=True, exist_ok=True)
@@ -106,7 +114,7 @@ def by_noise(df: pd.DataFrame, noise: str, num_threads: int = 1) -> pd.Series:
 def test_cli_end_to_end(tree: Path):
     res = cli(str(tree))
     assert res.returncode == 0, res.stderr
-    assert "skipped 1 unreadable or foreign Parquet file" in res.stderr
+    assert "skipped 1 unreadable, damaged or foreign Parquet file(s) under" in res.stderr
     assert "## variance" in res.stdout and "## cross_stack" in res.stdout and "## overhead" in res.stdout
     for name in ("variance", "subgroups", "cross_stack", "overhead"):
         for ext in ("md", "csv", "parquet"):
@@ -228,12 +236,14 @@ def test_bfloat16_weights(tmp_path: Path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file as save_torch
 
-    write_run(tmp_path, "a", P0, weights(), seeds=(1, 2, 3))
-    write_run(tmp_path, "b", P1, weights({(0, 0): 3.0}), seeds=(4, 5, 6))
-    for r, v in (("a", 0.0), ("b", 3.0)):  # the same values, stored as bfloat16
+    from orchestrator.runner import weights_digest
+
+    for r, v, preds, seeds in (("a", 0.0, P0, (1, 2, 3)), ("b", 3.0, P1, (4, 5, 6))):  # stored as bfloat16
         w = torch.zeros(2, 3, dtype=torch.bfloat16)
         w[0, 0] = v
-        save_torch({"w": w, "b": torch.full((2,), 0.5, dtype=torch.bfloat16)}, str(tmp_path / "weights" / f"{r}.safetensors"))
+        state = {"w": w, "b": torch.full((2,), 0.5, dtype=torch.bfloat16)}
+        write_run(tmp_path, r, preds, weights(), seeds=seeds, weights_sha256=weights_digest(state)[0])
+        save_torch(state, str(tmp_path / "weights" / f"{r}.safetensors"))
     assert reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0]["l2"] == pytest.approx(3.0)
 
 
@@ -243,6 +253,47 @@ def test_missing_weights_file_is_a_note(tmp_path: Path):
     (tmp_path / "weights" / "b.safetensors").unlink()
     row = reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0]
     assert math.isnan(row["l2"]) and "no weights file for 1 run(s)" in row["note"] and row["churn"] == 1 / 8
+
+
+def test_a_flipped_weight_byte_is_named_left_out_and_rerun(tmp_path: Path):
+    write_run(tmp_path, "a", P0, weights())
+    write_run(tmp_path, "b", P1, weights({(0, 0): 3.0}), replica=1)
+    path = tmp_path / "weights" / "b.safetensors"
+    assert reduce.file_digest(str(path)) == digest(weights({(0, 0): 3.0}))  # the file hashes as the runner hashed it
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x40  # one bit of the bias's last float
+    path.write_bytes(bytes(raw))
+    row = reduce.reduce(str(tmp_path), fmt=())["variance"].iloc[0]
+    assert math.isnan(row["l2"]) and "damaged weights file(s) b" in row["note"]
+    runs = store.read_runs(str(tmp_path)).to_pandas().set_index("run_id")
+    assert runs.loc["b"].status == "failed" and "damaged weights file" in runs.loc["b"].error
+    assert "b" not in store.ok_run_ids(str(tmp_path))  # so a resumed sweep runs it again
+
+
+def test_a_damaged_run_file_is_named_and_counts_as_not_run(tmp_path: Path):
+    """A flipped bit anywhere in a run file fails its read (page checksums for the values, the row's
+    digest for the footer), never a changed value; the file is named in the warning and its run is
+    not ok (a resume reruns it)."""
+    write_run(tmp_path, "a", P0, weights())
+    write_run(tmp_path, "b", P1, weights({(0, 0): 3.0}), replica=1)
+    path = tmp_path / "runs" / "b.parquet"
+    good, clean = path.read_bytes(), store.read_runs(str(tmp_path)).to_pandas().set_index("run_id").loc["b"]
+    changed = 0
+    for i in range(4, len(good) - 8, 29):  # past the magic bytes, every 29th byte: data pages, footer, schema
+        raw = bytearray(good)
+        raw[i] ^= 0x10
+        path.write_bytes(bytes(raw))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            df = store.read_runs(str(tmp_path)).to_pandas().set_index("run_id")
+        if "b" in df.index:
+            b = df.loc["b"]
+            changed += not all(np.array_equal(np.asarray(b[c]), np.asarray(clean[c])) if isinstance(clean[c], np.ndarray)
+                               else (b[c] == clean[c]) or (pd.isna(b[c]) and pd.isna(clean[c])) for c in clean.index)
+        else:
+            assert any("b.parquet" in str(w.message) for w in seen)
+    assert changed == 0
+    path.write_bytes(good)
 
 
 def test_format_markdown_aligned():

@@ -166,3 +166,39 @@ def test_a_probe_only_sweep_reports_no_missing_runs(ray_local, tmp_path, capsys)
     printed = capsys.readouterr()
     assert "no runs under" not in printed.out + printed.err and "overhead_pct" in printed.out
     assert json.loads((out / "progress.json").read_text())["total"] == 1
+
+
+def test_one_writer_per_out(ray_local, tmp_path, capsys):
+    """Sweep A runs in its own process; meanwhile a second sweep of another name with --fresh, the
+    same spec again, a compact and a reduce on A's OUT are each refused in one line naming A, and
+    A finishes with every row. Then a holder killed with SIGKILL leaves a lease the next sweep takes."""
+    from orchestrator import compact, reduce
+
+    out = tmp_path / "out"
+    a = write_spec(tmp_path / "a.yaml", name="a", replicas=4, noise=["algo"], workloads=[tiny(epochs=2)])
+    b = write_spec(tmp_path / "b.yaml", name="b", replicas=1, workloads=[tiny()])
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(a), "--out", str(out)], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "sweep.yaml").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    for command in ([str(b), "--out", str(out), "--fresh"], [str(a), "--out", str(out)]):
+        assert sweep.main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"is being written by `python -m sweep {a} --out {out}` (pid {p.pid}" in err
+    assert compact.main([str(out)]) == 2 and reduce.main([str(out)]) == 2
+    assert "is being written by" in capsys.readouterr().err
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-2000:]
+    df = store.read_runs(str(out)).to_pandas()
+    assert len(df) == 4 and (df.status == "ok").all() and set(df.sweep) == {"a"}  # nothing of B's, nothing lost
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from orchestrator import lease\n"
+                               f"with lease.held({str(out)!r}, 'a holder'):\n print('held', flush=True); time.sleep(600)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert reduce.main([str(out)]) == 2
+    holder.kill()
+    holder.wait()
+    assert reduce.main([str(out)]) == 0  # the dead holder's lease went with its process

@@ -12,6 +12,7 @@ from orchestrator import store, sweep
 from tests.conftest import ROOT, write_spec
 
 pytestmark = pytest.mark.integration
+SERVER = []  # the module's moto server and its port: the outage test stops and restarts it
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,7 @@ def s3_env():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    SERVER[:] = [server, port]
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
@@ -30,7 +32,7 @@ def s3_env():
     yield env
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    server.stop()
+    SERVER[0].stop()
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +62,40 @@ def test_sweep_and_reduce_on_s3(s3_cluster, tmp_path):
                        text=True, env={**os.environ, **s3_cluster}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "control" in r.stdout and "algo" in r.stdout
+
+
+def test_an_endpoint_that_dies_mid_sweep_fails_writes_not_the_sweep(s3_cluster, tmp_path, capsys):
+    """The S3 server stops after the first rows land: the sweep goes on to its end, says in one line
+    that storage failed (exit 4), leaves no half-written file; with the server back (moto keeps its
+    objects in this process), the same command runs only what is missing, once."""
+    import threading
+    import time
+
+    from moto.server import ThreadedMotoServer
+
+    out = "s3://sweeps-bucket/outage"
+    spec = write_spec(tmp_path / "s.yaml", name="outage", replicas=6, noise=["algo"],
+                      workloads=[{"arch": "mlp", "dataset": "digits", "epochs": 2, "batch_size": 64}])
+    fs, root = store.resolve(out)
+    code = []
+    sweep_thread = threading.Thread(target=lambda: code.append(sweep.main([str(spec), "--out", out])))
+    sweep_thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not code:
+        if len(fs.get_file_info(pafs.FileSelector(f"{root}/runs", allow_not_found=True))) >= 1:
+            break
+        time.sleep(0.2)
+    SERVER[0].stop()
+    sweep_thread.join(timeout=600)
+    assert code == [4]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: storage failed")]
+    assert len(lines) == 1 and "the same command resumes them" in lines[0]
+    assert "Traceback" not in err
+    SERVER[0] = ThreadedMotoServer(ip_address="127.0.0.1", port=SERVER[1], verbose=False)
+    SERVER[0].start()
+    landed = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}/runs"))}
+    assert 1 <= len(landed) < 6 and not [n for n in landed if n.startswith(store.TMP_PREFIX)]
+    assert sweep.main([str(spec), "--out", out]) == 0
+    df = store.read_runs(out).to_pandas()
+    assert len(df) == df.run_id.nunique() == 6 and (df.status == "ok").all()
