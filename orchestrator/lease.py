@@ -8,7 +8,8 @@ time, command); a second command is refused in one line naming the holder (exit 
 - On a file system the lease is an advisory lock (`flock`) on that file: the kernel releases it
   when the holder's process ends, however it ends, so a dead holder's lease is free at once.
 - On object storage there are no locks: the lease is an object the holder rewrites every BEAT_S
-  seconds; one whose last beat is older than TTL_S is a dead holder's and is taken over. Two
+  seconds; one whose last beat is older than TTL_S, or whose holder's process on this host is gone,
+  is a dead holder's and is taken over. Two
   commands starting within a second of each other could both write it: each reads it back after a
   pause and only the one whose lease it finds proceeds.
 
@@ -72,7 +73,7 @@ def held(out: str, command: str | None = None):
 @contextlib.contextmanager
 def _local(out: str, fs, root: str, me: dict):
     folder = Path(root)
-    created = not folder.exists()
+    created, new = not folder.exists(), not (folder / NAME).exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         f = open(folder / NAME, "a+")
@@ -92,12 +93,32 @@ def _local(out: str, fs, root: str, me: dict):
             os.fsync(f.fileno())  # a full disk says so here, before Ray starts
         except OSError as e:
             raise store.unreachable(out, e) from None
-        yield
+        try:
+            yield
+        finally:
+            f.truncate(0)  # released: the file names a holder only while one holds it
     finally:
-        if created and {p.name for p in folder.iterdir()} == {NAME}:  # a refused command leaves nothing
+        if new and {p.name for p in folder.iterdir()} == {NAME}:  # a refused command leaves nothing
             (folder / NAME).unlink()
-            folder.rmdir()
+            if created:
+                folder.rmdir()
         f.close()  # the lock goes with the file
+
+
+def _dead_here(holder: dict) -> bool:
+    """A holder on this host whose process is gone (or is this one: it released the lease but could
+    not delete it, as when the storage was down)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    if holder.get("pid") == os.getpid():
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, TypeError):
+        return False
+    return False
 
 
 @contextlib.contextmanager
@@ -109,7 +130,7 @@ def _remote(out: str, fs, root: str, me: dict):
 
     try:
         holder = read()
-        if holder and time.time() - holder["beat"] < TTL_S:  # a live holder (this process never asks twice)
+        if holder and time.time() - holder["beat"] < TTL_S and not _dead_here(holder):
             raise _refusal(out, holder)
         store.write_bytes(fs, path, json.dumps(me).encode())
         time.sleep(1.0)  # a command that wrote at the same moment: the object holds one of the two

@@ -311,7 +311,7 @@ def read_runs(uri: str, columns: list[str] | None = None) -> pa.Table:
     table = _read_ours(fs, paths, cols)
     if set(RUN_SCHEMA.names) <= set(cols):  # every value read: check each row against its digest
         stored = table[DIGEST].to_pylist()
-        table = table.filter(pa.array([s is None or s == d for s, d in zip(stored, row_digests(table))]))
+        table = table.filter(pa.array([s is None or s == d for s, d in zip(stored, row_digests(table))], pa.bool_()))
     skipped = sorted(set(paths) - set(table["__filename"].to_pylist()))
     if skipped:
         names = ", ".join(p.rsplit("/", 1)[-1] for p in skipped[:3]) + (", …" if len(skipped) > 3 else "")

@@ -362,7 +362,10 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: 
                 storage_path=f"{out}/tune",  # beside the results: shared storage on a multi-node cluster
                 failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                 callbacks=[progress], verbose=0))
-        tuner.fit()  # trial outcomes are in OUT/runs; Tune's own result grid is not needed
+        try:
+            tuner.fit()  # trial outcomes are in OUT/runs; Tune's own result grid is not needed
+        except OSError as e:  # Tune's own state under OUT/tune could not be written or read back
+            progress.storage_fault(e)
     return progress.lost
 
 
