@@ -359,7 +359,9 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: 
                                         reuse_actors=True, trial_dirname_creator=lambda t: t.config["run"]),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{stamp}-{n}",
-                storage_path=f"{out}/tune",  # beside the results: shared storage on a multi-node cluster
+                # beside the results (shared storage on a multi-node cluster), through the store's file
+                # system: its bounded waits, where Tune's own S3 client retried an outage for minutes
+                storage_path=f"{store.resolve(out)[1]}/tune", storage_filesystem=store.resolve(out)[0],
                 failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                 callbacks=[progress], verbose=0))
         try:
