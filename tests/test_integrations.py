@@ -1,5 +1,5 @@
-"""Framework adapters (orchestrator/integrations): the shipped Hugging Face Trainer example run
-in-process through runner.run under each preset, then its sweep on a real local Ray cluster."""
+"""Framework adapters (orchestrator/integrations): the shipped Hugging Face Trainer and Lightning
+examples run in-process through runner.run under each preset, then a sweep on a real local Ray cluster."""
 
 import json
 import os
@@ -12,10 +12,16 @@ from orchestrator.spec import expand, parse
 from tests.conftest import ROOT
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded: models come from configs
-pytest.importorskip("transformers")
 
-HF = {"entrypoint": "examples.hf_trainer:main", "name": "tiny_bert", "dataset": "sequences",
-      "args": {"epochs": 2, "n_train": 128}}
+WORKLOADS = {
+    "hf": {"entrypoint": "examples.hf_trainer:main", "name": "tiny_bert", "dataset": "sequences",
+           "args": {"epochs": 2, "n_train": 128}},
+    "lightning": {"entrypoint": "examples.lightning_module:main", "name": "digits_lit", "dataset": "sklearn_digits",
+                  "args": {"epochs": 2}},
+}
+# what each example's script passes itself, and a process-wide setting its framework writes
+NOTED = {"hf": ("the script's seed=42 replaced by", "CUBLAS_WORKSPACE_CONFIG: :4096:8 -> :16:8", "CUDA_LAUNCH_BLOCKING"),
+         "lightning": ("the script's seed_everything=42 replaced by", "PL_GLOBAL_SEED: None -> ", "PL_GLOBAL_SEED")}
 
 
 def rows(tmp_path, workload, noise, replicas):
@@ -27,43 +33,50 @@ def orders(row):
     return tuple(m["order_digest"] for m in json.loads(row["epoch_metrics"]))
 
 
+@pytest.fixture(scope="module", params=["hf", "lightning"])
+def framework(request):
+    pytest.importorskip({"hf": "transformers", "lightning": "lightning"}[request.param])
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def hf_rows(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf")
-    return {noise: rows(out, HF, noise, n) for noise, n in
+def preset_rows(framework, tmp_path_factory):
+    out = tmp_path_factory.mktemp(framework)
+    return {noise: rows(out, WORKLOADS[framework], noise, n) for noise, n in
             (("control", 2), ("init", 2), ("order", 2), ("algo", 3))}
 
 
-def test_hf_control_replicas_are_bitwise_identical(hf_rows):
-    a, b = hf_rows["control"]
+def test_control_replicas_are_bitwise_identical(preset_rows):
+    a, b = preset_rows["control"]
     assert a["status"] == b["status"] == "ok", (a.get("error"), b.get("error"))
     assert a["weights_sha256"] == b["weights_sha256"] and a["predictions"] == b["predictions"]
     assert orders(a) == orders(b) and len(orders(a)) == 2 and orders(a)[0] != orders(a)[1]
 
 
-def test_hf_init_preset_varies_weights_only_not_the_batch_order(hf_rows):
-    a, b = hf_rows["init"]
+def test_init_preset_varies_weights_only_not_the_batch_order(preset_rows):
+    a, b = preset_rows["init"]
     assert a["seed_init"] != b["seed_init"] and a["weights_sha256"] != b["weights_sha256"]
-    assert orders(a) == orders(b) == orders(hf_rows["control"][0])
+    assert orders(a) == orders(b) == orders(preset_rows["control"][0])
 
 
-def test_hf_order_preset_varies_the_batch_order_from_the_same_start(hf_rows):
-    a, b = hf_rows["order"]
+def test_order_preset_varies_the_batch_order_from_the_same_start(preset_rows):
+    a, b = preset_rows["order"]
     assert a["seed_init"] == b["seed_init"] and a["seed_augment"] == b["seed_augment"]
     assert orders(a)[0] != orders(b)[0] and a["weights_sha256"] != b["weights_sha256"]
 
 
-def test_hf_algo_replicas_all_distinct(hf_rows):
-    algo = hf_rows["algo"]
+def test_algo_replicas_all_distinct(preset_rows):
+    algo = preset_rows["algo"]
     assert all(r["status"] == "ok" for r in algo)
     assert len({r["weights_sha256"] for r in algo}) == 3 and len({orders(r) for r in algo}) == 3
 
 
-def test_hf_framework_globals_and_the_script_s_own_seed_are_noted_and_undone(hf_rows):
-    note = hf_rows["control"][0]["note"]
-    assert "the script's seed=42 replaced by" in note  # the example passes seed=42 like a user script
-    assert "CUBLAS_WORKSPACE_CONFIG: :4096:8 -> :16:8" in note and "restored after the run" in note
-    assert os.environ.get("CUDA_LAUNCH_BLOCKING") is None  # what full_determinism set is undone
+def test_framework_globals_and_the_script_s_own_seed_are_noted_and_undone(framework, preset_rows):
+    script, setting, variable = NOTED[framework]
+    note = preset_rows["control"][0]["note"]
+    assert script in note  # the example passes 42 as a user's script would
+    assert setting in note and "restored after the run" in note
+    assert os.environ.get(variable) is None  # what the framework set process-wide is undone
 
 
 @pytest.mark.integration
