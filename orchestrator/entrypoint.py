@@ -65,6 +65,7 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     reports: list[dict] = field(default_factory=list)  # one per ctx.report call
+    notes: list[str] = field(default_factory=list)  # ctx.note calls: the row's `note`
     _last: float = field(default_factory=time.perf_counter)
 
     def seed(self, source: str) -> int:
@@ -91,6 +92,12 @@ class Context:
         torch.manual_seed(s)
         random.seed(s)
         np.random.seed(s % 2**32)
+
+    def note(self, text: str) -> None:
+        """Say something the row should carry (e.g. a process-wide setting a framework changed that
+        mixes noise sources); repeats are kept once."""
+        if text not in self.notes:
+            self.notes.append(text)
 
     def report(self, epoch: int, **metrics: float) -> None:
         """Call once per epoch: records the seconds since the previous report (the device synchronised
@@ -171,4 +178,4 @@ def call(spec, device: torch.device, rank: Rank = SOLO) -> tuple[TrainResult, np
         return None
     result, labels = check(result, [r["seconds"] for r in ctx.reports])
     return result, labels, {"epochs": len(ctx.reports), "train_seconds": seconds,
-                            "epoch_metrics": json.dumps(ctx.reports)}
+                            "epoch_metrics": json.dumps(ctx.reports), "note": "; ".join(ctx.notes) or None}
