@@ -198,9 +198,11 @@ DIGEST = "row_sha256"
 
 
 def row_digests(table: pa.Table) -> list[str]:
-    """Per row, sha256 over the values of every run column but the digest itself, by column name.
-    Page checksums catch a flipped bit in a file's values; this catches the rest (measured: ~1.7% of
-    single-byte flips in a run file's footer read back as other values, with no error)."""
+    """Per row, sha256 over the non-null values of every run column but the digest itself, by column
+    name. Page checksums catch a flipped bit in a file's values; this catches the rest (measured:
+    ~1.7% of single-byte flips in a run file's footer read back as other values, with no error).
+    Nulls are left out so that a column added to the schema later (null in older files) keeps
+    every older row's digest."""
     hs = [hashlib.sha256() for _ in range(table.num_rows)]
     for name in sorted(set(table.column_names) & set(RUN_SCHEMA.names) - {DIGEST}):
         col = table.column(name).combine_chunks()
@@ -210,10 +212,12 @@ def row_digests(table: pa.Table) -> list[str]:
             off = col.offsets.to_numpy()
             vals = col.values.to_numpy(zero_copy_only=False)
             for i, (h, ok) in enumerate(zip(hs, col.is_valid().to_pylist())):
-                h.update(f"{name}:".encode() + (vals[off[i]:off[i + 1]].tobytes() if ok else b"null"))
+                if ok:
+                    h.update(f"{name}:{off[i + 1] - off[i]}:".encode() + vals[off[i]:off[i + 1]].tobytes())
         else:
             for h, v in zip(hs, col.to_pylist()):
-                h.update(f"{name}={v!r};".encode())
+                if v is not None:
+                    h.update(f"{name}={v!r};".encode())
     return [h.hexdigest() for h in hs]
 
 
