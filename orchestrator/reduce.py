@@ -450,10 +450,12 @@ def variance_tables(runs: Runs, fs: pafs.FileSystem, root: str, by: list[str]) -
     rows, subs, accs, labels = [], [], [], {}
     for vals, g in runs.meta.groupby(by, dropna=False, sort=True):
         key = dict(zip(by, vals))
-        datasets = g["dataset"].unique()
-        if len(datasets) == 1 and datasets[0] not in labels:
-            labels[datasets[0]] = _labels(fs, root, datasets[0])
-        row, sub = _group(runs, key, g, fs, root, labels.get(datasets[0]) if len(datasets) == 1 else None)
+        names = {store.labels_name(_spec(s).get("workload") or {"dataset": d})
+                 for s, d in zip(g["spec_json"], g["dataset"])}
+        name = names.pop() if len(names) == 1 else None  # one dataset as defined (name, root, options)
+        if name is not None and name not in labels:  # trees written before labels were keyed: by name only
+            labels[name] = _labels(fs, root, name) or _labels(fs, root, g["dataset"].iloc[0])
+        row, sub = _group(runs, key, g, fs, root, labels.get(name))
         rows.append(row)
         subs += sub
         ok = g[(g["status"] == "ok") & g["test_accuracy"].notna()]

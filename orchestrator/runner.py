@@ -147,13 +147,14 @@ def train_one(spec: RunSpec, fs, root: str, device: torch.device, rank: Rank = S
         if returned is None:  # a rank other than 0
             return {}
         result, labels, extra = returned
-        _check_labels(fs, root, spec.workload.dataset, labels)
+        _check_labels(fs, root, store.labels_name(spec.workload.model_dump(mode="json")), labels)
     else:
         data, model, cfg = build_workload(spec)
         if spec.seeds.bitflip is not None:
             flipped = noise.flip_lowest_bit(model, spec.seeds.bitflip)
         if rank.rank == 0:
-            _write_labels(fs, root, spec.workload.dataset, data.test_y, data.subgroups)
+            _write_labels(fs, root, store.labels_name(spec.workload.model_dump(mode="json")), data.test_y,
+                          data.subgroups)
         aug = augment_streams(spec.seeds.for_rank(rank.rank), device)
         order = torch.Generator().manual_seed(spec.seeds.order)
         with sdpa_backend(spec.attention, device):

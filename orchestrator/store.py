@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import time
 import uuid
 import warnings
@@ -219,6 +220,15 @@ def row_digests(table: pa.Table) -> list[str]:
                 if v is not None:
                     h.update(f"{name}={v!r};".encode())
     return [h.hexdigest() for h in hs]
+
+
+def labels_name(workload: dict) -> str:
+    """The name of a dataset's labels file, keyed by everything that defines the dataset: two
+    `text` workloads over different dataset_roots (or loader options) have different test sets
+    and must not share one labels file. A dataset defined by its name alone keeps its bare name."""
+    defined = {k: workload[k] for k in ("dataset_root", "dataset_args") if workload.get(k)}
+    digest = hashlib.sha256(json.dumps(defined, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{workload.get('dataset')}-{digest}" if defined else str(workload.get("dataset"))
 
 
 def write_run(fs: pafs.FileSystem, root: str, row: dict) -> None:

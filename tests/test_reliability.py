@@ -202,3 +202,29 @@ def test_one_writer_per_out(ray_local, tmp_path, capsys):
     holder.kill()
     holder.wait()
     assert reduce.main([str(out)]) == 0  # the dead holder's lease went with its process
+
+
+def test_two_text_workloads_over_different_files_keep_their_own_labels(ray_local, tmp_path):
+    """Labels are keyed by dataset name, root and options: each text file's test set is its own file
+    under OUT/datasets, and each group's per-example statistics read its own."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.reduce import reduce
+
+    texts = {"fox": "the quick brown fox jumps over the lazy dog. " * 40, "cat": "a cat sat on the mat; " * 50}
+    workloads = []
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text, encoding="utf-8")
+        workloads.append({"arch": "gpt", "dataset": "text", "dataset_root": str(tmp_path / f"{name}.txt"),
+                          "dataset_args": {"context_length": 16, "test_fraction": 0.2},
+                          "arch_args": {"n_layer": 1, "n_head": 2, "n_embd": 16}, "epochs": 1, "batch_size": 32})
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "s.yaml", name="texts", replicas=2, noise=["algo"], workloads=workloads)
+    assert sweep.main([str(spec), "--out", str(out)]) == 0
+    files = sorted((out / "datasets").glob("text-*.parquet"))
+    sizes = {pq.read_metadata(f).num_rows for f in files}
+    assert len(files) == 2 and len(sizes) == 2, files
+    df = store.read_runs(str(out)).to_pandas()
+    assert {len(p) for p in df.predictions} == sizes  # each run's predictions match one labels file
+    variance = reduce(str(out))["variance"]
+    assert len(variance) == 2 and variance.acc_std_sampling.notna().all()
