@@ -32,6 +32,11 @@ Precision = Literal["fp32", "tf32", "bf16"]
 Attention = Literal["auto", "math", "flash", "efficient", "cudnn"]
 LAUNCH = "launch"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Environment variables that make a process load code it was not asked to (a library into every
+# process, modules ahead of the installed ones, a script at start): legitimate, but a sweep file
+# setting them runs that code in every worker, so they are said at start and recorded in each row.
+CODE_ENV = ("LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH", "DYLD_INSERT_LIBRARIES", "DYLD_LIBRARY_PATH",
+            "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONEXECUTABLE")
 
 
 class Stack(Strict):

@@ -21,9 +21,11 @@ import platform
 import socket
 import sys
 
+from .axes import CODE_ENV
+
 ENV_ALLOW = ("CUDA_VISIBLE_DEVICES", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
              "NVIDIA_TF32_OVERRIDE", "TORCH_CUDNN_V8_API_DISABLED", "PYTORCH_CUDA_ALLOC_CONF",
-             "CUDA_LAUNCH_BLOCKING", "OPENBLAS_CORETYPE", "ATEN_CPU_CAPABILITY")
+             "CUDA_LAUNCH_BLOCKING", "OPENBLAS_CORETYPE", "ATEN_CPU_CAPABILITY", *CODE_ENV)
 # Collective settings (NCCL_ALGO, NCCL_PROTO, TORCH_NCCL_BLOCKING_WAIT, ...) are recorded whole.
 ENV_ALLOW_PREFIXES = ("NCCL_", "TORCH_NCCL_")
 STACK_KEYS = ("gpu_name", "gpu_driver", "cuda_version", "cudnn_version", "torch_version",

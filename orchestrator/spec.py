@@ -491,6 +491,41 @@ def parse(doc: object, source: str = "spec") -> SweepSpec:
         raise SpecError("\n".join(f"{source}: {line}" for line in lines)) from None
 
 
+# A sweep file is code run with the user's rights, but reading one must stay bounded: an alias
+# bomb (a: &a [x, x], b: &b [*a, *a], ... nine levels) is a few lines that expand to billions of
+# nodes, and a list nested 500 deep ends in a RecursionError. Real sweeps are far below both.
+MAX_YAML_NODES = 100_000  # values after alias expansion
+MAX_YAML_DEPTH = 64  # nested lists/mappings
+
+
+def _check_size(text: str, source: str) -> None:
+    """Count the nodes the document expands to and its nesting depth from the parser's events
+    (an iterative parser: neither recursion nor expansion happens here), refusing in one line."""
+    sizes: dict[str, int] = {}  # anchor -> nodes it expands to
+    open_: list[tuple[str | None, int]] = []  # (anchor, total when the collection started)
+    total = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            total += 1
+            open_.append((event.anchor, total))
+            if len(open_) > MAX_YAML_DEPTH:
+                line = event.start_mark.line + 1
+                raise SpecError(f"{source}: nesting deeper than {MAX_YAML_DEPTH} levels at line {line}; "
+                                "a sweep file is a few levels deep: flatten it")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, start = open_.pop()
+            if anchor:
+                sizes[anchor] = total - start + 1
+        elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+            n = 1 if isinstance(event, yaml.ScalarEvent) else sizes.get(event.anchor, 1)
+            if isinstance(event, yaml.ScalarEvent) and event.anchor:
+                sizes[event.anchor] = 1
+            total += n
+        if total > MAX_YAML_NODES:
+            raise SpecError(f"{source}: expands to more than {MAX_YAML_NODES:,} values (YAML aliases, line "
+                            f"{event.start_mark.line + 1}); write the values out or use fewer aliases")
+
+
 def load(path: str | Path | None) -> SweepSpec:
     """Load a sweep YAML; None loads the embedded default sweep shipped inside the package."""
     if path is None:
@@ -505,6 +540,7 @@ def load(path: str | Path | None) -> SweepSpec:
             raise SpecError(f"{source}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                             "give a YAML sweep file") from None
     try:
+        _check_size(text, source)
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator import lease, store
+from orchestrator.axes import CODE_ENV
 from orchestrator.spec import ProbeSpec, RunSpec, SpecError, SweepSpec, expand, expand_probes, expanded, load
 
 # Tune's per-trial JSON/CSV/TensorBoard loggers cost more than a small replica's training.
@@ -458,6 +459,14 @@ def resource_notes(spec: SweepSpec) -> list[str]:
     return []
 
 
+def code_env_notes(spec: SweepSpec) -> list[str]:
+    """Environment variables of the sweep file's stacks that load code into every worker
+    (axes.CODE_ENV): said once, since a sweep file runs code with the user's rights. Each row's
+    `env` records them, and those the launch environment passed on."""
+    return [f"stack {s.name!r} sets {', '.join(names)}: what it names is loaded into every worker of the stack "
+            "(recorded in each row's env)" for s in spec.stacks if (names := [k for k in CODE_ENV if k in s.env_vars])]
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     """build -> (check OUT, connect, pre-flight: all may refuse) -> first write -> run -> reduce."""
     spec = load(args.config)
@@ -473,7 +482,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     total, already = len(runs) + len(probes), len(runs) - len(todo) + len(probes) - len(todo_probes)
     print(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already ok in {out}, {len(todo)} to run"
           + (f"; {len(probes)} overhead probes, {len(todo_probes)} to run" if probes else ""), flush=True)
-    for note in resource_notes(spec):
+    for note in resource_notes(spec) + code_env_notes(spec):
         print(f"note: {note}", flush=True)
     with lease.held(out):  # before anything under OUT is written or deleted; also proves OUT writable
         return run_leased(args, spec, out, runs, probes, todo, todo_probes, doomed, total, already)
