@@ -1,0 +1,123 @@
+"""The tracing core: where two settings part (orchestrator/diverge.py), on real models on a CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from orchestrator.diverge import OpRecord, first_parting, trace
+
+
+def conv_net(steps: int = 2):
+    """`steps` SGD steps of a small conv net on fixed random data, to trace; the model and data are
+    made here, outside the trace (the ISA changes the initialisation's bits too, at `uniform_`)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+
+    def run():
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return run
+
+
+def conv_steps() -> None:
+    conv_net()()
+
+
+def attention_steps(backend: SDPBackend) -> None:
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = torch.randn(8, 16, 32)
+    with sdpa_kernel(backend):
+        for _ in range(2):
+            loss = m(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_identical_settings_are_identical():
+    a, b = trace(conv_net()), trace(conv_net())
+    parting = first_parting(a, b)
+    assert parting.op is None and parting.ops == len(a) > 50
+    assert parting.describe() == f"identical over {len(a)} ops"
+    phases = {r.phase for r in a}
+    assert phases == {"forward", "backward", "optimizer"}
+    assert max(r.step for r in a) == 1  # two steps: 0 and 1
+
+
+def test_one_against_two_threads_parts_at_a_matmul(threads):
+    threads(1)
+    a = trace(conv_steps)
+    threads(2)
+    b = trace(conv_steps)
+    p = first_parting(a, b)
+    assert p.op in ("aten.mm.default", "aten.addmm.default"), p.describe()
+    assert p.same_ops and p.phase == "forward" and p.step == 0
+    assert p.module == "Sequential.3" and 0 <= p.rel_size < 1e-4
+    assert p.later_differing > 0
+
+
+def test_math_against_flash_attention_parts_inside_attention_with_other_ops():
+    a, b = trace(lambda: attention_steps(SDPBackend.MATH)), trace(lambda: attention_steps(SDPBackend.FLASH_ATTENTION))
+    assert len(a) != len(b)  # different op sequences: a zip would compare unrelated ops
+    p = first_parting(a, b)
+    assert not p.same_ops and p.module.endswith("self_attn"), p.describe()
+    assert "flash" in p.op and p.step == 0 and p.phase == "forward"
+    # the ops before the attention are identical (the alignment starts from a common prefix)
+    assert all(x.digest == y.digest for x, y in zip(a[: p.index_a], b[: p.index_b]))
+
+
+def test_cap_on_ops_truncates_the_trace():
+    records = trace(conv_steps, max_ops=10)
+    assert len(records) == 10 and [r.index for r in records] == list(range(10))
+
+
+def test_alignment_counts_an_inserted_op_once():
+    """An op present in one trace only is one difference; the ops after it are compared with their counterparts."""
+    def rec(i, op, digest):
+        return OpRecord(i, 0, "forward", "m", op, "2", "float32", digest, 1.0, 1.0)
+    a = [rec(0, "x", "1"), rec(1, "y", "2"), rec(2, "z", "3")]
+    b = [rec(0, "x", "1"), rec(1, "w", "9"), rec(2, "y", "2"), rec(3, "z", "3")]
+    p = first_parting(a, b)
+    assert (p.index_a, p.index_b, p.op, p.later_differing) == (None, 1, "- | w", 0)
+
+
+SCRIPT = """
+import json, sys
+from orchestrator.diverge import trace
+from tests.test_diverge import conv_net
+print(json.dumps([r.__dict__ for r in trace(conv_net())]))
+"""
+
+
+def traced_in(env: dict) -> list[OpRecord]:
+    """The conv net's trace in a fresh interpreter with `env` (ISA variables act before torch imports)."""
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=os.environ | env | {"OMP_NUM_THREADS": "1"},
+                         check=True, capture_output=True, text=True).stdout
+    return [OpRecord(**r) for r in json.loads(out)]
+
+
+def test_isa_stack_against_launch_environment_parts_at_a_forward_convolution():
+    p = first_parting(traced_in({}), traced_in({"ATEN_CPU_CAPABILITY": "default"}))
+    assert p.op == "aten.convolution.default" and p.phase == "forward" and p.step == 0, p.describe()
