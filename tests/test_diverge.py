@@ -7,12 +7,16 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from orchestrator import diverge
 from orchestrator.diverge import OpRecord, first_parting, trace
+from tests.conftest import ROOT, write_spec
 
 
 def conv_net(steps: int = 2):
@@ -121,3 +125,54 @@ def traced_in(env: dict) -> list[OpRecord]:
 def test_isa_stack_against_launch_environment_parts_at_a_forward_convolution():
     p = first_parting(traced_in({}), traced_in({"ATEN_CPU_CAPABILITY": "default"}))
     assert p.op == "aten.convolution.default" and p.phase == "forward" and p.step == 0, p.describe()
+
+
+# --- the command: two runs of a sweep, each replayed in its own setting ------------------------
+
+EXAMPLE = {"entrypoint": "examples.own_training:train", "name": "digits_cnn", "dataset": "sklearn_digits",
+           "args": {"epochs": 1}}
+
+
+@pytest.fixture(scope="module")
+def sweep_out(tmp_path_factory):
+    """A results tree holding only a sweep.yaml: a built-in and a user's workload, two stacks, two thread counts."""
+    out = tmp_path_factory.mktemp("out")
+    write_spec(out / "sweep.yaml", replicas=1, tooling={"num_threads": [1, 2]},
+               workloads=[{"arch": "small_cnn", "dataset": "digits", "epochs": 1, "batch_size": 64, "lr": 0.002,
+                           "optimizer": "adam"}, EXAMPLE],
+               stacks=[{"name": "launch"}, {"name": "isa-default", "env_vars": {"ATEN_CPU_CAPABILITY": "default"}}])
+    return out
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.diverge", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_isa_stack_replayed_in_its_environment_parts_and_the_table_is_written(sweep_out):
+    """The env-var stack's replay runs in a fresh interpreter where ATEN_CPU_CAPABILITY is set before torch
+    imports: it parts from the launch environment, in the first step, at a kernel the ISA dispatch picks
+    (the initialisation's uniform_ before any module runs, or the first forward convolution)."""
+    done = cli(str(sweep_out), "--a", "arch=small_cnn,num_threads=1,stack=launch",
+               "--b", "arch=small_cnn,num_threads=1,stack=isa-default")
+    assert done.returncode == 0, done.stderr
+    row = pd.read_parquet(sweep_out / "tables" / "diverge.parquet").iloc[0]
+    assert (row["phase"], row["op"]) in {("setup", "aten.uniform_.default"), ("forward", "aten.convolution.default")}
+    assert row["step"] == 0 and row["later_differing"] > 0 and row["summary"] in done.stdout
+    assert (sweep_out / "tables" / "diverge.md").exists()
+
+
+def test_entrypoint_workload_traced_and_identical_with_itself(sweep_out):
+    runs = diverge.spec.expand(diverge.spec.parse(yaml.safe_load((sweep_out / "sweep.yaml").read_text())))
+    user = next(r for r in runs if r.workload.arch == "digits_cnn" and r.stack.name == "launch" and r.num_threads == 1)
+    records = diverge.replay(user, steps=2)
+    assert {r.phase for r in records} >= {"forward", "backward", "optimizer"} and records[-1].step == 1
+    assert any(r.op == "aten.convolution.default" for r in records)
+    table = diverge.diverge(str(sweep_out), {"run_id": user.run_id}, {"run_id": user.run_id}, steps=1)
+    assert table["summary"].iloc[0].startswith("identical over ") and table["op"].isna().all()
+
+
+def test_bad_selector_exits_2_naming_the_values_present(sweep_out):
+    done = cli(str(sweep_out), "--a", "num_threads=3", "--b", "num_threads=1")
+    assert done.returncode == 2 and "--a: no run of the sweep has {'num_threads': '3'}" in done.stderr
+    assert "'1', '2'" in done.stderr
