@@ -67,6 +67,8 @@ _RUN_FIELDS = [
     ("ranks_agree", pa.bool_()),  # every rank's fingerprint_id is the same
     ("epoch_lr", pa.list_(pa.float64())),  # built-in loop: learning rate of each epoch's first optimiser step
     ("attention_backend", pa.string()),  # SDPA kernel the built-in transformer's first attention call ran; else null
+    ("epoch_weights_sha256", pa.list_(pa.string())),  # built-in loop: weights digest after each epoch
+    ("epoch_sketch", pa.list_(pa.list_(pa.float64()))),  # built-in loop: runner.weights_sketch after each epoch
 ]
 # Every tooling axis has its column (orchestrator/axes.py); the first axes already have theirs above.
 RUN_SCHEMA = pa.schema([*_RUN_FIELDS, *[(a.column, a.arrow) for a in AXES if a.column not in dict(_RUN_FIELDS)]])

@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from orchestrator import diverge
+from orchestrator import diverge, reduce, runner, spec
 from orchestrator.diverge import OpRecord, first_parting, trace
 from tests.conftest import ROOT, write_spec
 
@@ -163,7 +163,7 @@ def test_isa_stack_replayed_in_its_environment_parts_and_the_table_is_written(sw
 
 
 def test_entrypoint_workload_traced_and_identical_with_itself(sweep_out):
-    runs = diverge.spec.expand(diverge.spec.parse(yaml.safe_load((sweep_out / "sweep.yaml").read_text())))
+    runs = spec.expand(spec.parse(yaml.safe_load((sweep_out / "sweep.yaml").read_text())))
     user = next(r for r in runs if r.workload.arch == "digits_cnn" and r.stack.name == "launch" and r.num_threads == 1)
     records = diverge.replay(user, steps=2)
     assert {r.phase for r in records} >= {"forward", "backward", "optimizer"} and records[-1].step == 1
@@ -176,3 +176,35 @@ def test_bad_selector_exits_2_naming_the_values_present(sweep_out):
     done = cli(str(sweep_out), "--a", "num_threads=3", "--b", "num_threads=1")
     assert done.returncode == 2 and "--a: no run of the sweep has {'num_threads': '3'}" in done.stderr
     assert "'1', '2'" in done.stderr
+
+
+# --- divergence over training: per-epoch digests and sketches --------------------------------------
+
+SYNTHETIC = {"arch": "small_cnn", "dataset": "synthetic", "epochs": 3, "batch_size": 16, "lr": 0.05,
+             "dataset_args": {"n_train": 64, "n_test": 16, "image_size": 8}}
+
+
+def test_sketch_is_one_linear_projection_that_sizes_distances():
+    g = torch.Generator().manual_seed(1)
+    a = {"w": torch.randn(5000, generator=g), "b": torch.randn(300, generator=g), "n": torch.tensor(3)}
+    b = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in a.items()}
+    plan = runner.sketch_plan(a)
+    assert plan.keys() == {"b", "w"} and runner.sketch_plan(b)["w"][0].equal(plan["w"][0])  # same for every run
+    sa, sb = (torch.tensor(runner.weights_sketch(s, plan)) for s in (a, b))
+    assert len(sa) == runner.SKETCH_SIZE
+    true = torch.cat([(a[k] - b[k]).double() for k in ("b", "w")]).norm()
+    assert 0.5 < float((sa - sb).norm() / true) < 2
+
+
+def test_divergence_table_algo_parts_at_epoch_one_and_control_never(tmp_path):
+    runs = spec.expand(spec.parse({"name": "d", "replicas": 2, "noise": ["control", "algo"], "workloads": [SYNTHETIC]}))
+    rows = [runner.run(r, str(tmp_path)) for r in runs]
+    assert all(len(r["epoch_weights_sha256"]) == 3 and len(r["epoch_sketch"][0]) == runner.SKETCH_SIZE for r in rows)
+    assert rows[-1]["epoch_weights_sha256"][-1] == rows[-1]["weights_sha256"]  # the last epoch's is the final one
+    table = reduce.reduce(str(tmp_path), fmt=("parquet",))["divergence"].set_index(["noise", "epoch"])
+    assert (tmp_path / "tables" / "divergence.parquet").exists()
+    control, algo = table.loc["control"], table.loc["algo"]
+    assert control["first_parting_epoch"].isna().all() and (control["identical_fraction"] == 1).all()
+    assert (control["distance"] == 0).all()
+    assert (algo["first_parting_epoch"] == 1).all() and (algo["identical_fraction"] == 0).all()
+    assert (algo["distance"] > 0).all() and list(algo.index) == [1, 2, 3]
