@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from orchestrator import diverge, reduce, runner, spec
+from orchestrator import diverge, reduce, report, runner, spec
 from orchestrator.diverge import OpRecord, first_parting, trace
 from tests.conftest import ROOT, write_spec
 
@@ -208,3 +208,6 @@ def test_divergence_table_algo_parts_at_epoch_one_and_control_never(tmp_path):
     assert (control["distance"] == 0).all()
     assert (algo["first_parting_epoch"] == 1).all() and (algo["identical_fraction"] == 0).all()
     assert (algo["distance"] > 0).all() and list(algo.index) == [1, 2, 3]
+    page = (tmp_path / "tables" / "report.html")
+    report.write_report(str(tmp_path))
+    assert "Divergence over training" in page.read_text() and "First op that differs" not in page.read_text()
