@@ -19,7 +19,8 @@ a plain zip where the op sequences agree, and, where they do not (math vs flash 
 different ops), a sequence alignment keyed by (step, phase, module, op), so that the ops after
 the differing block are compared with their counterparts and not with whatever sits at the same index.
 
-No Ray here: a GPU box runs this without Ray installed.
+No Ray and no pandas at import: the doctor traces with this on a GPU box that has neither; the
+command's own parts (selecting runs, writing tables) import pandas when they run.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.module_tracker import ModuleTracker
 
-from orchestrator import compare, reduce, runner, spec, store
+from orchestrator import runner, spec, store
 
 MAX_OPS = 50_000  # a cap on the ops recorded: a trace is for the first steps, not a whole run
 # ops whose outputs are uninitialised memory: recorded (the op sequence counts) without a digest
@@ -274,7 +274,7 @@ def replay_elsewhere(run: spec.RunSpec, steps: int, max_ops: int) -> list[OpReco
     Ray worker of that runtime_env, which this command does not start: a UsageError says so."""
     stack = run.stack
     if stack.pip is not None or stack.uv is not None or stack.image_uri is not None:
-        raise reduce.UsageError(f"stack {stack.name!r} installs packages (pip, uv or image_uri); diverge replays "
+        raise spec.SpecError(f"stack {stack.name!r} installs packages (pip, uv or image_uri); diverge replays "
                                 "env_vars and py_executable stacks only; compare runs of such stacks with `compare`")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
@@ -295,6 +295,10 @@ def pick_pair(runs: list[spec.RunSpec], side_a: dict[str, str],
     """One run per side, of the lowest replica index both sides have (same seeds); UsageError when
     a side matches no run, or more than one run of that replica (the message names the columns
     that tell them apart)."""
+    import pandas as pd
+
+    from orchestrator import compare, reduce
+
     meta = pd.DataFrame([runner.base_row(r) for r in runs])
     in_a, in_b = compare.select(meta, side_a), compare.select(meta, side_b)
     for flag, side, mask in (("--a", side_a, in_a), ("--b", side_b, in_b)):
@@ -315,13 +319,16 @@ def pick_pair(runs: list[spec.RunSpec], side_a: dict[str, str],
 
 
 def diverge(out: str, side_a: dict[str, str], side_b: dict[str, str], steps: int = 1,
-            max_ops: int = MAX_OPS) -> pd.DataFrame:
-    """The one-row diverge table of two runs of OUT's sweep, each replayed in its own setting."""
+            max_ops: int = MAX_OPS):
+    """The one-row diverge table (a DataFrame) of two runs of OUT's sweep, each replayed in its own setting."""
+    import pandas as pd
+    import yaml
+
+    from orchestrator import reduce
+
     fs, root = store.resolve(out)
     if not store.exists(fs, f"{root}/sweep.yaml"):
         raise reduce.UsageError(f"{out}: no sweep.yaml; give the results tree of a sweep")
-    import yaml
-
     sweep = spec.parse(yaml.safe_load(store.read_bytes(fs, f"{root}/sweep.yaml")), f"{out}/sweep.yaml")
     a, b = pick_pair(spec.expand(sweep), side_a, side_b)
     parting = first_parting(replay_elsewhere(a, steps, max_ops), replay_elsewhere(b, steps, max_ops))
@@ -344,9 +351,12 @@ def _replay_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 table written, 2 bad usage (nothing written)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--replay"]:
         return _replay_main(argv[1:])
+    from orchestrator import compare, reduce
+
     parser = argparse.ArgumentParser(prog="python -m orchestrator.diverge", description=__doc__.split("\n")[0])
     parser.add_argument("out", help="results tree of a sweep (its sweep.yaml names the runs)")
     parser.add_argument("--a", required=True, help="side A, e.g. num_threads=1 or run_id=...")
