@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from orchestrator import metrics, noise, probe, runner, spec, store
+from orchestrator import diverge, metrics, noise, probe, runner, spec, store
 
 DEFAULT_MINUTES = 2.0
 # Replicas learn the synthetic data part-way (~90% accuracy here), so churn has room to show; no
@@ -219,10 +219,22 @@ def _spread(group: dict) -> str:
 
 
 def _compare(check: str, group: dict, same: str, differ: str) -> str:
-    """The verdict on a group of replicas that should be identical, differ, or could not run."""
+    """The verdict on a group of replicas that should be identical, differ, or could not run; where
+    they differ, the first op at which two of them part (`first_op`)."""
     if group["identical"] is None:
         return f"{check}: could not compare ({'; '.join(group['errors']) or 'fewer than 2 ok runs'})"
-    return f"{check}: {same if group['identical'] else differ}"
+    where = f"; first differing op: {group['first_op']}" if group.get("first_op") else ""
+    return f"{check}: {same if group['identical'] else differ + where}"
+
+
+def first_op(pool: ProcessPoolExecutor, a: spec.RunSpec, b: spec.RunSpec) -> str:
+    """Where runs a and b part, from a trace of each one's first optimiser step in `pool`'s process
+    (orchestrator/diverge.py); a and b may be one spec, traced twice: run-to-run nondeterminism."""
+    try:
+        traces = [pool.submit(diverge.replay, r, 1).result() for r in (a, b)]
+    except Exception as e:  # the finding stands without its op; say why the op is missing
+        return f"not traced ({type(e).__name__}: {e})"
+    return diverge.first_parting(*traces).describe()
 
 
 def verdicts(report: dict) -> list[str]:
@@ -338,14 +350,20 @@ def diagnose(device: str, note: str, minutes: float, probes_file: str | None, ar
             fingerprint = {k: control[0].get(k) for k in probe.FINGERPRINT_COLUMNS}
             print("fingerprint:", json.dumps(fingerprint, indent=1, default=str), flush=True)
             cpu_rows = list(det.map(runner.run, thread_specs, repeat(out)))
+            threads_summary = replica_summary(cpu_rows, out)
+            if _differs(threads_summary):
+                threads_summary["first_op"] = first_op(det, *thread_specs)
             overhead = []
             for p in probes:
                 overhead.append(overhead_summary(p, det.submit(run_probe, p).result()))
                 print(f"probe {p.workload.arch}: done", flush=True)
         with _worker() as default:
             impl = list(default.map(runner.run, impl_specs, repeat(out)))
-        replicas = {"impl": replica_summary(impl, out), "control": replica_summary(control, out),
-                    "threads": replica_summary(cpu_rows, out)}
+            impl_summary = replica_summary(impl, out)
+            if _differs(impl_summary):  # two replicas of one setting traced in turn
+                impl_summary["first_op"] = first_op(default, impl_specs[0], impl_specs[0])
+        replicas = {"impl": impl_summary, "control": replica_summary(control, out),
+                    "threads": threads_summary}
     control_flags = [json.loads(r.get("impl_flags") or "{}") for r in control if r["status"] == "ok"]
     report = {
         "device": device, "device_note": note, "fingerprint": fingerprint,

@@ -821,6 +821,46 @@ def write_tables(fs: pafs.FileSystem, root: str, tables: dict[str, pd.DataFrame]
             store.write_bytes(fs, f"{base}.md", (format_markdown(df) + "\n").encode())
 
 
+DIVERGENCE = ["epoch", "n_runs", "n_pairs", "identical_fraction", "distance", "distance_rel", "first_parting_epoch"]
+DIVERGENCE_MAX_RUNS = 32  # runs of a group whose pairs are compared (the first by run_id): 496 pairs at most
+
+
+def divergence_table(runs: Runs, by: list[str]) -> pd.DataFrame:
+    """At which epoch runs of one group (same settings) part, and how their distance grows: per group
+    and epoch, the share of run pairs whose weights are bitwise identical after that epoch, and the
+    mean distance between the pairs' weight sketches (runner.weights_sketch: the same projection for
+    every run of a workload, so it estimates the L2 distance of the weights), absolute and relative to
+    the sketches' mean norm. `first_parting_epoch` is the first epoch (1-based) at which any pair
+    differs; null while they all agree. Runs without per-epoch records (a user's function, older
+    trees) are left out."""
+    ok = runs.meta[(runs.meta["status"] == "ok")]
+    digests = runs.lists["epoch_weights_sha256"].to_pylist()
+    sketches = runs.lists["epoch_sketch"].to_pylist()
+    rows = []
+    for key, g in ok.groupby(by, dropna=False, sort=True):
+        members = [i for i in g.index if digests[i]][:DIVERGENCE_MAX_RUNS]
+        epochs = min((len(digests[i]) for i in members), default=0)
+        if len(members) < 2:
+            continue
+        pairs = list(itertools.combinations(members, 2))
+        group, parted = dict(zip(by, key if isinstance(key, tuple) else (key,))), None
+        for e in range(epochs):
+            same = np.mean([digests[i][e] == digests[j][e] for i, j in pairs])
+            sk = {i: np.asarray(sketches[i][e]) for i in members}
+            dist = float(np.mean([np.linalg.norm(sk[i] - sk[j]) for i, j in pairs]))
+            norm = float(np.mean([np.linalg.norm(v) for v in sk.values()]))
+            parted = parted or (e + 1 if same < 1 else None)
+            rows.append({**group, "epoch": e + 1, "n_runs": len(members), "n_pairs": len(pairs),
+                         "identical_fraction": float(same), "distance": dist,
+                         "distance_rel": dist / norm if norm else math.nan})
+        for row in rows[len(rows) - epochs:]:
+            row["first_parting_epoch"] = parted
+    table = pd.DataFrame(rows, columns=[*by, *DIVERGENCE])
+    table["first_parting_epoch"] = table["first_parting_epoch"].astype("Int32")
+    table.attrs["message"] = "no group has two runs with per-epoch weight records (built-in loop only)"
+    return table
+
+
 def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS) -> dict[str, pd.DataFrame]:
     """Every table of the results tree at `out_uri`, written to OUT/tables in the formats `fmt`
     and returned by name: variance, subgroups, sources, cross_stack, overhead, overhead_ops. `by`
@@ -831,14 +871,15 @@ def reduce(out_uri: str, by: list[str] | None = None, fmt=FORMATS) -> dict[str, 
         raise UsageError(f"--by: cannot group on {', '.join(unknown) or 'a list column'}; "
                          f"use run columns such as {', '.join(DEFAULT_BY)}")
     fs, root = store.resolve(out_uri)
-    runs = load_runs(out_uri, asked, lists=[*LISTS, "epoch_seconds"])  # epoch times: the replicas' overhead
+    # epoch times: the replicas' overhead; per-epoch digests and sketches: the divergence table
+    runs = load_runs(out_uri, asked, lists=[*LISTS, "epoch_seconds", "epoch_weights_sha256", "epoch_sketch"])
     # by default, a tooling axis no run recorded (results older than the axis) is not a column
     by = asked if by else [c for c in asked if c not in TOOLING or runs.meta[c].notna().any()]
     variance, subgroups = variance_tables(runs, fs, root, by)
     tables = {"variance": variance, "subgroups": subgroups,
               "sources": sources.sources_table(variance, runs.meta, runs.matrix, by),
               "cross_stack": cross_stack_table(runs, fs, root), "overhead": overhead_table(fs, root, runs, by),
-              "overhead_ops": overhead_ops_table(fs, root)}
+              "overhead_ops": overhead_ops_table(fs, root), "divergence": divergence_table(runs, by)}
     write_tables(fs, root, tables, fmt)
     return tables
 

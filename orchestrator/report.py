@@ -272,11 +272,32 @@ def source_shares(sources: pd.DataFrame) -> Figure:
     return fig
 
 
-def load_compare(out_uri: str) -> pd.DataFrame | None:
-    """OUT/tables/compare.parquet as `python -m orchestrator.compare` last wrote it, or None."""
+def load_written(out_uri: str, name: str) -> pd.DataFrame | None:
+    """OUT/tables/<name>.parquet as a command (compare, diverge) last wrote it, or None."""
     fs, root = store.resolve(out_uri)
-    path = f"{root}/tables/compare.parquet"
+    path = f"{root}/tables/{name}.parquet"
     return pd.read_parquet(path, filesystem=fs) if store.exists(fs, path) else None
+
+
+def divergence_lines(divergence: pd.DataFrame) -> Figure:
+    """Distance between same-setting runs' weights (their sketches) against epoch, one line per group
+    (a pair of runs of one setting differs only by its seeds), one panel per workload family."""
+    title = "How far apart runs of one setting grow, epoch by epoch"
+    if divergence.empty:
+        return _empty(title, divergence.attrs.get("message", NONE))
+    panels = _panels(divergence)
+    fig, axes = _grid(len(panels))
+    for ax, (name, df) in zip(axes, panels):
+        series = _labels(df, [k for k in df.columns if k in KEYS])
+        for label, g in df.groupby(series, sort=True):
+            ax.plot(g["epoch"], g["distance"], marker="o", label=label or "all runs")
+        ax.set_yscale("symlog", linthresh=1e-6)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean distance of weight sketches")
+        ax.set_title(name, loc="left")
+        ax.legend(fontsize=8, **OUTSIDE)
+    fig.suptitle(title, x=0.01, ha="left")
+    return fig
 
 
 def class_std_table(runs: reduce.Runs) -> pd.DataFrame:
@@ -508,6 +529,13 @@ GUIDE = {
                "interval (paired t where the sides ran the same replicas, Welch otherwise: the `test` column), "
                "that test's p, P(A > B) with a score interval, the replicas per side the same test needs for 80% "
                "power at alpha 0.05, and with --margin an equivalence verdict (TOST).",
+    "divergence": "Per epoch, the share of pairs of runs of one setting whose weights are still bitwise identical "
+                  "and the mean distance between their weight sketches (a fixed random projection, the same for "
+                  "every run of a workload, that estimates the L2 distance). first_parting_epoch is the first "
+                  "epoch at which a pair differs; a line at 0 is a setting whose runs never part (control).",
+    "diverge": "The last `python -m orchestrator.diverge` of this tree: the first aten op at which the two "
+               "replayed runs part (step, phase, module), its relative size, and how many later ops differ "
+               "(docs/diverge.md says how to read it).",
     "variance": "The full variance table: one row per group. Columns that are the same in every row "
                 "are listed above it rather than repeated.",
     "subgroups": "Accuracy, false-positive and false-negative rates per subgroup, for datasets that define them.",
@@ -579,6 +607,10 @@ def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame]
                  + (table_html(table("sources")) if len(table("sources")) else "")),
         *([_section("Comparison", GUIDE["compare"], table_html(table("compare")))] if "compare" in tables else []),
         _section("Cross-stack pairs", GUIDE["cross_stack"], table_html(table("cross_stack"))),
+        _section("Divergence over training", GUIDE["divergence"],
+                 _img(divergence_lines(table("divergence")), "distance against epoch")),
+        *([_section("First op that differs", GUIDE["diverge"], table_html(table("diverge")))]
+          if "diverge" in tables else []),
         _section("Overhead of determinism", GUIDE["overhead"],
                  _img(overhead_bars(table("overhead")), "overhead")
                  + (table_html(table("overhead")) if len(table("overhead")) else "")),
@@ -598,9 +630,10 @@ def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame]
 def write_report(out_uri: str) -> str:
     """Compute the tables, write OUT/tables/report.html (atomically) and return its path."""
     tables = load_tables(out_uri)
-    compared = load_compare(out_uri)
-    if compared is not None:
-        tables["compare"] = compared
+    for name in ("compare", "diverge"):
+        written = load_written(out_uri, name)
+        if written is not None:
+            tables[name] = written
     page = render_html(out_uri, load_runs(out_uri), tables, load_progress(out_uri))
     fs, root = store.resolve(out_uri)
     path = f"{root}/tables/report.html"

@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,6 +55,47 @@ def weights_digest(state: dict[str, torch.Tensor], buffers: frozenset[str] = fro
         if t.is_floating_point() and name not in buffers:
             sq += float(t.double().pow(2).sum())
     return h.hexdigest(), math.sqrt(sq)
+
+
+SKETCH_SIZE = 32  # numbers per epoch in a run's weight sketch
+
+
+Plan = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (bucket, sign) per weight
+
+
+def sketch_plan(state: dict[str, torch.Tensor], size: int = SKETCH_SIZE) -> Plan:
+    """A fixed sparse random projection (CountSketch) of a model's floating-point weights: each
+    weight goes to one of `size` buckets with a random sign. Drawn from a fixed seed over the sorted
+    names and shapes, so every run of one workload gets the same projection and the distance between
+    two runs' sketches estimates the L2 distance of their weights (unbiased in the square), at the
+    cost of one pass over the weights: a few dozen numbers per epoch instead of the weights."""
+    g = torch.Generator().manual_seed(0)
+    return {name: (torch.randint(0, size, (state[name].numel(),), generator=g),
+                   torch.randint(0, 2, (state[name].numel(),), generator=g, dtype=torch.float64) * 2 - 1)
+            for name in sorted(state) if state[name].is_floating_point()}
+
+
+def weights_sketch(state: dict[str, torch.Tensor], plan: Plan, size: int = SKETCH_SIZE) -> list[float]:
+    """The weights projected by `plan` (sketch_plan): `size` float64 numbers."""
+    out = torch.zeros(size, dtype=torch.float64)
+    for name, (bucket, sign) in plan.items():
+        out.index_add_(0, bucket, state[name].detach().reshape(-1).cpu().double() * sign)
+    return out.tolist()
+
+
+def epoch_recorder(buffers: frozenset[str]) -> tuple[Callable[[torch.nn.Module], None], dict[str, list]]:
+    """`train`'s on_epoch callback and the row columns it fills: each epoch's weights digest
+    (weights_digest) and sketch (weights_sketch), so tables can say at which epoch two runs part."""
+    columns: dict[str, list] = {"epoch_weights_sha256": [], "epoch_sketch": []}
+    plans: list[Plan] = []  # drawn at the first epoch, from the model's names and shapes
+
+    def record(model: torch.nn.Module) -> None:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if not plans:
+            plans.append(sketch_plan(state))
+        columns["epoch_weights_sha256"].append(weights_digest(state, buffers)[0])
+        columns["epoch_sketch"].append(weights_sketch(state, plans[0]))
+    return record, columns
 
 
 def buffer_names(model: torch.nn.Module) -> frozenset[str]:
@@ -157,12 +199,13 @@ def train_one(spec: RunSpec, fs, root: str, device: torch.device, rank: Rank = S
                           data.subgroups)
         aug = augment_streams(spec.seeds.for_rank(rank.rank), device)
         order = torch.Generator().manual_seed(spec.seeds.order)
+        buffers = buffer_names(model)
+        on_epoch, epoch_columns = epoch_recorder(buffers)
         with sdpa_backend(spec.attention, device):
-            result = train(model, data, cfg, order, aug, device, rank)
+            result = train(model, data, cfg, order, aug, device, rank, on_epoch)
         if result is None:  # a rank other than 0
             return {}
-        extra = {"epoch_lr": result.epoch_lr, "attention_backend": result.attention_backend}
-        buffers = buffer_names(model)
+        extra = {"epoch_lr": result.epoch_lr, "attention_backend": result.attention_backend, **epoch_columns}
     row = {"status": "ok", "bitflip": flipped, "impl_flags": json.dumps(flags, sort_keys=True),
            "train_seconds": sum(result.epoch_seconds), "epoch_seconds": result.epoch_seconds,
            "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,

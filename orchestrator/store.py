@@ -70,6 +70,8 @@ _RUN_FIELDS = [
     ("epoch_lr", pa.list_(pa.float64())),  # built-in loop: learning rate of each epoch's first optimiser step
     ("attention_backend", pa.string()),  # SDPA kernel the built-in transformer's first attention call ran; else null
     ("note", pa.string()),  # a user function's ctx.note calls: e.g. what its framework set process-wide
+    ("epoch_weights_sha256", pa.list_(pa.string())),  # built-in loop: weights digest after each epoch
+    ("epoch_sketch", pa.list_(pa.list_(pa.float64()))),  # built-in loop: runner.weights_sketch after each epoch
     ("row_sha256", pa.string()),  # digest of the row's other values (row_digests): a damaged file reads as damaged
 ]
 # Every tooling axis has its column (orchestrator/axes.py); the first axes already have theirs above.

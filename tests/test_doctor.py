@@ -86,6 +86,10 @@ def test_cpu_doctor_runs_without_ray_and_reports_what_it_measured(tmp_path):
     assert [line.split(":")[0] for line in lines] == ["device", "impl", "control", "threads",
                                                       "overhead small_cnn", "overhead resnet18"]
     assert ("DIFFER" in lines[1]) is report["impl_differs"] and ("CHANGE" in lines[3]) is report["threads_change_bits"]
+    # where threads change bits, the doctor names the first op at which 1 and N threads part (diverge's trace)
+    assert ("first_op" in reps["threads"]) is report["threads_change_bits"]
+    if report["threads_change_bits"]:
+        assert reps["threads"]["first_op"].startswith("part at op ") and "first differing op: part" in lines[3]
     assert "\n".join(lines) in proc.stdout
 
 

@@ -27,7 +27,7 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -312,13 +312,15 @@ def eval_batches(data: ArrayDataset | ImageFolders | TokenDataset, cfg: TrainCon
 
 def train(model: nn.Module, data: ArrayDataset | ImageFolders | TokenDataset, cfg: TrainConfig,
           order: torch.Generator, aug: torch.Generator, device: torch.device,
-          rank: Rank = SOLO) -> TrainResult | None:
+          rank: Rank = SOLO, on_epoch: Callable[[nn.Module], None] | None = None) -> TrainResult | None:
     """Train `model` on `data` and evaluate it. `order` is a CPU generator (randperm), `aug` lives
     on `device`. Raises Diverged when an epoch's loss is not finite. The attention kernel is the
     caller's: `with sdpa_backend(name, device): train(...)`. At world size > 1 every rank trains
     its share of each global batch and rank 0 alone evaluates; other ranks return None. (Each
     rank's loss is the mean over its share: token batches whose ranks hold unequal numbers of
-    trained positions weigh those positions a little unequally, as any DDP loop does.)"""
+    trained positions weigh those positions a little unequally, as any DDP loop does.)
+    `on_epoch(model)` runs on rank 0 after each epoch, outside the epoch's timer (the runner's
+    per-epoch weights digest and sketch)."""
     net = prepare(model, cfg, device, rank)
     if isinstance(data, ImageFolders):  # one process only (the spec refuses world_size > 1 for them)
         batches = functools.partial(folder_batches, data, cfg, order, aug, device)  # a fresh epoch per call
@@ -339,6 +341,8 @@ def train(model: nn.Module, data: ArrayDataset | ImageFolders | TokenDataset, cf
         epoch_seconds.append(time.perf_counter() - t0)
         if not torch.isfinite(loss):  # one host-device sync per epoch, outside the timer
             raise Diverged(f"diverged at epoch {epoch + 1}")
+        if on_epoch is not None and rank.rank == 0:
+            on_epoch(model)
     if rank.rank != 0:
         return None
     # DDP's forward is a collective (it broadcasts buffers): rank 0 evaluates the module itself

@@ -2,10 +2,11 @@
 # GPU evidence for issue #13 in one command, on a GPU box that has torch, torchvision, pyarrow,
 # PyYAML and scipy but no Ray, no pydantic and no network. Run from the repository root:
 #
-#   bash docs/evidence/gpu_check.sh [all|doctor|probes|axes]  (default all; ~2 + ~5 + ~3 minutes on one H100, estimated)
+#   bash docs/evidence/gpu_check.sh [all|doctor|probes|axes|diverge]  (default all; ~2 + ~5 + ~3 minutes on one H100, estimated)
 #
 # Writes $OUT/<date>-<gpu>/ (OUT defaults to docs/evidence): node.txt (date, nvidia-smi, the exact
-# commands and their exit codes), doctor.{txt,json}, overhead_gpu.{txt,json}, axes.{txt,json}. Missing Python
+# commands and their exit codes), doctor.{txt,json}, overhead_gpu.{txt,json}, axes.{txt,json},
+# diverge_<arch>.{txt,json}. Missing Python
 # packages come from wheels in $WHEELS (default results/wheels-gpu), unpacked into a temp folder on
 # PYTHONPATH (no pip needed, nothing installed system-wide); see docs/evidence/README.md.
 set -uo pipefail
@@ -43,5 +44,19 @@ if [[ $STEP == all || $STEP == probes ]]; then
 fi
 if [[ $STEP == all || $STEP == axes ]]; then  # attention kernels, world size 1 vs 2 on one GPU (issues #20, #21)
   record axes "$PY" docs/evidence/axes_check.py --device cuda --json "$DEST/axes.json"
+fi
+if [[ $STEP == all || $STEP == diverge ]]; then  # first nondeterministic kernel of impl replicas (issue #31)
+  # The core of orchestrator/diverge.py (the command's run selection needs pandas, absent here): one impl run
+  # of each model replayed twice for 2 steps, each time in a fresh process, and the first op whose bits differ.
+  for ARCH in small_cnn resnet18; do
+    record "diverge_$ARCH" "$PY" -c "import json, sys, yaml
+from orchestrator import diverge, spec
+run = next(r for r in spec.expand(spec.parse(yaml.safe_load(open(sys.argv[1])))) if r.workload.arch == sys.argv[2])
+a, b = (diverge.replay_elsewhere(run, 2, diverge.MAX_OPS) for _ in range(2))
+parting = diverge.first_parting(a, b)
+print(run.run_id, len(a), 'ops;', parting.describe())
+json.dump({'run_id': run.run_id, **parting.row()}, open(sys.argv[3], 'w'), indent=1)" \
+      docs/evidence/diverge_gpu.yaml "$ARCH" "$DEST/diverge_$ARCH.json"
+  done
 fi
 echo "evidence in $DEST"
