@@ -7,11 +7,14 @@ a re-run of a sweep can tell which runs are already done.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import itertools
 import json
 import math
 import re
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -112,7 +115,8 @@ class EntrypointWorkload(Strict):
     entrypoint: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]  # package.module:function
     name: Name
     dataset: Name  # names the test set: runs of one dataset must return the same labels, in the same order
-    args: dict[str, Any] = {}  # keyword arguments of the function (JSON-able values)
+    # keyword arguments of the function (JSON-able values); checked against its signature even when left out
+    args: dict[str, Any] = Field(default={}, validate_default=True)
     replicas: PositiveInt | None = None  # overrides the sweep's replicas for this workload
 
     @field_validator("entrypoint")
@@ -131,6 +135,20 @@ class EntrypointWorkload(Strict):
             raise ValueError(f"{v!r} is not a function; give package.module:function")
         return v
 
+    @field_validator("args")
+    @classmethod
+    def _fits_signature(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """The function is imported when the file is checked, so an `args` key it does not take (or a
+        required argument left out) is found here, not after the sweep has started its runs."""
+        if not _checking(info) or "entrypoint" not in info.data:
+            return v
+        from workloads.models import builder
+
+        problem = signature_problem(info.data["entrypoint"], builder(info.data["entrypoint"]), v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
     @property
     def arch(self) -> str:
         return self.name
@@ -139,6 +157,28 @@ class EntrypointWorkload(Strict):
     def epochs(self) -> None:
         """Unknown until the function returns: the row then counts its `ctx.report` calls."""
         return None
+
+
+def signature_problem(name: str, fn: Callable, args: dict[str, Any]) -> str | None:
+    """What keeps `fn(ctx, **args)` from binding, in words with the fix; None when it binds."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())[1:]  # the first is ctx
+    except (TypeError, ValueError):  # a builtin or C function without a signature: cannot tell
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        taken = None
+    else:
+        taken = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in args if taken is not None and k not in taken]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], taken, n=1)
+        takes = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(taken) or 'no arguments'};"
+        return f"{unknown[0]!r} is not an argument of {name}; {takes} fix or remove the key"
+    missing = [p.name for p in params if p.default is p.empty
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in args]
+    if missing:
+        return f"{name} requires {missing[0]!r}, which has no default; add it under args"
+    return None
 
 
 def _workload_kind(v: object) -> str:

@@ -67,6 +67,7 @@ _RUN_FIELDS = [
     ("ranks_agree", pa.bool_()),  # every rank's fingerprint_id is the same
     ("epoch_lr", pa.list_(pa.float64())),  # built-in loop: learning rate of each epoch's first optimiser step
     ("attention_backend", pa.string()),  # SDPA kernel the built-in transformer's first attention call ran; else null
+    ("traceback", pa.string()),  # a failed run's full traceback (also in OUT/logs/<run_id>.log); null when ok
 ]
 # Every tooling axis has its column (orchestrator/axes.py); the first axes already have theirs above.
 RUN_SCHEMA = pa.schema([*_RUN_FIELDS, *[(a.column, a.arrow) for a in AXES if a.column not in dict(_RUN_FIELDS)]])
@@ -168,7 +169,8 @@ def overhead_path(root: str, probe_id: str) -> str:
 
 
 def log_path(root: str, trial_id: str) -> str:
-    """The full error of a run or probe whose worker died (the terminal shows one line of it)."""
+    """The full error of a run or probe whose worker died, or the traceback of a run whose training
+    raised (keyed by run_id); the terminal shows one line of it."""
     return f"{root}/logs/{trial_id}.log"
 
 
