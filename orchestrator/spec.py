@@ -7,6 +7,7 @@ a re-run of a sweep can tell which runs are already done.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import inspect
@@ -531,8 +532,51 @@ def parse(doc: object, source: str = "spec") -> SweepSpec:
         raise SpecError("\n".join(f"{source}: {line}" for line in lines)) from None
 
 
-def load(path: str | Path | None) -> SweepSpec:
-    """Load a sweep YAML; None loads the embedded default sweep shipped inside the package."""
+def _set_one(doc: dict, item: str) -> None:
+    """Apply one `key=value` to `doc` in place: a dotted path of mapping keys and list indices
+    (missing mapping keys are created; validation then names any unknown one), the value a YAML scalar
+    or flow collection (`2`, `true`, `[1, 2]`, `adamw`)."""
+    path, eq, text = item.partition("=")
+    fix = "give key=value with a dotted path, e.g. replicas=2 or workloads.0.epochs=1"
+    if not eq or not path or any(not k for k in path.split(".")):
+        raise SpecError(f"--set {item}: not key=value; {fix}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise SpecError(f"--set {item}: the value is not YAML; quote it or fix its syntax") from None
+    *parents, last = path.split(".")
+    node, walked = doc, []
+    for key in [*parents, last]:
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise SpecError(f"--set {item}: {'.'.join(walked) or '(top level)'} is a list of {len(node)}; "
+                                f"give an index 0..{len(node) - 1} instead of {key!r}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise SpecError(f"--set {item}: {'.'.join(walked)} is {type(node).__name__} {node!r}, not a mapping "
+                            "or list; shorten the path")
+        if walked == parents:
+            node[key] = value
+            return
+        if isinstance(node, dict):
+            node = node.setdefault(key, {})
+        else:
+            node = node[key]
+        walked.append(str(key))
+
+
+def apply_overrides(doc: dict, overrides: list[str]) -> dict:
+    """The sweep document with each `--set key=value` applied in order, before validation, so an
+    override is checked exactly like the file (a copy: the caller's document is left as it was)."""
+    doc = copy.deepcopy(doc)
+    for item in overrides:
+        _set_one(doc, item)
+    return doc
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> SweepSpec:
+    """Load a sweep YAML, with `--set` overrides applied before it is checked; None loads the
+    embedded default sweep shipped inside the package."""
     if path is None:
         text, source = resources.files("orchestrator").joinpath("default_sweep.yaml").read_text(), "default_sweep.yaml"
     else:
@@ -552,4 +596,6 @@ def load(path: str | Path | None) -> SweepSpec:
         raise SpecError(f"{source}: malformed YAML{where}; fix the syntax") from None
     if not isinstance(doc, dict):
         raise SpecError(f"{source}: (top level): expected a mapping of sweep fields, got {type(doc).__name__}")
+    if overrides:
+        doc, source = apply_overrides(doc, list(overrides)), f"{source} with --set"
     return parse(doc, source)
