@@ -14,6 +14,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+import traceback
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -233,6 +234,22 @@ def rank_columns(fp: dict, rank: Rank) -> dict:
             "ranks_agree": len({f for _, _, f in every}) == 1}
 
 
+def last_frame(e: BaseException) -> str:
+    """`file:line in function` of the innermost frame of the exception that started it all (the
+    user's own line, not the wrapper that re-raised it), so the one-line error says where to look."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    frames = traceback.extract_tb(e.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else "unknown frame"
+
+
+def failure_columns(e: BaseException) -> dict:
+    """A failed run's row columns: the one-line error ending in its last frame, and the full
+    traceback (chained causes included) for OUT/logs/<run_id>.log."""
+    return {"status": "failed", "error": f"{type(e).__name__}: {e} (at {last_frame(e)})",
+            "traceback": "".join(traceback.format_exception(e))}
+
+
 def run(spec: RunSpec, out: str, rank: Rank = SOLO, attempts: int = 1) -> dict:
     """Run one replica and write its row. A training error (including divergence) is recorded as
     status=failed with the error and returned, never raised: one bad replica must not stop a sweep.
@@ -247,7 +264,8 @@ def run(spec: RunSpec, out: str, rank: Rank = SOLO, attempts: int = 1) -> dict:
     except Exception as e:  # recorded, not dropped: the row says what went wrong
         if rank.world_size > 1:
             raise
-        row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        row |= failure_columns(e)
+        store.write_bytes(fs, store.log_path(root, spec.run_id), row["traceback"].encode())
     row |= fingerprint.collect(device, spec.compile, spec.stack.packages())
     row |= rank_columns(row, rank)
     if rank.rank == 0:

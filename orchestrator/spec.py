@@ -7,11 +7,15 @@ a re-run of a sweep can tell which runs are already done.
 
 from __future__ import annotations
 
+import copy
+import difflib
 import hashlib
+import inspect
 import itertools
 import json
 import math
 import re
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -112,7 +116,8 @@ class EntrypointWorkload(Strict):
     entrypoint: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]  # package.module:function
     name: Name
     dataset: Name  # names the test set: runs of one dataset must return the same labels, in the same order
-    args: dict[str, Any] = {}  # keyword arguments of the function (JSON-able values)
+    # keyword arguments of the function (JSON-able values); checked against its signature even when left out
+    args: dict[str, Any] = Field(default={}, validate_default=True)
     replicas: PositiveInt | None = None  # overrides the sweep's replicas for this workload
 
     @field_validator("entrypoint")
@@ -131,6 +136,20 @@ class EntrypointWorkload(Strict):
             raise ValueError(f"{v!r} is not a function; give package.module:function")
         return v
 
+    @field_validator("args")
+    @classmethod
+    def _fits_signature(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """The function is imported when the file is checked, so an `args` key it does not take (or a
+        required argument left out) is found here, not after the sweep has started its runs."""
+        if not _checking(info) or "entrypoint" not in info.data:
+            return v
+        from workloads.models import builder
+
+        problem = signature_problem(info.data["entrypoint"], builder(info.data["entrypoint"]), v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
     @property
     def arch(self) -> str:
         return self.name
@@ -139,6 +158,28 @@ class EntrypointWorkload(Strict):
     def epochs(self) -> None:
         """Unknown until the function returns: the row then counts its `ctx.report` calls."""
         return None
+
+
+def signature_problem(name: str, fn: Callable, args: dict[str, Any]) -> str | None:
+    """What keeps `fn(ctx, **args)` from binding, in words with the fix; None when it binds."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())[1:]  # the first is ctx
+    except (TypeError, ValueError):  # a builtin or C function without a signature: cannot tell
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        taken = None
+    else:
+        taken = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in args if taken is not None and k not in taken]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], taken, n=1)
+        takes = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(taken) or 'no arguments'};"
+        return f"{unknown[0]!r} is not an argument of {name}; {takes} fix or remove the key"
+    missing = [p.name for p in params if p.default is p.empty
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in args]
+    if missing:
+        return f"{name} requires {missing[0]!r}, which has no default; add it under args"
+    return None
 
 
 def _workload_kind(v: object) -> str:
@@ -526,8 +567,51 @@ def _check_size(text: str, source: str) -> None:
                             f"{event.start_mark.line + 1}); write the values out or use fewer aliases")
 
 
-def load(path: str | Path | None) -> SweepSpec:
-    """Load a sweep YAML; None loads the embedded default sweep shipped inside the package."""
+def _set_one(doc: dict, item: str) -> None:
+    """Apply one `key=value` to `doc` in place: a dotted path of mapping keys and list indices
+    (missing mapping keys are created; validation then names any unknown one), the value a YAML scalar
+    or flow collection (`2`, `true`, `[1, 2]`, `adamw`)."""
+    path, eq, text = item.partition("=")
+    fix = "give key=value with a dotted path, e.g. replicas=2 or workloads.0.epochs=1"
+    if not eq or not path or any(not k for k in path.split(".")):
+        raise SpecError(f"--set {item}: not key=value; {fix}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise SpecError(f"--set {item}: the value is not YAML; quote it or fix its syntax") from None
+    *parents, last = path.split(".")
+    node, walked = doc, []
+    for key in [*parents, last]:
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise SpecError(f"--set {item}: {'.'.join(walked) or '(top level)'} is a list of {len(node)}; "
+                                f"give an index 0..{len(node) - 1} instead of {key!r}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise SpecError(f"--set {item}: {'.'.join(walked)} is {type(node).__name__} {node!r}, not a mapping "
+                            "or list; shorten the path")
+        if walked == parents:
+            node[key] = value
+            return
+        if isinstance(node, dict):
+            node = node.setdefault(key, {})
+        else:
+            node = node[key]
+        walked.append(str(key))
+
+
+def apply_overrides(doc: dict, overrides: list[str]) -> dict:
+    """The sweep document with each `--set key=value` applied in order, before validation, so an
+    override is checked exactly like the file (a copy: the caller's document is left as it was)."""
+    doc = copy.deepcopy(doc)
+    for item in overrides:
+        _set_one(doc, item)
+    return doc
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> SweepSpec:
+    """Load a sweep YAML, with `--set` overrides applied before it is checked; None loads the
+    embedded default sweep shipped inside the package."""
     if path is None:
         text, source = resources.files("orchestrator").joinpath("default_sweep.yaml").read_text(), "default_sweep.yaml"
     else:
@@ -548,4 +632,6 @@ def load(path: str | Path | None) -> SweepSpec:
         raise SpecError(f"{source}: malformed YAML{where}; fix the syntax") from None
     if not isinstance(doc, dict):
         raise SpecError(f"{source}: (top level): expected a mapping of sweep fields, got {type(doc).__name__}")
+    if overrides:
+        doc, source = apply_overrides(doc, list(overrides)), f"{source} with --set"
     return parse(doc, source)

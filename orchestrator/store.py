@@ -69,6 +69,7 @@ _RUN_FIELDS = [
     ("ranks_agree", pa.bool_()),  # every rank's fingerprint_id is the same
     ("epoch_lr", pa.list_(pa.float64())),  # built-in loop: learning rate of each epoch's first optimiser step
     ("attention_backend", pa.string()),  # SDPA kernel the built-in transformer's first attention call ran; else null
+    ("traceback", pa.string()),  # a failed run's full traceback (also in OUT/logs/<run_id>.log); null when ok
     ("note", pa.string()),  # a user function's ctx.note calls: e.g. what its framework set process-wide
     ("epoch_weights_sha256", pa.list_(pa.string())),  # built-in loop: weights digest after each epoch
     ("epoch_sketch", pa.list_(pa.list_(pa.float64()))),  # built-in loop: runner.weights_sketch after each epoch
@@ -189,7 +190,8 @@ def overhead_path(root: str, probe_id: str) -> str:
 
 
 def log_path(root: str, trial_id: str) -> str:
-    """The full error of a run or probe whose worker died (the terminal shows one line of it)."""
+    """The full error of a run or probe whose worker died, or the traceback of a run whose training
+    raised (keyed by run_id); the terminal shows one line of it."""
     return f"{root}/logs/{trial_id}.log"
 
 

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("config", nargs="?", help="sweep YAML; omitted: the embedded default sweep")
     p.add_argument("--out", help="results folder or s3://bucket/prefix (overrides the spec's out)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a sweep field before it is checked, by dotted path (repeatable): "
+                        "--set replicas=2 --set workloads.0.epochs=1")
     p.add_argument("--fresh", action="store_true", help="delete OUT's previous results first, even another sweep's")
     p.add_argument("--wait-for-autoscaling", action="store_true",
                    help="skip the pre-flight check and let pending runs wait for nodes the autoscaler adds")
@@ -469,7 +472,7 @@ def code_env_notes(spec: SweepSpec) -> list[str]:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """build -> (check OUT, connect, pre-flight: all may refuse) -> first write -> run -> reduce."""
-    spec = load(args.config)
+    spec = load(args.config, args.overrides)
     out = store.absolute(args.out or spec.out_uri)
     runs, probes = expand(spec), expand_probes(spec)
     try:

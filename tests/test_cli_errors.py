@@ -9,6 +9,7 @@ import time
 import pytest
 
 from orchestrator import store, sweep
+from orchestrator.spec import load
 from tests.conftest import ROOT, cli, write_spec
 
 
@@ -25,6 +26,29 @@ def test_bad_spec_exits_2_with_one_line(tmp_path, fields, expect):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], r.stderr
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("sets, expect", [
+    (["replicas"], "--set replicas: not key=value; give key=value with a dotted path"),
+    (["workloads.3.epochs=1"], "--set workloads.3.epochs=1: workloads is a list of 1; give an index 0..0"),
+    (["replicas.x=1"], "--set replicas.x=1: replicas is int 2, not a mapping or list; shorten the path"),
+    (["workloads.0.epochz=1"], "bad.yaml with --set: workloads.0.epochz: unknown key; remove it or fix its spelling"),
+    (["replicas=0"], "bad.yaml with --set: replicas: Input should be greater than 0"),
+])
+def test_a_bad_override_exits_2_with_one_line(tmp_path, sets, expect):
+    args = [a for s in sets for a in ("--set", s)]
+    r = cli(str(write_spec(tmp_path / "bad.yaml")), "--out", str(tmp_path / "out"), *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_overrides_apply_by_dotted_path_as_yaml_values_before_validation(tmp_path):
+    path = write_spec(tmp_path / "s.yaml")
+    before = load(path)
+    spec = load(path, ["replicas=3", "workloads.0.epochs=1", "tooling.num_threads=[1, 2]", "replicas=4"])
+    assert (spec.replicas, spec.workloads[0].epochs, spec.tooling.num_threads) == (4, 1, [1, 2])  # last one wins
+    assert before.replicas == 2 and load(path) == before  # the file itself is untouched
 
 
 def test_malformed_yaml(tmp_path):

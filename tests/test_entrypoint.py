@@ -47,6 +47,12 @@ def test_spec_takes_entrypoint_and_builtin_workloads_side_by_side():
     (EXAMPLE | {"entrypoint": "examples/own_training.py"}, "spec: workloads.0.entrypoint: String should match"),
     (EXAMPLE | {"epochs": 3}, "spec: workloads.0.epochs: unknown key; remove it or fix its spelling"),
     ({"arch": "small_cnn", "dataset": "digits", "lr": -1}, "spec: workloads.0.lr: Input should be greater than 0"),
+    (EXAMPLE | {"args": {"epochz": 1}}, "spec: workloads.0.args: 'epochz' is not an argument of "
+     "examples.own_training:train; did you mean 'epochs'? fix or remove the key"),
+    (EXAMPLE | {"args": {"colour": 1}}, "spec: workloads.0.args: 'colour' is not an argument of "
+     "examples.own_training:train; it takes epochs, batch_size, lr, num_workers; fix or remove the key"),
+    ({"entrypoint": "tests.user_functions:needs_size", "name": "n", "dataset": "n"},
+     "spec: workloads.0.args: tests.user_functions:needs_size requires 'size', which has no default; add it"),
 ])
 def test_bad_workloads_give_one_line_naming_the_field(workload, message):
     with pytest.raises(SpecError) as e:
@@ -132,6 +138,29 @@ def test_noise_settings_are_applied_before_the_function_runs(tmp_path, torch_swi
     assert row["test_accuracy"] == np.mean(np.array(row["predictions"]) == 0) and row["fingerprint_id"] and row["seed_init"] == expand(spec)[0].seeds.init
 
 
+def test_a_failed_run_keeps_its_traceback_in_the_row_and_a_log_and_its_last_frame_in_the_error(tmp_path):
+    spec = parse({"name": "t", "replicas": 1, "noise": ["control"],
+                  "workloads": [{"entrypoint": "tests.user_functions:raises", "name": "r", "dataset": "r"}]})
+    run = expand(spec)[0]
+    row = runner.run(run, str(tmp_path))
+    where = f"{ROOT / 'tests/user_functions.py'}:8 in raises"
+    assert row["status"] == "failed" and row["error"].endswith(f"look elsewhere (at {where})")
+    assert "\n" not in row["error"]
+    stored = store.read_runs(str(tmp_path)).to_pylist()[0]
+    log = (tmp_path / "logs" / f"{run.run_id}.log").read_text()
+    assert stored["traceback"] == log == row["traceback"]
+    # the user's frame and the wrapper's, chained: the whole story, not one line
+    assert 'user_functions.py", line 8, in raises' in log and "EntrypointError" in log and "ValueError" in log
+    assert ok_traceback_is_null(tmp_path)
+
+
+def ok_traceback_is_null(tmp_path) -> bool:
+    spec = parse({"name": "t", "replicas": 1, "noise": ["control"],
+                  "workloads": [{"entrypoint": "tests.user_functions:settings_seen", "name": "s", "dataset": "s"}]})
+    row = runner.run(expand(spec)[0], str(tmp_path / "ok"))
+    return row["status"] == "ok" and store.read_runs(str(tmp_path / "ok")).to_pylist()[0]["traceback"] is None
+
+
 # --- the example on a real local Ray cluster ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -197,7 +226,8 @@ def test_a_broken_user_function_is_a_failed_row_with_one_line_and_the_sweep_goes
     failed = {r.arch: r for r in df[df.status == "failed"].itertuples()}
     assert set(failed) == {"raises", "wrong_length", "no_labels"} and len(df[df.status == "failed"]) == 6
     assert failed["raises"].error == ("EntrypointError: tests.user_functions:raises raised ValueError: "
-                                      "no data here, look elsewhere")
+                                      f"no data here, look elsewhere (at {ROOT / 'tests/user_functions.py'}:8 in raises)")
+    assert 'line 8, in raises' in (own_out[1] / "logs" / f"{failed['raises'].run_id}.log").read_text()
     assert failed["wrong_length"].error.startswith("ContractError: 9 predictions for 10 labels; the function must")
     assert failed["no_labels"].error.startswith("ContractError: no 'labels' in the returned mapping; the function must")
     assert all("\n" not in r.error for r in failed.values())

@@ -24,6 +24,11 @@ def settings_seen(ctx):
     return {"predictions": torch.tensor([int(v) for v in seen]), "labels": torch.zeros(4, dtype=torch.int64)}
 
 
+def needs_size(ctx, size, scale=1.0):
+    """Takes a required argument: a sweep that leaves `size` out of `args` is refused when checked."""
+    raise AssertionError("never called: the sweep file check refuses it")
+
+
 def raises_on_rank_1(ctx):
     """A data-parallel function whose rank 1 fails; rank 0 would return a valid result."""
     if ctx.rank == 1:
