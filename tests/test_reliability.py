@@ -44,7 +44,7 @@ def test_failures_are_retried_recorded_and_the_sweep_carries_on(ray_local, tmp_p
     assert df.loc["tests.faulty:exit_once"].attempts == 2 and died.attempts == 3
     assert (df.loc["mlp"].attempts == 1).all()
     diverged = df[df.status == "failed"].drop(index="tests.faulty:exit_on_build")
-    assert len(diverged) == 1 and diverged.error.iloc[0] == "Diverged: diverged at epoch 1"
+    assert len(diverged) == 1 and diverged.error.iloc[0].startswith("Diverged: diverged at epoch 1 (at ")
     assert (df.status == "ok").sum() == 2 and len(df) == 4
     err = capsys.readouterr().err
     assert err.count("failed: ") == 2 and f"(full error: {log})" in err
