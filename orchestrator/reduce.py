@@ -376,10 +376,26 @@ def _distinct(df: pd.DataFrame, column: str) -> str:
     return ", ".join(sorted(str(v) for v in df[column].dropna().unique() if v != "")) if column in df else ""
 
 
+def no_effect_note(ok: pd.DataFrame) -> str | None:
+    """A preset whose sources changed seeds across replicas but gave bitwise-identical weights: the
+    training never drew from those sources (e.g. the user's code ignores ctx.generator("order")), so
+    the group measures nothing; said rather than shown as a spread of zero."""
+    weights = ok["weights_sha256"] if "weights_sha256" in ok else pd.Series(dtype=object)
+    if len(ok) < 2 or weights.isna().any() or weights.nunique() != 1:
+        return None
+    varied = [c.removeprefix("seed_") for c in ("seed_init", "seed_order", "seed_augment", "seed_bitflip")
+              if c in ok and ok[c].nunique() > 1]
+    if not varied:
+        return None
+    return (f"no effect: {', '.join(varied)} seeds changed but the weights are identical; check the training "
+            "draws from them (ctx.seed / ctx.generator in your own code)")
+
+
 def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels) -> tuple[dict, list[dict]]:
     """One variance row and its subgroup rows."""
     ok = g[g["status"] == "ok"]
     notes = [] if len(ok) >= 2 else [f"{len(ok)} ok run(s): spreads need 2"]
+    notes += [n for n in [no_effect_note(ok)] if n]
     if ok["fingerprint_id"].nunique() > 1:
         notes.append("runs span several stacks (n_fingerprints): the spread includes their differences")
     preds = runs.matrix("predictions", ok.index)

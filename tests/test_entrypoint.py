@@ -161,6 +161,17 @@ def ok_traceback_is_null(tmp_path) -> bool:
     return row["status"] == "ok" and store.read_runs(str(tmp_path / "ok")).to_pylist()[0]["traceback"] is None
 
 
+def test_a_source_that_changed_seeds_but_not_the_weights_is_noted_in_the_variance_table(tmp_path):
+    spec = parse({"name": "t", "replicas": 2, "noise": ["order", "init"],
+                  "workloads": [{"entrypoint": "tests.user_functions:ignores_order", "name": "io", "dataset": "io"}]})
+    for run in expand(spec):
+        assert runner.run(run, str(tmp_path))["status"] == "ok"
+    v = reduce(str(tmp_path))["variance"].set_index("noise")
+    assert v.loc["order", "identical_fraction"] == 1 and v.loc["order", "note"].startswith(
+        "no effect: order seeds changed but the weights are identical")
+    assert v.loc["init", "identical_fraction"] == 0 and "no effect" not in v.loc["init", "note"]
+
+
 # --- the example on a real local Ray cluster ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,13 @@ def needs_size(ctx, size, scale=1.0):
     raise AssertionError("never called: the sweep file check refuses it")
 
 
+def ignores_order(ctx):
+    """Draws its weights from the init source and never uses the order generator (as code that
+    shuffles only on accelerators): replicas of preset `order` are bitwise identical."""
+    w = torch.randn(4, generator=ctx.generator("init"))
+    return {"predictions": (w > 0).long(), "labels": torch.tensor([0, 1, 0, 1]), "state_dict": {"w": w}}
+
+
 def raises_on_rank_1(ctx):
     """A data-parallel function whose rank 1 fails; rank 0 would return a valid result."""
     if ctx.rank == 1:
