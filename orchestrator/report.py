@@ -279,6 +279,11 @@ def load_written(out_uri: str, name: str) -> pd.DataFrame | None:
     return pd.read_parquet(path, filesystem=fs) if store.exists(fs, path) else None
 
 
+def load_compare(out_uri: str) -> pd.DataFrame | None:
+    """OUT/tables/compare.parquet as `python -m orchestrator.compare` last wrote it, or None (the notebook's)."""
+    return load_written(out_uri, "compare")
+
+
 def divergence_lines(divergence: pd.DataFrame) -> Figure:
     """Distance between same-setting runs' weights (their sketches) against epoch, one line per group
     (a pair of runs of one setting differs only by its seeds), one panel per workload family."""

@@ -319,7 +319,8 @@ def test_cli_usage_errors(tmp_path: Path, capsys):
     assert e.value.code == 2
     assert reduce.main([str(tmp_path), "--format", "md", "--by", "arch,noise"]) == 0
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == [
-        "cross_stack.md", "overhead.md", "overhead_ops.md", "sources.md", "subgroups.md", "variance.md"]
+        "cross_stack.md", "divergence.md", "overhead.md", "overhead_ops.md", "sources.md", "subgroups.md",
+        "variance.md"]
 
 
 @pytest.mark.integration
