@@ -14,7 +14,7 @@ def bomb(levels: int) -> str:
     """An entrypoint's args that a YAML parser expands to 10**levels strings (a few hundred bytes)."""
     anchors = ["&a0 [x, x, x, x, x, x, x, x, x, x]"] + [
         f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
-    return ("name: b\nworkloads:\n- name: w\n  entrypoint: tests.user_functions:raises\n  dataset: digits\n"
+    return ("name: b\nworkloads:\n- name: w\n  entrypoint: tests.user_functions:takes_any_args\n  dataset: digits\n"
             f"  args: {{big: [{', '.join(anchors)}]}}\n")
 
 

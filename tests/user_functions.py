@@ -54,3 +54,8 @@ def rank_1_dies_once(ctx, marker: str):
         Path(marker).touch()
         os.kill(os.getpid(), signal.SIGKILL)
     return {"predictions": torch.zeros(4, dtype=torch.int64), "labels": torch.zeros(4, dtype=torch.int64)}
+
+
+def takes_any_args(ctx, **args):
+    """Accepts any `args` (the signature check lets **kwargs through); fails if ever run."""
+    raise ValueError(f"not meant to run: {sorted(args)}")
