@@ -96,6 +96,14 @@ def equal_pair_fraction(keys: Sequence[object]) -> float:
     return float((counts * (counts - 1)).sum() / (r * (r - 1)))
 
 
+def identical(keys: Sequence[object]) -> bool:
+    """Whether runs are bit-for-bit the same: every key (weights digest) present and equal. Only
+    this makes a spread, share or difference *exactly* zero; equal accuracies do not (they tie at
+    the test set's resolution). False for no runs or a missing digest."""
+    k = list(keys)
+    return bool(k) and all(x is not None and x == x and x == k[0] for x in k)
+
+
 def _std(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Sample std (ddof=1) along `axis`, exactly 0 for equal values: np.std of 50 copies of 0.8856
     is 2e-16 (the mean rounds), which would read as noise in a control group. Shifting by the
@@ -126,18 +134,29 @@ def _var_ci(var: float, n: int, level: float) -> tuple[float, float]:
     return df * var / stats.chi2.ppf(1.0 - alpha / 2, df), df * var / stats.chi2.ppf(alpha / 2, df)
 
 
-def std_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+def tie_var(n_test: int) -> float:
+    """The variance an accuracy can hide at the test set's resolution: replicas with different
+    weights but equal accuracies (multiples of 1/n_test, so ties are common at a few hundred
+    examples) still vary, by up to about a step. res²/12 is Sheppard's rounding variance of a step
+    res = 1/n_test; intervals that would be [0, 0] for tied accuracies take it as the variance they
+    cannot rule out, so "no noise" stays a claim about identical weights. 0 without a test set."""
+    return 1.0 / (12.0 * n_test * n_test) if n_test else 0.0
+
+
+def std_ci(values: Sequence[float], level: float = 0.95, floor_var: float = 0.0) -> tuple[float, float]:
     """Interval of the sample std (ddof=1) with stated coverage: the chi-square interval, exact
     when the values are independent draws of one normal distribution (accuracies of replicas are
     close to that; heavy tails or a few diverged runs make it too narrow). Unlike a percentile
     bootstrap, it does not under-cover at 5-10 runs: at n=5 the 95% interval is about
-    [0.60 s, 2.87 s]. NaN below two values; (0, 0) when all values are equal."""
+    [0.60 s, 2.87 s]. NaN below two values. When all values are equal: (0, 0) only for an exact
+    group (`floor_var` 0: identical weights); otherwise the values tie at the test set's resolution
+    and the upper end is the chi-square bound of `floor_var` (`tie_var`), not 0."""
     v = np.sort(np.asarray(values, dtype=np.float64))
     if len(v) < 2:
         return math.nan, math.nan
     s = float(_std(v))
     if s == 0.0:
-        return 0.0, 0.0
+        return 0.0, math.sqrt(_var_ci(floor_var, len(v), level)[1])
     lo, hi = _var_ci(s * s, len(v), level)
     return math.sqrt(lo), math.sqrt(hi)
 
@@ -220,10 +239,12 @@ def binary_rates(preds: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
 def brown_forsythe_p(a: Sequence[float], b: Sequence[float]) -> float:
     """p-value that two independent groups' accuracy variances differ: Levene's test centred on
     the median (Brown–Forsythe), robust to the skewed, heavy-tailed accuracy distributions that a
-    few diverging replicas produce. NaN below two values per group; 1.0 when both groups have zero
+    few diverging replicas produce. NaN below three values per group: with two, each group's two
+    deviations from its median are equal, the within-group variance of the deviations is 0 and the
+    test rejects whatever the data (p ≈ 3e-29 for equal variances). 1.0 when both groups have zero
     spread (their variances are equal and the F ratio would be 0/0)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 3 or len(b) < 3:
         return math.nan
     if np.ptp(a) == 0 and np.ptp(b) == 0:
         return 1.0
@@ -233,27 +254,31 @@ def brown_forsythe_p(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def paired_scale_p(a: Sequence[float], b: Sequence[float]) -> float:
-    """p-value that two *paired* groups' accuracy variances differ: a paired Brown–Forsythe test,
-    the one-sample t-test of |a[r] - median(a)| - |b[r] - median(b)| over the pairs r.
+    """p-value that two *paired* groups' accuracy variances differ: a sign-flip permutation test of
+    the paired differences x[r] = |a[r] - median(a)| - |b[r] - median(b)| (paired Brown–Forsythe).
 
-    a[r] and b[r] are replica r of two presets that share seeds (common random numbers), so they
-    are correlated, and a test for independent groups loses power. The Pitman–Morgan test (exact
-    for bivariate normal pairs) was used before; it is a test of a correlation, which one diverged
-    replica drives: with 10% of replicas from a poor-convergence mode, equally in both groups, it
-    rejected a true null 24-36% of the time at 5-20 pairs. Absolute deviations from the median grow
-    only linearly with an outlier, and the t-test of their paired differences keeps its size with
-    and without outliers (bench/bench_coverage.py), at the cost of some power. NaN below three pairs;
-    1.0 when the deviations are equal pair by pair (both groups constant, or b = a + c), 0.0 when
-    they differ by the same non-zero amount in every pair."""
+    a[r] and b[r] are replica r of two presets that share seeds, so they are correlated. Under equal
+    scales each x[r] is symmetric about 0, so every one of the 2^n sign patterns of x is equally
+    likely: the p-value is the share of patterns whose |Σ| reaches the observed |Σx| (exact size
+    ≤ α; all 2^n patterns up to 16 pairs, a fixed-seed 2^16 sample above). The one-sample t-test of
+    x used before held 7.0% at 4 pairs; a permutation test cannot exceed its level. With n pairs the
+    smallest p is 2/2^n: 0.125 at 3 (it can never reject), so NaN below 4 pairs ("too few pairs").
+    Absolute deviations grow only linearly with an outlier, so shared diverged replicas do not drive
+    it. 1.0 when the deviations are equal pair by pair."""
     a, b = _paired_arrays(a, b)
-    if len(a) < 3:
+    if len(a) < 4:
         return math.nan
     x = np.sort(np.abs(a - np.median(a)) - np.abs(b - np.median(b)))
-    if np.ptp(x) == 0:
-        return 1.0 if x[0] == 0 else 0.0
-    with warnings.catch_warnings():  # scipy's "precision loss" for deviations equal but for rounding
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_1samp(x, 0.0).pvalue)
+    if not x.any():
+        return 1.0
+    n = len(x)
+    if n <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
+    else:
+        signs = np.random.default_rng(0).choice((-1, 1), size=(2 ** 16, n))
+    observed = abs(float(x.sum()))
+    tol = 1e-12 * float(np.abs(x).sum())
+    return float(np.mean(np.abs(signs @ x) >= observed - tol))
 
 
 def _jackknife_var(replicates: np.ndarray) -> float:
@@ -403,7 +428,7 @@ def _share_factors(n_num: int, n_den: int, r: float, paired: bool, level: float)
 
 
 def variance_share_ci(num: Sequence[float], den: Sequence[float], paired: bool,
-                      level: float = 0.95) -> tuple[float, float, float]:
+                      level: float = 0.95, floor_var: float = 0.0) -> tuple[float, float, float]:
     """var(num) / var(den) (ddof=1) and its `level` interval (`_share_factors`): the F interval for
     independent presets, the Pitman–Morgan interval when `paired` (num[i] and den[i] are replica i
     of two presets that share that replica's seeds). Both are exact **if the accuracies are
@@ -412,19 +437,24 @@ def variance_share_ci(num: Sequence[float], den: Sequence[float], paired: bool,
     replicas and 81% of paired ones at 5 (a resample that repeats one replica has no variance), and
     covered 88-92% at 10.
 
-    Exactly 0 with [0, 0] when num has no spread at all (a preset that varies nothing on this
-    stack); NaN when den has none (nothing to be a share of) or a side has fewer than two values;
+    Exactly 0 with [0, 0] when num has no spread and `floor_var` is 0 (identical weights: a preset
+    that varies nothing on this stack). Tied accuracies of different weights give 0 with the upper
+    end the interval's for a variance of `floor_var` (`tie_var`), so the share is not called exact.
+    NaN when den has none (nothing to be a share of) or a side has fewer than two values;
     a NaN interval for two paired replicas (the paired interval needs three).
     """
     a, b = _sides(num, den, paired)
     if len(a) < 2 or len(b) < 2 or np.ptp(b) == 0:
         return math.nan, math.nan, math.nan
     ratio = float(_std(a)) ** 2 / float(_std(b)) ** 2
-    if ratio == 0:
+    if ratio == 0 and floor_var == 0:
         return 0.0, 0.0, 0.0
     if paired and len(a) < 3:
         return ratio, math.nan, math.nan
-    lo, hi = _share_factors(len(a), len(b), _corr(a, b) if paired else 0.0, paired, level)
+    tied = ratio == 0  # no correlation to estimate: r = 0 gives the paired interval's widest factors
+    lo, hi = _share_factors(len(a), len(b), _corr(a, b) if paired and not tied else 0.0, paired, level)
+    if tied:
+        return 0.0, 0.0, floor_var / float(_std(b)) ** 2 * hi
     return ratio, ratio * lo, ratio * hi
 
 
@@ -495,11 +525,14 @@ class MeanDiff(NamedTuple):
     test: str  # "paired t" or "Welch t"
 
 
-def mean_diff(a: Sequence[float], b: Sequence[float], paired: bool) -> MeanDiff:
+def mean_diff(a: Sequence[float], b: Sequence[float], paired: bool, floor_var: float = 0.0) -> MeanDiff:
     """The mean difference and its t statistic's parts. `paired`: replica r of each side shares its
     seeds, so the paired t-test (the differences a[r] - b[r], n - 1 df) lets seed luck cancel;
     otherwise Welch's unequal-variance t (Welch–Satterthwaite df). Exact (paired) or very nearly so
-    (Welch) **if the accuracies are normal**."""
+    (Welch) **if the accuracies are normal**. `floor_var` (`tie_var`, per side) floors the squared
+    standard error at what tied accuracies can hide: at 360 test examples and 2-4 replicas the
+    differences often tie, the se comes out 0 or tiny and the t-test rejected a true null 13.6% of
+    the time at R=2. 0 for sides that are each exact (identical weights within a side)."""
     a, b = _sides(a, b, paired)
     test = "paired t" if paired else "Welch t"
     if not len(a) or not len(b):
@@ -508,8 +541,9 @@ def mean_diff(a: Sequence[float], b: Sequence[float], paired: bool) -> MeanDiff:
     if len(a) < 2 or len(b) < 2:
         return MeanDiff(diff, math.nan, math.nan, test)
     if paired:
-        return MeanDiff(diff, float(_std(a - b)) / math.sqrt(len(a)), len(a) - 1.0, test)
-    va, vb = float(_std(a)) ** 2 / len(a), float(_std(b)) ** 2 / len(b)
+        se = float(_std(a - b)) / math.sqrt(len(a))
+        return MeanDiff(diff, max(se, math.sqrt(2 * floor_var / len(a))), len(a) - 1.0, test)
+    va, vb = (max(float(_std(x)) ** 2, floor_var) / len(x) for x in (a, b))
     return MeanDiff(diff, math.sqrt(va + vb), float(_welch_df([va, vb], [len(a) - 1, len(b) - 1])), test)
 
 

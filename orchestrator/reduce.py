@@ -314,12 +314,13 @@ def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.nd
 
 # --- variance ---------------------------------------------------------------------------------
 
-def _accuracy_stats(acc: np.ndarray, correct: np.ndarray | None) -> dict:
+def _accuracy_stats(acc: np.ndarray, correct: np.ndarray | None, floor_var: float = 0.0) -> dict:
     """Mean and std of the replicas' accuracies with the std's chi-square interval, and, when the
     labels give per-example correctness (R, N), the split of the variance into independent
     per-example flips (acc_std_sampling) and the distribution-wise rest (acc_std_dist, Jordan 2023).
-    The rest's variance can be estimated below 0; its std and interval ends are sqrt(max(v, 0))."""
-    lo, hi = metrics.std_ci(acc)
+    The rest's variance can be estimated below 0; its std and interval ends are sqrt(max(v, 0)).
+    `floor_var`: metrics.tie_var for runs whose weights differ (0 for identical weights)."""
+    lo, hi = metrics.std_ci(acc, floor_var=floor_var)
     dist = metrics.distribution_var(correct) if correct is not None else (math.nan,) * 3
     d, d_lo, d_hi = (math.sqrt(max(v, 0.0)) if not math.isnan(v) else math.nan for v in dist)
     return {"acc_mean": float(acc.mean()) if len(acc) else math.nan, "acc_std": metrics.sample_std(acc),
@@ -409,9 +410,14 @@ def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels) -> tup
     elif labels is None and preds is not None:
         notes.append("no labels file under OUT/datasets: no per-example std")
     correct = preds == labels[0] if labels is not None and preds is not None else None
+    acc = ok["test_accuracy"].dropna().to_numpy(float)
+    exact = metrics.identical(ok["weights_sha256"].tolist())
+    if not exact and len(acc) >= 2 and np.ptp(acc) == 0:
+        notes.append(f"accuracies tie at the test set's resolution (1/{n_test}) but weights differ: "
+                     "not an exact zero, acc_std_hi is what the tie can hide")
     row = {"accelerator": _distinct(ok, "accelerator"), "n_fingerprints": ok["fingerprint_id"].nunique(),
            "n_runs": len(ok), "n_failed": len(g) - len(ok), "n_test": n_test,
-           **_accuracy_stats(ok["test_accuracy"].dropna().to_numpy(float), correct),
+           **_accuracy_stats(acc, correct, 0.0 if exact else metrics.tie_var(n_test)),
            "churn": metrics.churn(preds) if preds is not None else math.nan,
            **_weight_stats(fs, root, ok, notes)}
     per_class = runs.matrix("per_class_accuracy", ok.index)

@@ -25,6 +25,7 @@ from orchestrator import metrics, noise
 
 REFERENCES = ("algo+impl", "algo")
 SINGLE = (*noise.SOURCES, "control")
+LIKE_BAND = 2.0  # `like reference`: the share's interval lies inside [1/2, 2] (docs/deciding.md)
 # The variance table's own numbers: the std with its chi-square interval, the distribution-wise
 # part of it (per-example flips removed, Jordan 2023), and churn.
 FROM_VARIANCE = ["n_runs", "acc_std", "acc_std_lo", "acc_std_hi", "acc_std_dist", "acc_std_dist_lo",
@@ -39,16 +40,18 @@ def _paired(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     return ra.is_unique and rb.is_unique and set(ra) == set(rb)
 
 
-def share_verdict(reference: bool, share: float, lo: float, hi: float) -> str:
+def share_verdict(reference: bool, share: float, lo: float, hi: float, exact: bool = False) -> str:
     """What a share's interval lets a user say: `reference` (the reference's own row), `none` (the
-    preset's replicas do not vary at all), `below reference` / `above reference` (the interval
-    excludes 1), `like reference` (it holds 1 and spans at most a factor metrics.SHARE_FACTOR), and
-    `inconclusive` (it holds 1 but is wider: this many replicas cannot tell whether the source gives
-    a small part of the variance, all of it, or more; a share above 1 is then seed luck).
-    `no interval` where none could be given (the note says why)."""
+    preset's replicas have identical weights, `exact`; equal accuracies alone are not enough),
+    `below reference` / `above reference` (the interval excludes 1), `like reference` (an
+    equivalence statement: the whole interval lies inside [1/LIKE_BAND, LIKE_BAND], the reference's
+    variance within a factor of 2; "holds 1 and is narrow" passed a source with half the variance in
+    15-49% of groups), and `inconclusive` (it holds 1 but reaches outside the band: this many
+    replicas cannot tell a small part of the variance from all of it; a share above 1 is then seed
+    luck). `no interval` where none could be given (the note says why)."""
     if reference:
         return "reference"
-    if share == 0 and hi == 0:
+    if exact:
         return "none"
     if math.isnan(lo) or math.isnan(hi):
         return "no interval"
@@ -56,7 +59,7 @@ def share_verdict(reference: bool, share: float, lo: float, hi: float) -> str:
         return "below reference"
     if lo > 1:
         return "above reference"
-    return "inconclusive" if hi > metrics.SHARE_FACTOR * lo else "like reference"
+    return "like reference" if 1 / LIKE_BAND <= lo and hi <= LIKE_BAND else "inconclusive"
 
 
 def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, matrix: Callable) -> tuple[dict, list]:
@@ -65,20 +68,26 @@ def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, mat
     src, ref = src.sort_values(["replica", "run_id"]), ref.sort_values(["replica", "run_id"])
     paired = _paired(src, ref)
     acc_s, acc_r = src["test_accuracy"].to_numpy(float), ref["test_accuracy"].to_numpy(float)
-    share, lo, hi = metrics.variance_share_ci(acc_s, acc_r, paired)
-    verdict = share_verdict(name == reference, share, lo, hi)
+    identical = metrics.identical(src["weights_sha256"].tolist())
+    ps, pr = matrix("predictions", src.index), matrix("predictions", ref.index)
+    floor = 0.0 if identical else metrics.tie_var(ps.shape[1] if ps is not None else 0)
+    share, lo, hi = metrics.variance_share_ci(acc_s, acc_r, paired, floor_var=floor)
+    verdict = share_verdict(name == reference, share, lo, hi, identical and share == 0)
     r = metrics.share_correlation(acc_s, acc_r) if paired else math.nan
     exact = verdict in ("reference", "none")  # [1, 1] or [0, 0] whatever the replica count
     needed = 2.0 if exact else math.nan if verdict == "no interval" else metrics.share_replicas(r, len(src), paired)
-    ps, pr = matrix("predictions", src.index), matrix("predictions", ref.index)
     churn = (metrics.churn_share_ci(ps, pr, paired) if ps is not None and pr is not None
              and ps.shape[1] == pr.shape[1] else (math.nan,) * 3)
     notes = ["share: the reference's replicas do not vary"] if np.ptp(acc_r) == 0 else []
+    if share == 0 and not identical:
+        notes.append("share: accuracies tie at the test set's resolution but weights differ: not exact, "
+                     "share_hi is what the tie can hide")
     if not exact and not math.isnan(share):
         notes.append(f"share: {'Pitman–Morgan interval, paired' if paired else 'F interval, independent'}"
                      + (", needs 3 paired replicas" if math.isnan(lo) else ""))
     if verdict == "inconclusive":
-        notes.append(f"share inconclusive at {min(len(src), len(ref))} replicas (interval spans x{hi / lo:.3g}); "
+        spans = f"x{hi / lo:.3g}" if lo > 0 else "down to 0"
+        notes.append(f"share inconclusive at {min(len(src), len(ref))} replicas (interval spans {spans}); "
                      f"about {needed:.0f} per preset would pin it within x2 either way")
     if name != reference and churn[0] > 0:
         notes.append("churn_share: jackknife over replicas" + (", needs 3 a preset" if math.isnan(churn[1]) else ""))

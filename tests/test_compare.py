@@ -78,7 +78,7 @@ def test_replicas_needed_edge_cases():
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("cmp")
-    write_tree(root, {"order": 0.006, "algo+impl": 0.009}, {"order": 0.05, "algo+impl": 0.1}, n=30)
+    write_tree(root, {"order": 0.006, "algo+impl": 0.009}, {"order": 0.05, "algo+impl": 0.1}, n=30, n_test=2000)
     return root
 
 
@@ -124,7 +124,7 @@ def test_paired_sides_get_the_paired_t_test_and_its_power(tree, capsys):
 
 def test_unpaired_sides_get_welch(tmp_path, capsys):
     """Side b lacks replica 3: the sides no longer pair, so every number is Welch's."""
-    write_tree(tmp_path, {"order": 0.006, "algo+impl": 0.009}, {}, n=8)
+    write_tree(tmp_path, {"order": 0.006, "algo+impl": 0.009}, {}, n=8, n_test=2000)
     (tmp_path / "runs" / "mlp-algo+impl-3.parquet").unlink()
     assert compare.main([str(tmp_path), "--a", "noise=order", "--b", "noise=algo+impl"]) == 0
     row = pd.read_parquet(tmp_path / "tables" / "compare.parquet").iloc[0]
@@ -140,7 +140,7 @@ def test_unpaired_sides_get_welch(tmp_path, capsys):
 def test_margin_gives_an_equivalence_verdict(tmp_path, capsys):
     """Two stacks whose paired replicas differ by a tiny shift: equivalent within 0.005, not within
     0.00005; tost_p is the larger one-sided p of the paired t-test."""
-    write_tree(tmp_path, {"algo": 0.004}, {}, n=12, control=False)
+    write_tree(tmp_path, {"algo": 0.004}, {}, n=12, control=False, n_test=4000)  # a resolution finer than 1e-4
     runs = store.read_runs(str(tmp_path)).to_pandas()
     fs, root = store.resolve(str(tmp_path))
     for _, r in runs.iterrows():  # the same runs again on 2 threads, 0.0001 better and a little noisy
@@ -215,3 +215,50 @@ def test_almost_stochastic_order_when_deepsig_is_installed():
     rng = np.random.default_rng(2)
     eps = compare.aso_eps(rng.normal(0.95, 0.004, 20), rng.normal(0.90, 0.004, 20), seed=0)
     assert 0.0 <= eps < 0.2  # A clearly dominates B
+
+
+def _second_stack(root, shift: float, jitter: float, digest=None) -> None:
+    """The tree's runs again on 2 threads, `shift` better with a little paired jitter; `digest`
+    gives every copied run one weights digest per preset (a side that reproduces bit for bit)."""
+    runs = store.read_runs(str(root)).to_pandas()
+    fs, r = store.resolve(str(root))
+    for _, run in runs.iterrows():
+        row = {k: v for k, v in run.items() if np.ndim(v) or pd.notna(v)}
+        store.write_run(fs, r, {**row, "run_id": run["run_id"] + "-t2", "num_threads": 2,
+                                "weights_sha256": digest(run) if digest else run["weights_sha256"] + "-t2",
+                                "test_accuracy": run["test_accuracy"] + shift + jitter * (run["replica"] % 3 - 1)})
+
+
+def test_gate_exit_codes_and_exact_sides_in_words(tmp_path, capsys):
+    """--require over all groups: 0 when it holds, 1 when the difference is outside the margin,
+    3 when the replicas cannot decide (with the count that would), 2 without --margin. Two sides
+    that each reproduce bit for bit (control) are exact: said in words, never as p = 0."""
+    write_tree(tmp_path, {"algo": 0.004}, {}, n=3, n_test=4000)
+    _second_stack(tmp_path, 0.0023, 0.0, digest=lambda run: f"t2-{run['noise']}" if run["noise"] == "control"
+                  else run["weights_sha256"] + "-t2")
+    exact = ["--a", "num_threads=2,noise=control", "--b", "num_threads=1,noise=control"]
+    assert compare.main([str(tmp_path), *exact, "--margin", "0.005", "--require", "equivalent"]) == 0
+    out = capsys.readouterr().out
+    assert "exact: both sides reproduce bit for bit; difference 0.0023" in out and "p = 0" not in out
+    row = pd.read_parquet(tmp_path / "tables" / "compare.parquet").iloc[0]
+    assert row["exact"] and math.isnan(row["tost_p"]) and math.isnan(row["p"])
+    assert compare.main([str(tmp_path), *exact, "--margin", "0.001", "--require", "equivalent"]) == 1
+    assert compare.main([str(tmp_path), *exact, "--margin", "0.001", "--require", "no-worse"]) == 0  # A is better
+    noisy = ["--a", "num_threads=2", "--b", "num_threads=1"]  # both groups, algo and control
+    assert compare.main([str(tmp_path), *noisy, "--margin", "0.0024", "--require", "equivalent"]) == 3
+    out = capsys.readouterr().out
+    assert "cannot be decided" in out and "replicas per side would decide" in out
+    assert compare.main([str(tmp_path), *noisy, "--margin", "0.001", "--require", "equivalent"]) == 1
+    with pytest.raises(SystemExit, match="2"):
+        compare.main([str(tmp_path), *noisy, "--require", "equivalent"])
+    assert "--require: give --margin" in capsys.readouterr().err
+
+
+def test_gate_holds_with_enough_replicas(tmp_path, capsys):
+    """12 paired replicas a tiny shift apart, a side of independent digests per run: equivalent
+    within 0.005 in the one group, exit 0; the tost_p is the paired t-test's."""
+    write_tree(tmp_path, {"algo": 0.004}, {}, n=12, control=False, n_test=4000)
+    _second_stack(tmp_path, 0.0001, 0.0002)
+    assert compare.main([str(tmp_path), "--a", "num_threads=2", "--b", "num_threads=1", "--margin", "0.005",
+                         "--require", "equivalent"]) == 0
+    assert "holds in 1 of 1 groups" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Metric functions against answers worked out by hand, and their properties under hypothesis."""
 
+import itertools
 import math
 
 import numpy as np
@@ -159,11 +160,13 @@ def test_brown_forsythe():
 def test_paired_scale_p_by_hand():
     a, b = np.array([0.90, 0.92, 0.88, 0.91, 0.89]), np.array([0.80, 0.97, 0.75, 0.95, 0.82])
     x = np.abs(a - 0.90) - np.abs(b - 0.82)  # deviations from each side's median, pair by pair
-    assert metrics.paired_scale_p(a, b) == pytest.approx(stats.ttest_1samp(x, 0).pvalue)
+    flips = [abs(sum(s * v for s, v in zip(signs, x))) for signs in itertools.product((1, -1), repeat=5)]
+    assert metrics.paired_scale_p(a, b) == np.mean([f >= abs(x.sum()) - 1e-12 for f in flips])
     assert metrics.paired_scale_p([0.9] * 4, [0.9] * 4) == 1.0
-    assert metrics.paired_scale_p([0.5, 0.25, 0.75], [0.625, 0.375, 0.875]) == 1.0  # b = a + c: the same spread
-    assert metrics.paired_scale_p([0.25, 0.25, 0.75, 0.75], [0.5] * 4) == 0.0  # every deviation 0.25 against 0
-    assert math.isnan(metrics.paired_scale_p(a[:2], b[:2]))
+    assert metrics.paired_scale_p([0.5, 0.25, 0.75, 0.5], [0.625, 0.375, 0.875, 0.625]) == 1.0  # b = a + c
+    # every deviation 0.25 against 0: the most extreme of 16 sign patterns, two of them reach it
+    assert metrics.paired_scale_p([0.25, 0.25, 0.75, 0.75], [0.5] * 4) == 0.125
+    assert math.isnan(metrics.paired_scale_p(a[:3], b[:3]))  # 3 pairs: smallest p 0.25, too few pairs
     with pytest.raises(ValueError, match="different lengths"):
         metrics.paired_scale_p(a, b[:4])
 
@@ -401,8 +404,8 @@ def test_intervals_invariant_to_run_order(pairs, rnd):
         assert metrics.variance_share_ci(a, b, paired) == metrics.variance_share_ci(a2, b2, paired)
         assert metrics.mean_diff(a, b, paired) == metrics.mean_diff(a2, b2, paired)
         assert metrics.prob_improvement_ci(a, b, paired) == metrics.prob_improvement_ci(a2, b2, paired)
-    assert metrics.paired_scale_p(a, b) == metrics.paired_scale_p(a2, b2)
-    assert metrics.brown_forsythe_p(a, b) == metrics.brown_forsythe_p(a2[::-1], b2)
+    assert np.array_equal(metrics.paired_scale_p(a, b), metrics.paired_scale_p(a2, b2), equal_nan=True)
+    assert np.array_equal(metrics.brown_forsythe_p(a, b), metrics.brown_forsythe_p(a2[::-1], b2), equal_nan=True)
 
 
 # --- properties -------------------------------------------------------------------------------
@@ -461,3 +464,53 @@ def test_equal_pair_fraction_counts_pairs_without_a_pair_matrix():
     assert metrics.equal_pair_fraction(keys) == pytest.approx(brute) == 4 / 15
     assert metrics.equal_pair_fraction(["x"] * 5) == 1.0 and metrics.equal_pair_fraction(list("abcd")) == 0.0
     assert math.isnan(metrics.equal_pair_fraction(["x"]))
+
+
+# --- issue 28: ties at the test set's resolution, tests valid at their replica count ------------
+
+def _tied_pairs(rng, r: int, sigma_steps: float, n_test: int = 360) -> tuple[np.ndarray, np.ndarray]:
+    """Paired accuracies (correlation 0.7, equal means) on a test set of n_test: multiples of
+    1/n_test, so at a std of about one step many replicas tie."""
+    z = rng.standard_normal((2, r))
+    z[1] = 0.7 * z[0] + math.sqrt(0.51) * z[1]
+    return np.round(0.9 * n_test + sigma_steps * z) / n_test
+
+
+def test_tied_accuracies_of_different_weights_are_not_an_exact_zero():
+    """Three replicas with three digests but one accuracy: the std is 0 as measured, but the interval
+    reaches what the 1/360 step can hide; only identical weights give [0, 0]."""
+    acc = [0.9] * 3
+    assert metrics.std_ci(acc) == (0.0, 0.0)
+    lo, hi = metrics.std_ci(acc, floor_var=metrics.tie_var(360))
+    assert lo == 0.0 and hi == pytest.approx(math.sqrt(2 * metrics.tie_var(360) / stats.chi2.ppf(0.025, 2)))
+    share, lo, hi = metrics.variance_share_ci(acc, [0.88, 0.9, 0.93], True, floor_var=metrics.tie_var(360))
+    assert share == 0.0 and lo == 0.0 and hi > 0.0
+    assert metrics.identical(["d1", "d1", "d1"]) and not metrics.identical(["d1", "d2", "d1"])
+    assert not metrics.identical(["d1", None]) and not metrics.identical([])
+
+
+def test_paired_t_keeps_its_size_on_tied_accuracies_at_two_replicas():
+    """2,000 experiments of 2 pairs whose accuracies are multiples of 1/360 with a std of one step,
+    no true difference: the paired t-test rejected 12% of the time when ties made the se 0 or tiny;
+    floored at the resolution it holds 5%, and TOST never calls tied differences exact."""
+    rng = np.random.default_rng(7)
+    rejects = 0
+    for _ in range(2000):
+        a, b = _tied_pairs(rng, 2, 1.0)
+        rejects += metrics.t_test(metrics.mean_diff(a, b, True, metrics.tie_var(360)))[1] < 0.05
+    assert rejects / 2000 <= 0.05
+    tied = metrics.mean_diff([0.9, 0.9], [0.9, 0.9], True, metrics.tie_var(360))
+    assert tied.se > 0 and metrics.tost_p(tied, 0.001) > 0.05
+
+
+def test_variance_tests_are_nan_where_they_cannot_hold_their_size():
+    """Brown–Forsythe at 2 per group rejected equal variances with p ≈ 3e-29 (two equal deviations
+    per group): NaN below 3. The paired scale test cannot reject at 3 pairs: NaN there; from 4 pairs
+    a sign-flip permutation test, whose size is at most α by construction (checked at 4 and 6 pairs)."""
+    assert math.isnan(metrics.brown_forsythe_p([0.90, 0.92], [0.80, 0.82]))
+    assert math.isnan(metrics.paired_scale_p([0.9, 0.91, 0.93], [0.8, 0.85, 0.83]))
+    rng = np.random.default_rng(3)
+    for n in (4, 6):
+        z = rng.standard_normal((1000, 2, n))
+        z[:, 1] = 0.7 * z[:, 0] + math.sqrt(0.51) * z[:, 1]
+        assert np.mean([metrics.paired_scale_p(a, b) < 0.05 for a, b in z]) <= 0.05

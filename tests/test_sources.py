@@ -39,7 +39,9 @@ def write_tree(root, stds: dict[str, float], flips: dict[str, float], n: int, se
                 "accelerator": "cpu", "fingerprint_id": "fp0", "num_threads": 1, "precision": "fp32",
                 "channels_last": False, "compiled": False, "status": "ok", "epochs": 1,
                 "spec_json": json.dumps({"workload": {"arch": "mlp", "dataset": "toy"}}),
-                "test_accuracy": mean + std * rng.standard_normal(), "predictions": preds.tolist()})
+                "test_accuracy": mean + std * rng.standard_normal(), "predictions": preds.tolist(),
+                # control's replicas are one model; every other run its own weights
+                "weights_sha256": f"{arch}-control" if name == "control" else f"{arch}-{name}-{i}"})
 
 
 def write_labels(root, labels: np.ndarray) -> None:
@@ -145,8 +147,18 @@ def test_a_wide_share_is_called_inconclusive_with_the_replicas_that_would_settle
                                                     ("inconclusive", 2.25, 0.47, 14.3),
                                                     ("no interval", 1.0, math.nan, math.nan)])
 def test_share_verdict(verdict, share, lo, hi):
-    assert sources.share_verdict(False, share, lo, hi) == verdict
+    assert sources.share_verdict(False, share, lo, hi, exact=verdict == "none") == verdict
     assert sources.share_verdict(True, share, lo, hi) == "reference"
+
+
+def test_none_only_for_identical_weights_and_like_reference_only_inside_the_band():
+    """Equal accuracies are not identical weights: a zero share with a non-zero upper end is
+    `below reference`, never `none`; an interval holding 1 but reaching below 1/2 (a source with half
+    the reference's variance could give it) is `inconclusive`, not `like reference`."""
+    assert sources.share_verdict(False, 0.0, 0.0, 0.0) != "none"
+    assert sources.share_verdict(False, 0.0, 0.0, 0.2) == "below reference"
+    assert sources.share_verdict(False, 0.8, 0.4, 1.5) == "inconclusive"
+    assert sources.share_verdict(False, 1.0, 0.6, 1.9) == "like reference"
 
 
 def test_paired_share_interval_is_narrower_when_presets_share_seed_luck():
@@ -315,3 +327,19 @@ def test_identical_data_in_two_groups_gives_identical_intervals(tmp_path):
     table = reduce.reduce(str(tmp_path), fmt=())["sources"]
     cnn, mlp = (table[table["arch"] == a][["source", *INTERVALS]].reset_index(drop=True) for a in ("cnn", "mlp"))
     pd.testing.assert_frame_equal(cnn, mlp, check_exact=True)
+
+
+def test_equal_accuracies_with_different_weights_are_not_none(tmp_path):
+    """`impl` replicas with four different digests but one accuracy (a tie at the test set's
+    resolution) are not exact: a non-zero upper end and a note, never `none`; `control` (one digest)
+    keeps its exact zeros, as the digits demo's control and CPU impl do."""
+    write_tree(tmp_path, {"impl": 0.0, "algo+impl": 0.01}, {}, n=4)
+    tables = reduce.reduce(str(tmp_path), fmt=())
+    src = tables["sources"].set_index("source")
+    assert src.loc["control", "share_verdict"] == "none" and src.loc["control", "share_hi"] == 0.0
+    impl = src.loc["impl"]
+    assert impl["share"] == 0.0 and impl["share_hi"] > 0 and impl["share_verdict"] != "none"
+    assert "weights differ" in impl["note"]
+    var = tables["variance"].set_index("noise")
+    assert (var.loc["control", "acc_std_lo"], var.loc["control", "acc_std_hi"]) == (0.0, 0.0)
+    assert var.loc["impl", "acc_std"] == 0.0 and var.loc["impl", "acc_std_hi"] > 0
