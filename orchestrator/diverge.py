@@ -270,18 +270,25 @@ def replay(run: spec.RunSpec, steps: int, max_ops: int = MAX_OPS) -> list[OpReco
 
 def replay_elsewhere(run: spec.RunSpec, steps: int, max_ops: int) -> list[OpRecord]:
     """`replay` in a fresh interpreter of `run`'s stack: its env_vars set before torch imports, its
-    py_executable where it names one. A stack that installs packages (pip, uv, image_uri) needs a
-    Ray worker of that runtime_env, which this command does not start: a UsageError says so."""
+    py_executable where it names one, the tool's own environment of a pip/uv stack (built on this
+    node if it has none: `orchestrator.stacks`). A container image (image_uri) is not replayed: a
+    SpecError says so."""
+    from orchestrator import stacks
+
     stack = run.stack
-    if stack.pip is not None or stack.uv is not None or stack.image_uri is not None:
-        raise spec.SpecError(f"stack {stack.name!r} installs packages (pip, uv or image_uri); diverge replays "
-                                "env_vars and py_executable stacks only; compare runs of such stacks with `compare`")
+    if stack.image_uri is not None:
+        raise spec.SpecError(f"stack {stack.name!r} is a container image; diverge replays env_vars, pip, uv and "
+                             "py_executable stacks; compare runs of such stacks with `compare`")
+    try:
+        python = stacks.build(stack) if (stack.pip or stack.uv) else stack.py_executable or sys.executable
+    except stacks.BuildError as e:
+        raise spec.SpecError(f"stack {stack.name!r}: its environment could not be built: {e}") from None
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     env = os.environ | stack.env_vars | {"PYTHONPATH": path}
     with tempfile.TemporaryDirectory() as scratch:
         path = os.path.join(scratch, "trace.parquet")
-        done = subprocess.run([stack.py_executable or sys.executable, "-m", "orchestrator.diverge", "--replay",
+        done = subprocess.run([python, "-m", "orchestrator.diverge", "--replay",
                                run.model_dump_json(), path, "--steps", str(steps), "--max-ops", str(max_ops)],
                               env=env, capture_output=True, text=True)
         if done.returncode:
