@@ -33,7 +33,7 @@ POWER, ALPHA = 0.8, 0.05
 COMPARE = ["a", "b", "n_a", "n_b", "mean_a", "mean_b", "std_a", "std_b", "paired", "std_diff", "test", "diff",
            "diff_lo", "diff_hi", "t", "p", "p_a_gt_b", "p_a_gt_b_lo", "p_a_gt_b_hi", "welch_t", "welch_p", "aso_eps",
            "replicas_needed", "effect", "replicas_needed_effect", "margin", "tost_p", "equivalent", "exact",
-           "no_worse_p", "gate_replicas", "note"]
+           "p_adj", "tost_p_adj", "no_worse_p", "gate_replicas", "note"]
 POWER_NOTE = (f"replicas_needed: runs per side (pairs, when paired) with which the row's `test` (paired t or Welch t) "
               f"at alpha = {ALPHA} detects the observed difference (replicas_needed_effect: --effect) with "
               f"{POWER:.0%} power, at the observed stds (paired: std_diff, the std of the differences)")
@@ -193,6 +193,11 @@ def compare(out_uri: str, side_a: dict[str, str], side_b: dict[str, str], effect
     if not rows:
         raise reduce.UsageError(f"no workload group ({', '.join(by)}) has ok runs of both --a and --b")
     table = pd.DataFrame(rows, columns=by + COMPARE)
+    # Holm over the table's groups: each row's `equivalent` is read from the adjusted p (an exact row
+    # is a fact and keeps its own); the gate needs every group, an intersection–union test, so it reads the raw
+    table["p_adj"], table["tost_p_adj"] = metrics.holm(table["p"]), metrics.holm(table["tost_p"])
+    tested = table["tost_p_adj"].notna()
+    table.loc[tested, "equivalent"] = table.loc[tested, "tost_p_adj"] < ALPHA
     table["equivalent"] = table["equivalent"].astype("boolean")
     return table
 

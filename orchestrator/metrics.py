@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import optimize, stats
+from statsmodels.stats.multitest import multipletests
 
 EPS = np.finfo(np.float64).eps
 
@@ -279,6 +280,19 @@ def paired_scale_p(a: Sequence[float], b: Sequence[float]) -> float:
     observed = abs(float(x.sum()))
     tol = 1e-12 * float(np.abs(x).sum())
     return float(np.mean(np.abs(signs @ x) >= observed - tol))
+
+
+def holm(ps: Sequence[float]) -> np.ndarray:
+    """Holm-adjusted p-values of one family (statsmodels' multipletests): a table that prints a test
+    per row gives a false verdict somewhere far more often than α (20.6% of tables at 5 sources,
+    46% at 12 compare groups); verdicts read from these keep that chance at α, for any dependence
+    between rows. NaN rows are not in the family and stay NaN."""
+    p = np.asarray(ps, dtype=np.float64)
+    out = np.full(p.shape, math.nan)
+    ok = ~np.isnan(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], method="holm")[1]
+    return out
 
 
 def _jackknife_var(replicates: np.ndarray) -> float:

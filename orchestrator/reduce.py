@@ -58,7 +58,7 @@ VARIANCE = ["accelerator", "n_fingerprints", "n_runs", "n_failed", "n_test", "ac
             "acc_std_lo", "acc_std_hi", "acc_std_sampling", "acc_std_dist", "acc_std_dist_lo",
             "acc_std_dist_hi", "churn", "l2", "l2_rel",
             "l2_buffers", "identical_fraction", "per_class_std_max", "per_class_std_mean", "worst_class",
-            "subgroup_acc_std_max", "p_vs_control", "p_vs_algo", "note"]
+            "subgroup_acc_std_max", "p_vs_control", "p_vs_algo", "p_vs_control_adj", "p_vs_algo_adj", "note"]
 SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mean", "fpr_std",
              "fnr_mean", "fnr_std"]
 CROSS_STACK = ["arch", "dataset", "workload", "noise", *(f"{c}_a" for c in STACK), *(f"{c}_b" for c in STACK),
@@ -449,7 +449,7 @@ def _significance(table: pd.DataFrame, accs: list[pd.Series], by: list[str]) -> 
     """p_vs_control / p_vs_algo: `variance_p` of a group's accuracies against the group with the
     same key but noise control / algo, the test named in the note. NaN when there is no such
     group or the group is that group."""
-    table["p_vs_control"] = table["p_vs_algo"] = math.nan
+    table["p_vs_control"] = table["p_vs_algo"] = table["p_vs_control_adj"] = table["p_vs_algo_adj"] = math.nan
     if "noise" not in by:
         return
     rest = [tuple(str(v) for v in vals) for vals in table[[c for c in by if c != "noise"]].itertuples(index=False)]
@@ -463,6 +463,7 @@ def _significance(table: pd.DataFrame, accs: list[pd.Series], by: list[str]) -> 
             if test:
                 notes[i].append(f"{col}: {test}")
         table[col] = ps
+        table[f"{col}_adj"] = metrics.holm(ps)  # the family: this column's rows (docs/tables.md)
     table["note"] = ["; ".join(n) for n in notes]
 
 
