@@ -438,6 +438,8 @@ def variance_p(a: pd.Series, b: pd.Series) -> tuple[float, str]:
     a replica index repeats within a group (--by pooled several settings) or fewer than 3 are shared."""
     shared = a.index.intersection(b.index)
     if a.index.is_unique and b.index.is_unique and len(shared) >= 3:
+        if len(shared) < 4:  # the sign-flip test's smallest p at 3 pairs is 0.25: it cannot reject
+            return math.nan, f"paired Brown–Forsythe: too few pairs ({len(shared)}; 4 needed)"
         p = metrics.paired_scale_p(a[shared].to_numpy(), b[shared].to_numpy())
         return p, f"paired Brown–Forsythe, {len(shared)} pairs"
     unique = a.index.is_unique and b.index.is_unique

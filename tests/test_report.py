@@ -91,7 +91,8 @@ def test_report_is_self_contained_and_renders_in_headless_chromium(out, tmp_path
     path = report.write_report(str(out))
     assert path == f"{out}/tables/report.html"
     page = Path(path).read_text()
-    assert page.count('src="data:image/png;base64,') == 6  # accuracy, churn/L2, per-class, sources, overhead, ops
+    # accuracy, churn/L2, per-class, sources, overhead, ops, divergence over training
+    assert page.count('src="data:image/png;base64,') == 7
     for heading in ("Accuracy per replica", "Churn and L2", "Per-class accuracy std", "Noise sources", "Cross-stack pairs",
                     "Which ops deterministic mode slows",
                     "Overhead of determinism", "Variance table", "Fingerprints"):
@@ -200,13 +201,13 @@ def test_absent_data_says_none_instead_of_crashing(tmp_path):
     for fig in (report.accuracy_by_noise(empty), report.churn_l2_by_noise(tables["variance"]),
                 report.per_class_std(empty), report.overhead_bars(tables["overhead"]),
                 report.overhead_ops_bars(tables["overhead_ops"]),
-                report.source_shares(tables["sources"])):
+                report.source_shares(tables["sources"]), report.divergence_lines(pd.DataFrame())):
         assert report.NONE in texts(fig)
     assert "no overhead probes" in texts(report.overhead_bars(pd.DataFrame()))
     assert report.NONE in report.table_html(tables["cross_stack"])
     assert report.NONE in report.table_html(report.fingerprints(empty))
     page = Path(report.write_report(str(tmp_path))).read_text()
-    assert page.count(report.NONE) == 4 and page.count("data:image/png;base64,") == 6  # 4 tables, 6 figures
+    assert page.count(report.NONE) == 4 and page.count("data:image/png;base64,") == 7  # 4 tables, 7 figures
 
 
 def test_ops_figure_shows_each_probes_top_ops_in_both_modes(out):

@@ -4,6 +4,7 @@ reduce; the workload's own rules (tokens take no crops, a schedule's warm-up, mo
 spec errors, one line each, exit 2."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -125,7 +126,8 @@ def test_predictions_are_the_evaluation_positions_and_labels_are_stored_once(tra
     """Modular arithmetic: one prediction per test pair, the label its answer (a + b) mod p, in
     (a, b) order. Text: one per position of the test windows, the label the next character."""
     fs, root = store.resolve(str(transformers_out))
-    labels = {d: pq.read_table(store.labels_path(root, d), filesystem=fs)["label"].to_numpy()
+    # one labels file per dataset definition (name, dataset_root, dataset_args)
+    labels = {d: pq.read_table(next(Path(root, "datasets").glob(f"{d}*.parquet")), filesystem=fs)["label"].to_numpy()
               for d in ("modular_arithmetic", "text")}
     a, b = np.divmod(np.arange(P * P), P)
     train_pairs = set(np.random.default_rng(0).permutation(P * P)[:round(0.5 * P * P)])  # the loader's seed 0
