@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import optimize, stats
-from statsmodels.stats.multitest import multipletests
 
 EPS = np.finfo(np.float64).eps
 
@@ -291,6 +290,9 @@ def holm(ps: Sequence[float]) -> np.ndarray:
     out = np.full(p.shape, math.nan)
     ok = ~np.isnan(p)
     if ok.any():
+        # imported here: statsmodels imports pandas, which the doctor's GPU box lacks
+        from statsmodels.stats.multitest import multipletests
+
         out[ok] = multipletests(p[ok], method="holm")[1]
     return out
 
