@@ -347,6 +347,7 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: 
     # trials; allow one per CPU (at least 16, so the autoscaler sees demand).
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(16, int(ray.cluster_resources().get("CPU", 1)))))
     by_id = {_trial_id(r): r for r in runs}
+    fs, root = store.resolve(out)
     quiet_tune()
     fail_fast = FailFast(spec.fail_fast)
     progress = make_progress(total, out, record_trial_error(out), fail_fast, by_id, total - len(runs))
@@ -365,7 +366,7 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: 
                 name=f"{spec.name}-{stamp}-{n}",
                 # beside the results (shared storage on a multi-node cluster), through the store's file
                 # system: its bounded waits, where Tune's own S3 client retried an outage for minutes
-                storage_path=f"{store.resolve(out)[1]}/tune", storage_filesystem=store.resolve(out)[0],
+                storage_path=f"{root}/tune", storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=spec.max_retries),
                 callbacks=[progress], verbose=0))
         try:
