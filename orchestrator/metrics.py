@@ -282,18 +282,18 @@ def paired_scale_p(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def holm(ps: Sequence[float]) -> np.ndarray:
-    """Holm-adjusted p-values of one family (statsmodels' multipletests): a table that prints a test
-    per row gives a false verdict somewhere far more often than α (20.6% of tables at 5 sources,
-    46% at 12 compare groups); verdicts read from these keep that chance at α, for any dependence
-    between rows. NaN rows are not in the family and stay NaN."""
+    """Holm-adjusted p-values of one family: a table that prints a test per row gives a false
+    verdict somewhere far more often than α (20.6% of tables at 5 sources, 46% at 12 compare
+    groups); verdicts read from these keep that chance at α, for any dependence between rows. NaN
+    rows are not in the family and stay NaN. Written out (step-down: the k-th smallest p times
+    m - k + 1, made monotone, capped at 1) rather than statsmodels' multipletests, which runs
+    gc.collect() on every call: 43 ms per table in a process that holds torch."""
     p = np.asarray(ps, dtype=np.float64)
     out = np.full(p.shape, math.nan)
-    ok = ~np.isnan(p)
-    if ok.any():
-        # imported here: statsmodels imports pandas, which the doctor's GPU box lacks
-        from statsmodels.stats.multitest import multipletests
-
-        out[ok] = multipletests(p[ok], method="holm")[1]
+    ok = np.flatnonzero(~np.isnan(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = len(order)
+    out[order] = np.minimum(np.maximum.accumulate(p[order] * (m - np.arange(m))), 1.0)
     return out
 
 

@@ -519,10 +519,16 @@ def test_variance_tests_are_nan_where_they_cannot_hold_their_size():
 def test_holm_matches_statsmodels_and_leaves_nan_out_of_the_family():
     """A family of 12 no-difference p-values: Holm's adjustment (step-down, monotone), NaN rows not
     counted; an unadjusted table said 'different' somewhere in 46% of no-difference cases."""
+    from statsmodels.stats.multitest import multipletests
+
     p = np.array([0.01, math.nan, 0.04, 0.03, 0.5])
     adj = metrics.holm(p)
     assert math.isnan(adj[1])
     assert list(adj[[0, 2, 3, 4]]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert np.isnan(metrics.holm([math.nan])).all() and metrics.holm([]).size == 0
     rng = np.random.default_rng(5)
+    for m in (1, 2, 5, 12):
+        ps = rng.random(m) ** 3
+        assert metrics.holm(ps) == pytest.approx(multipletests(ps, method="holm")[1])
     false = np.mean([(metrics.holm(rng.random(12)) < 0.05).any() for _ in range(2000)])
     assert false <= 0.06
