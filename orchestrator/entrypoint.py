@@ -17,11 +17,14 @@ different every epoch as long as the function calls `ctx.report` once per epoch.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import random
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -149,6 +152,38 @@ def check(result: object, epoch_seconds: list[float]) -> tuple[TrainResult, np.n
                        torch.from_numpy(pred), _state_dict(result.get("state_dict"))), labels
 
 
+class Prefixed(io.TextIOBase):
+    """A stream that starts each line with `prefix`. Ray prefixes a worker's output with its process
+    only, and one process runs many replicas (and ranks interleave): a user's print says its run."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.at_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        for part in text.splitlines(keepends=True):
+            self.stream.write(self.prefix + part if self.at_start else part)
+            self.at_start = part.endswith(("\n", "\r"))  # a progress bar's \r redraws its own line
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    @property
+    def encoding(self) -> str:  # read by progress bars (tqdm, rich) to choose their characters
+        return getattr(self.stream, "encoding", "utf-8")
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def prefixed(prefix: str) -> Iterator[None]:
+    """stdout and stderr prefixed for the block (Python-level writes; a C library's own are not)."""
+    with (contextlib.redirect_stdout(Prefixed(sys.stdout, prefix)),
+          contextlib.redirect_stderr(Prefixed(sys.stderr, prefix))):
+        yield
+
+
 def call(spec, device: torch.device, rank: Rank = SOLO) -> tuple[TrainResult, np.ndarray, dict] | None:
     """Run the user's function for `spec` (a RunSpec with an EntrypointWorkload) after the runner
     applied threads and determinism. Returns (result, test labels, row columns of its own:
@@ -168,7 +203,8 @@ def call(spec, device: torch.device, rank: Rank = SOLO) -> tuple[TrainResult, np
     fn = builder(w.entrypoint)
     t0 = time.perf_counter()
     try:
-        result = fn(ctx, **w.args)
+        with prefixed(f"[{spec.run_id}{f' rank {rank.rank}' if rank.world_size > 1 else ''}] "):
+            result = fn(ctx, **w.args)
     except Diverged:
         raise
     except Exception as e:  # the user's error, kept, on one line (rows and the console show one line)

@@ -388,8 +388,8 @@ def no_effect_note(ok: pd.DataFrame) -> str | None:
               if c in ok and ok[c].nunique() > 1]
     if not varied:
         return None
-    return (f"no effect: {', '.join(varied)} seeds changed but the weights are identical; check the training "
-            "draws from them (ctx.seed / ctx.generator in your own code)")
+    return (f"no effect: {', '.join(varied)} seeds changed but the weights are identical (check that the "
+            "training draws from them: ctx.seed / ctx.generator in your own code)")
 
 
 def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels) -> tuple[dict, list[dict]]:

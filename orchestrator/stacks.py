@@ -88,12 +88,17 @@ def _install(folder: Path, requirements: list[str]) -> None:
     step("pip", "install", "--quiet", "--python", str(python), *requirements)
 
 
+def built(stack: Stack) -> bool:
+    """Whether this node holds the stack's environment, ready (a sweep's ETA counts the builds ahead)."""
+    return (home() / key(stack) / READY).exists()
+
+
 def build(stack: Stack) -> str:
     """The interpreter of the stack's environment on this node, built the first time (under a lock,
     so concurrent runs on a node build it once). Raises BuildError with the installer's line."""
     folder = home() / key(stack)
     python = folder / "bin" / "python"
-    if (folder / READY).exists():
+    if built(stack):
         return str(python)
     home().mkdir(parents=True, exist_ok=True)
     with open(home() / f"{folder.name}.lock", "w") as lock:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator import lease, store
-from orchestrator.axes import CODE_ENV
+from orchestrator import lease, stacks, store
+from orchestrator.axes import CODE_ENV, Stack
 from orchestrator.spec import ProbeSpec, RunSpec, SpecError, SweepSpec, expand, expand_probes, expanded, load
 
 # Tune's per-trial JSON/CSV/TensorBoard loggers cost more than a small replica's training.
@@ -150,6 +150,14 @@ def make_progress(total: int, out: str, failure_row, fail_fast: FailFast, by_id:
         def __init__(self):
             self.t0, self.done, self.failed, self.skipped, self.written = time.time(), done, 0, 0, 0.0
             self.lost: list[str] = []  # storage faults: runs whose outcome could not be written
+            self.ahead: list[Stack] = []  # stacks of the pools not yet finished, set by schedule
+
+        def builds(self) -> str:
+            """The environment builds still ahead, which the run rate cannot foresee (a first build of a
+            torch stack takes minutes where a run took seconds). A build on another node is not seen
+            from here: counted until its pool ends."""
+            k = sum(1 for s in {s.name: s for s in self.ahead}.values() if (s.pip or s.uv) and not stacks.built(s))
+            return f" + {k} environment build{'s' * (k > 1)}" if k else ""
 
         def storage_fault(self, error: BaseException | str) -> None:
             """A write under OUT that failed (after store.WRITE_TRIES tries) is counted and said once,
@@ -171,7 +179,7 @@ def make_progress(total: int, out: str, failure_row, fail_fast: FailFast, by_id:
             elapsed = time.time() - self.t0
             eta = elapsed / (self.done - done) * (total - self.done)
             print(f"[{self.done}/{total}] failed {self.failed}" + (f"  skipped {self.skipped}" if self.skipped else "")
-                  + f"  elapsed {elapsed:.0f}s  eta {eta:.0f}s", flush=True)
+                  + f"  elapsed {elapsed:.0f}s  eta {eta:.0f}s{self.builds()}", flush=True)
             if time.time() - self.written < 1 and self.done < total:
                 return  # at most one write a second: a PUT per run would slow the driver's loop
             self.written = time.time()
@@ -352,7 +360,9 @@ def schedule(runs: list[RunSpec | ProbeSpec], spec: SweepSpec, out: str, total: 
     fail_fast = FailFast(spec.fail_fast)
     progress = make_progress(total, out, record_trial_error(out), fail_fast, by_id, total - len(runs))
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n, pool in enumerate(pools(runs)):
+    todo = pools(runs)
+    for n, pool in enumerate(todo):
+        progress.ahead = [p[0].stack for p in todo[n:]]
         if installer := {k: v for k, v in pool[0].stack.runtime_env().items() if k != "env_vars"}:
             print(f"stack {pool[0].stack.name}: {len(pool)} trials; its environment ({installer}) is built on "
                   "each node before the node's first run in it, unless an earlier sweep built it there", flush=True)
@@ -438,6 +448,21 @@ def summary(variance):
 
     keys = [c for c in DEFAULT_BY if c in variance and (c == "noise" or variance[c].nunique(dropna=False) > 1)]
     return variance[keys + [c for c in SUMMARY if c in variance]]
+
+
+def no_effect(variance) -> list[str]:
+    """The groups whose varied sources left the weights bit for bit the same (reduce.no_effect_note),
+    a line each under the summary: a source the training never drew from is a bug in the user's code
+    more often than a finding, and a zero in a table is easy to read past."""
+    keys = [c for c in summary(variance).columns if c not in SUMMARY]
+    return [" ".join(str(row[k]) for k in keys) + ": " + note
+            for _, row in variance.iterrows()
+            for note in (row["note"] or "").split("; ") if note.startswith("no effect")]
+
+
+def first_line(error: str | None) -> str:
+    first = ((error or "").strip().splitlines() or ["no error recorded"])[0]
+    return f"{first[:200]}{'…' if len(first) > 200 else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -526,6 +551,8 @@ def report(out: str, runs: list[RunSpec], probes: list[ProbeSpec]) -> int:
     tables = reduce(out)
     if runs:
         print(format_markdown(summary(tables["variance"])))
+        for line in no_effect(tables["variance"]):
+            print(f"note: {line}")
     if probes:
         print(format_markdown(tables["overhead"]))
     fs, root = store.resolve(out)
@@ -539,14 +566,14 @@ def report(out: str, runs: list[RunSpec], probes: list[ProbeSpec]) -> int:
         print(f"failed: {probe_id}: the overhead probe wrote no result{where}", file=sys.stderr)
     failed = store.read_runs(out, columns=["run_id", "arch", "dataset", "status", "error"]).to_pandas()
     failed = failed[failed.run_id.isin({r.run_id for r in runs}) & (failed.status != "ok")]
-    for (arch, dataset, error), g in failed[failed.status == "skipped"].groupby(["arch", "dataset", "error"]):
-        first = error.strip().splitlines()[0]
+    failed["first"] = [first_line(e) for e in failed.error]
+    for (arch, dataset, first), g in failed[failed.status == "skipped"].groupby(["arch", "dataset", "first"]):
         print(f"skipped: {len(g)} runs of {arch} on {dataset} (fail_fast: the first runs of this workload all "
-              f"failed with the same error): {first[:200]}{'…' if len(first) > 200 else ''}", file=sys.stderr)
-    for r in failed[failed.status != "skipped"].itertuples():
-        first = (r.error or "no error recorded").strip().splitlines()[0]
-        print(f"failed: {r.run_id}: {first[:200]}{'…' if len(first) > 200 else ''}{full_error(r.run_id)}",
-              file=sys.stderr)
+              f"failed with the same error): {first}", file=sys.stderr)
+    # identical errors once, with their count: 24 runs of one bug are one line to read, not 24
+    for first, g in failed[failed.status != "skipped"].groupby("first", sort=False):
+        many = f"{len(g)} runs, e.g. " if len(g) > 1 else ""
+        print(f"failed: {many}{g.run_id.iloc[0]}: {first}{full_error(g.run_id.iloc[0])}", file=sys.stderr)
     print(f"results: {out}  (tables in {out}/tables)")
     return 1 if len(failed) or missing else 0
 

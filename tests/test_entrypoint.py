@@ -154,6 +154,20 @@ def test_a_failed_run_keeps_its_traceback_in_the_row_and_a_log_and_its_last_fram
     assert ok_traceback_is_null(tmp_path)
 
 
+def test_what_the_users_function_prints_is_prefixed_by_its_run(tmp_path, capsys):
+    """Ray prefixes a worker's lines with its process only, and one process runs many replicas:
+    each line the function prints starts with its run id (stdout and stderr, pieces joined)."""
+    spec = parse({"name": "t", "replicas": 1, "noise": ["control"],
+                  "workloads": [{"entrypoint": "tests.user_functions:talks", "name": "p", "dataset": "p"}]})
+    run = expand(spec)[0]
+    assert runner.run(run, str(tmp_path))["status"] == "ok"
+    out, err = capsys.readouterr()
+    assert f"[{run.run_id}] epoch 1 done\n[{run.run_id}] loss 0.5\n" in out
+    assert f"[{run.run_id}] warning: slow\n" in err
+    print("after the run")  # the streams are the test's own again
+    assert capsys.readouterr().out == "after the run\n"
+
+
 def ok_traceback_is_null(tmp_path) -> bool:
     spec = parse({"name": "t", "replicas": 1, "noise": ["control"],
                   "workloads": [{"entrypoint": "tests.user_functions:settings_seen", "name": "s", "dataset": "s"}]})
@@ -170,6 +184,10 @@ def test_a_source_that_changed_seeds_but_not_the_weights_is_noted_in_the_varianc
     assert v.loc["order", "identical_fraction"] == 1 and v.loc["order", "note"].startswith(
         "no effect: order seeds changed but the weights are identical")
     assert v.loc["init", "identical_fraction"] == 0 and "no effect" not in v.loc["init", "note"]
+    # and the sweep's end lines say it under the summary, labelled by its group
+    assert sweep.no_effect(v.reset_index()) == [
+        "order: no effect: order seeds changed but the weights are identical (check that the training draws "
+        "from them: ctx.seed / ctx.generator in your own code)"]
 
 
 # --- the example on a real local Ray cluster ---------------------------------------------------------

@@ -59,3 +59,14 @@ def rank_1_dies_once(ctx, marker: str):
 def takes_any_args(ctx, **args):
     """Accepts any `args` (the signature check lets **kwargs through); fails if ever run."""
     raise ValueError(f"not meant to run: {sorted(args)}")
+
+
+def talks(ctx):
+    """Prints as training code does: whole lines, a line in pieces, and to stderr."""
+    import sys
+
+    print("epoch 1 done")
+    print("loss ", end="")
+    print("0.5")
+    print("warning: slow", file=sys.stderr)
+    return settings_seen(ctx)
