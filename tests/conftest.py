@@ -20,14 +20,28 @@ def stacks_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local(stacks_home):
-    """One real local Ray cluster per test module: start-up costs seconds, trials reuse it."""
+    """A real local Ray cluster, started by the first module that needs one and kept for the next:
+    starting and stopping one cost about 7 s a module. A module that needs a cluster of its own
+    (other nodes, other environment variables, `ray start`) calls `own_cluster()` first."""
     import ray
 
-    # workers import tests.faulty (fault-injecting model builders) through PYTHONPATH
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        # workers import tests.faulty (fault-injecting model builders) through PYTHONPATH
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    return ray
+
+
+def own_cluster() -> None:
+    """Stop the shared cluster (the next module that needs one starts it again)."""
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_shared_cluster():
+    yield
+    own_cluster()
 
 
 def write_spec(path: Path, **fields) -> Path:

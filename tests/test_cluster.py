@@ -7,7 +7,7 @@ import time
 import pytest
 
 from orchestrator import store, sweep
-from tests.conftest import write_spec
+from tests.conftest import own_cluster, write_spec
 
 pytestmark = pytest.mark.integration
 ACCELERATORS = ("T4", "V100", "A100")
@@ -20,6 +20,7 @@ def hetero():
     import ray
     from ray.cluster_utils import Cluster
 
+    own_cluster()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for acc in ACCELERATORS:
         cluster.add_node(num_cpus=1, num_gpus=1, resources={f"accelerator_type:{acc}": 1})

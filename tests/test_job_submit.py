@@ -13,16 +13,20 @@ from pathlib import Path
 import pytest
 
 from orchestrator import store
-from tests.conftest import ROOT, write_spec
+from tests.conftest import ROOT, own_cluster, write_spec
 
 pytestmark = pytest.mark.integration
 TINY = [{"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}]
 
 
-@pytest.fixture
-def head_node(tmp_path):
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
     """`ray start --head` on 127.0.0.1 with token auth on, HOME isolated so the token is ours.
-    `ray start` turns auth on when a token exists, so one is generated first, as a user would."""
+    `ray start` turns auth on when a token exists, so one is generated first, as a user would.
+    One for the module (its start and `ray stop` took 14 s a test); the suite's shared cluster is
+    stopped first (its ports, and `ray stop --force` would kill it)."""
+    own_cluster()
+    tmp_path = tmp_path_factory.mktemp("head")
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env["HOME"] = str(tmp_path / "home")
@@ -40,7 +44,7 @@ def head_node(tmp_path):
 
 def test_ray_job_submit_runs_a_sweep(head_node, tmp_path):
     ray_bin, env = head_node
-    assert (tmp_path / "home" / ".ray" / "auth_token").read_text().strip()  # the token the client uses
+    assert (Path(env["HOME"]) / ".ray" / "auth_token").read_text().strip()  # the token the client uses
     unauthenticated = subprocess.run([ray_bin, "job", "list", "--address", "http://127.0.0.1:8299"], capture_output=True,
                                      env={**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}, timeout=120)
     assert unauthenticated.returncode != 0  # auth is really on: no token, no access

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from orchestrator import store, sweep
-from tests.conftest import ROOT, write_spec
+from tests.conftest import ROOT, own_cluster, write_spec
 
 pytestmark = pytest.mark.integration
 SERVER = []  # the module's moto server and its port: the outage test stops and restarts it
@@ -19,6 +19,7 @@ SERVER = []  # the module's moto server and its port: the outage test stops and 
 def s3_env():
     from moto.server import ThreadedMotoServer
 
+    own_cluster()  # its workers must start with the variables below
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -30,6 +31,7 @@ def s3_env():
     pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http",
                       allow_bucket_creation=True).create_dir("sweeps-bucket")
     yield env
+    own_cluster()  # the next module's workers start without them
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     SERVER[0].stop()
