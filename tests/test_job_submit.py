@@ -5,6 +5,7 @@ live test cluster would hold."""
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,12 @@ from tests.conftest import ROOT, own_cluster, write_spec
 
 pytestmark = pytest.mark.integration
 TINY = [{"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +40,12 @@ def head_node(tmp_path_factory):
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # as with the venv activated
     subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
     env["RAY_AUTH_MODE"] = "token"
+    # the job agent on a free port: every local cluster's agent tries 52365, and one held there
+    # (any other cluster on the host) left "No available agent to submit job" for minutes
     subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--dashboard-port=8299",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+                    f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=120)
     try:
         yield ray_bin, env
     finally:
