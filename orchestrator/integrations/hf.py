@@ -12,6 +12,9 @@ How each source stays apart (transformers >= 4.40, accelerate's seedable sampler
   CUDA_LAUNCH_BLOCKING, ...) are noted in the row and undone after the run (`contained`).
 - precision: `bf16` from ctx.precision (TF32 the harness already switched); threads and the SDPA
   kernel the harness set around the call (build the model with attn_implementation="sdpa").
+- world size: at `world_size > 1` the Trainer trains DDP in the harness's ranks (accelerate finds
+  them in the environment the harness exported and reuses its process group); the script's
+  per-device batch, its global batch at world size 1, is split over the ranks.
 A value the script passes for one of these is replaced and the row's note says so.
 """
 
