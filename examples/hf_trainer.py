@@ -40,10 +40,12 @@ class Sequences(Dataset):
                 "labels": self.labels[i]}
 
     def order_digest(self) -> dict:
-        """crc32 of the indices served since the last call: equal digests, equal batch order."""
+        """crc32 of the indices served since the last call (equal digests, equal batch order), and
+        how many."""
         digest = zlib.crc32(np.asarray(self.seen, dtype=np.int64).tobytes())
+        served = len(self.seen)  # this rank's share at world size > 1
         self.seen.clear()
-        return {"order_digest": float(digest)}
+        return {"order_digest": float(digest), "served": served}
 
 
 def make_model() -> BertForSequenceClassification:
@@ -53,11 +55,12 @@ def make_model() -> BertForSequenceClassification:
     return BertForSequenceClassification(config)
 
 
-def main(ctx, epochs: int = 2, batch_size: int = 32, lr: float = 3e-3, n_train: int = 256) -> dict:  # ctx
+def main(ctx, epochs: int = 2, batch_size: int = 32, lr: float = 3e-3, n_train: int = 256,  # ctx
+         eval_batch_size: int = 128) -> dict:
     train, test = Sequences(n_train, seed=0), Sequences(128, seed=1)
     model = make_model()  # torch's global RNG is seeded from init by the harness
     args = hf.training_arguments(ctx, num_train_epochs=epochs, per_device_train_batch_size=batch_size,  # ctx
-                                 per_device_eval_batch_size=128, learning_rate=lr, seed=42)
+                                 per_device_eval_batch_size=eval_batch_size, learning_rate=lr, seed=42)
     trainer = hf.trainer(ctx, model=model, args=args, train_dataset=train,  # ctx
                          epoch_metrics=train.order_digest)  # ctx: the batch order, per epoch
     return hf.fit_predict(ctx, trainer, test)  # ctx: was trainer.train(); trainer.evaluate()

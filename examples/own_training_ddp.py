@@ -2,7 +2,7 @@
 
 Launch: python -m orchestrator.sweep sweeps/own_training_ddp.yaml   (world sizes 1 and 2)
 
-With `tooling.world_size: [k]` the function runs in k processes (Ray Train), the process group
+With `tooling.world_size: [k]` the function runs in k processes (the harness's ranks), the process group
 already set up (gloo on CPUs, NCCL on GPUs). The lines marked `# ddp` are the whole change from the
 one-process function: wrap the model, sample this rank's share of the order source's permutation
 (`ctx.shard`) with the global batch split over the ranks, and return the result from rank 0 only.
@@ -26,7 +26,7 @@ def train(ctx, epochs: int = 4, batch_size: int = 64, lr: float = 0.1) -> dict |
     data = Digits(train=True, shift=True)
     order = ctx.generator("order")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    per_rank = batch_size // ctx.world_size  # ddp: the global batch, split over the ranks
+    per_rank = ctx.per_rank(batch_size)  # ddp: the global batch, split over the ranks
     steps = -(-(len(data) // ctx.world_size) // per_rank)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps)
 

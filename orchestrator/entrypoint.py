@@ -84,6 +84,14 @@ class Context:
         world size 1."""
         return shard(indices, Rank(self.rank, self.world_size))
 
+    def per_rank(self, batch_size: int) -> int:
+        """This rank's share of the global batch `batch_size` (the batch at world size 1): the world
+        size axis keeps the global batch and splits it evenly, so only the distribution changes."""
+        if batch_size % self.world_size:
+            raise ValueError(f"batch size {batch_size} does not split evenly over {self.world_size} ranks; "
+                             "pick a global batch the sweep's world sizes all divide")
+        return batch_size // self.world_size
+
     def generator(self, source: str, device: torch.device | str | None = None) -> torch.Generator:
         """A fresh generator seeded from `source` (on `device`, default the CPU: samplers need one there)."""
         return torch.Generator(device or "cpu").manual_seed(self.seed(source))

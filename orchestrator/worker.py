@@ -112,11 +112,18 @@ class Replica:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def join(self, rank: int, world_size: int, local_rank: int, address: str, port: int, gpu: bool) -> int:
+    def join(self, rank: int, world_size: int, local_rank: int, local_world_size: int, address: str, port: int,
+             gpu: bool) -> int:
+        """Set up this rank's process group, and export torchrun's variables for it: frameworks that
+        detect a distributed run from the environment (accelerate's PartialState under the Hugging
+        Face Trainer, Lightning's environments) then see these ranks and reuse the group, which
+        stays set up for every replica this process runs."""
         import torch.distributed as dist
 
         from workloads.train import Rank
 
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                          LOCAL_WORLD_SIZE=str(local_world_size), MASTER_ADDR=address, MASTER_PORT=str(port))
         dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://{address}:{port}",
                                 rank=rank, world_size=world_size)
         self.rank = Rank(rank, world_size, local_rank)
@@ -197,9 +204,9 @@ def _start(spec: RunSpec | ProbeSpec) -> list:
         children.append(Replica.options(**options, **({"runtime_env": envs[node]} if envs[node] else {})).remote())
     if spec.world_size > 1:
         address, port = ray.get(children[0].endpoint.remote())
-        local = [sum(nodes[j + 1] == nodes[i + 1] for j in range(i)) for i in range(spec.world_size)]
-        ray.get([c.join.remote(i, spec.world_size, local[i], address, port, spec.gpus > 0)
-                 for i, c in enumerate(children)])
+        ranks = [nodes[i + 1] for i in range(spec.world_size)]  # each rank's node
+        ray.get([c.join.remote(i, spec.world_size, ranks[:i].count(node), ranks.count(node), address, port,
+                               spec.gpus > 0) for i, (c, node) in enumerate(zip(children, ranks))])
     return children
 
 

@@ -1,6 +1,7 @@
 """Entrypoint workloads: the user's own training function under the harness. Unit tests of the
 context and the return contract, then the shipped example on a real local Ray cluster."""
 
+import dataclasses
 import json
 import math
 import random
@@ -83,6 +84,13 @@ def test_worker_init_fn_seeds_per_worker_and_epoch_from_augment():
     c.report(epoch=1)
     assert draws(c, 0) != first  # a new epoch, new worker draws
     assert draws(ctx(frozenset({"augment"}), 1), 0) != first
+
+
+def test_per_rank_splits_the_global_batch_or_says_it_cannot():
+    two = dataclasses.replace(ctx(), rank=1, world_size=2)
+    assert ctx().per_rank(64) == 64 and two.per_rank(64) == 32
+    with pytest.raises(ValueError, match="batch size 63 does not split evenly over 2 ranks"):
+        two.per_rank(63)
 
 
 def test_report_times_epochs_and_stops_a_diverged_run():

@@ -1,15 +1,19 @@
 """Framework adapters (orchestrator/integrations): the shipped Hugging Face Trainer and Lightning
-examples run in-process through runner.run under each preset, then a sweep on a real local Ray cluster."""
+examples run in-process through runner.run under each preset, then both at world size 2 in one sweep on a
+real local Ray cluster."""
 
 import json
 import os
 
+import pandas as pd
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from orchestrator import runner, store, sweep
 from orchestrator.spec import expand, parse
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_spec
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded: models come from configs
 
@@ -79,13 +83,64 @@ def test_framework_globals_and_the_script_s_own_seed_are_noted_and_undone(framew
     assert os.environ.get(variable) is None  # what the framework set process-wide is undone
 
 
+def shipped(sweep_file: str, **args) -> dict:
+    """The workload of a shipped sweep file, its arguments shrunk for a test."""
+    workload = yaml.safe_load((ROOT / "sweeps" / sweep_file).read_text())["workloads"][0]
+    return workload | {"args": workload["args"] | args}
+
+
+@pytest.fixture(scope="module")
+def ddp_rows(ray_local, tmp_path_factory):
+    """One sweep on a real local Ray cluster at world size 2 (1 CPU per rank): control replicas of
+    both shipped examples, run one after the other by the same group of two rank processes. The HF
+    test set (128) is predicted in per-rank batches of 48: sharded over the ranks, the last padded."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("lightning")
+    out = tmp_path_factory.mktemp("ddp")
+    workloads = [shipped("hf_trainer.yaml", epochs=1, n_train=128, eval_batch_size=48),
+                 shipped("lightning_module.yaml", epochs=1)]
+    spec = write_spec(out / "s.yaml", noise=["control"], resources={"cpus": 1}, tooling={"world_size": [2]},
+                      workloads=workloads)
+    assert sweep.main([str(spec), "--out", str(out)]) == 0
+    return out, store.read_runs(str(out)).to_pandas()
+
+
+def final_weights(out, row, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with the run's saved final weights, in eval mode: the row's predictions must be its own."""
+    model.load_state_dict(load_file(store.weights_path(str(out), row.run_id)))
+    return model.eval()
+
+
+def check_ddp(df, arch: str, n_train: int) -> pd.Series:
+    runs = df[df.arch == arch]
+    assert len(runs) == 2 and (runs.status == "ok").all(), runs.error.tolist()
+    assert runs.weights_sha256.nunique() == 1  # control at world size 2: bitwise identical
+    for r in runs.itertuples():
+        assert r.world_size == 2 and r.dist_backend == "gloo" and len(set(r.rank_pids)) == 2
+        assert json.loads(r.epoch_metrics)[0]["served"] == n_train // 2  # rank 0 trained on its half
+        assert "the script's seed" in r.note  # the example's own seed, replaced and noted
+    return runs.iloc[0]
+
+
 @pytest.mark.integration
-def test_hf_sweep_through_ray(ray_local, tmp_path):
-    doc = yaml.safe_load((ROOT / "sweeps/hf_trainer.yaml").read_text())
-    doc |= {"replicas": 2, "noise": ["control"]}
-    doc["workloads"][0]["args"] |= {"epochs": 1, "n_train": 64}
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
-    assert sweep.main([str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")]) == 0
-    df = store.read_runs(str(tmp_path / "out")).to_pandas()
-    assert len(df) == 2 and (df.status == "ok").all() and df.weights_sha256.nunique() == 1
-    assert df.note.str.contains("replaced by").all()
+def test_hf_trainer_at_world_size_2(ddp_rows):
+    from examples.hf_trainer import Sequences, make_model
+
+    out, df = ddp_rows
+    row = check_ddp(df, "tiny_bert", n_train=128)
+    assert "per_device_train_batch_size=32 replaced by 16" in row.note  # the global batch stays 32
+    with torch.no_grad():
+        logits = final_weights(out, row, make_model())(input_ids=Sequences(128, seed=1).ids).logits
+    assert list(row.predictions) == logits.argmax(-1).tolist()  # the whole test set, in order
+
+
+@pytest.mark.integration
+def test_lightning_at_world_size_2(ddp_rows):
+    from examples.lightning_module import DigitsModule
+    from examples.own_training import Digits
+
+    out, df = ddp_rows
+    row = check_ddp(df, "digits_lit", n_train=len(Digits(train=True)))
+    with torch.no_grad():
+        logits = final_weights(out, row, DigitsModule(lr=0.0)).net(Digits(train=False).x)
+    assert list(row.predictions) == logits.argmax(-1).tolist()  # the whole test set, in order

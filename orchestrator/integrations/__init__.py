@@ -67,9 +67,10 @@ def contained(ctx, framework: str) -> Iterator[None]:
 
 
 def override(ctx, framework: str, given: dict, wanted: dict) -> dict:
-    """`given` with `wanted` put over it, noting each value the script chose that the preset replaces
-    (a script's own `seed=42` would tie every replica's sources to one number)."""
+    """`given` with `wanted` put over it, noting each value the script chose that the run replaces
+    (a script's own `seed=42` would tie every replica's sources to one number; its batch is split
+    over the ranks at world size > 1)."""
     for k, v in wanted.items():
         if k in given and given[k] != v:
-            ctx.note(f"{framework}: the script's {k}={given[k]!r} replaced by {v!r} from the run's preset")
+            ctx.note(f"{framework}: the script's {k}={given[k]!r} replaced by {v!r} from the run's preset and tooling")
     return given | wanted

@@ -12,6 +12,9 @@ How each source stays apart (transformers >= 4.40, accelerate's seedable sampler
   CUDA_LAUNCH_BLOCKING, ...) are noted in the row and undone after the run (`contained`).
 - precision: `bf16` from ctx.precision (TF32 the harness already switched); threads and the SDPA
   kernel the harness set around the call (build the model with attn_implementation="sdpa").
+- world size: at `world_size > 1` the Trainer trains DDP in the harness's ranks (accelerate finds
+  them in the environment the harness exported and reuses its process group); the script's
+  per-device batch, its global batch at world size 1, is split over the ranks.
 A value the script passes for one of these is replaced and the row's note says so.
 """
 
@@ -37,10 +40,21 @@ def preset_arguments(ctx) -> dict:
             "full_determinism": ctx.deterministic, "bf16": ctx.precision == "bf16", "use_cpu": ctx.device.type == "cpu"}
 
 
+def rank_arguments(ctx, given: dict) -> dict:
+    """At world size > 1: the script's per-device batch (its global batch at world size 1) split
+    over the ranks, so the global batch stays; the harness's process group's backend. accelerate's
+    PartialState finds the ranks in the environment the harness exported (RANK, WORLD_SIZE, ...)
+    and reuses the group it set up."""
+    if ctx.world_size == 1:
+        return {}
+    batch = given.get("per_device_train_batch_size", TrainingArguments.per_device_train_batch_size)
+    return {"per_device_train_batch_size": ctx.per_rank(batch), "ddp_backend": torch.distributed.get_backend()}
+
+
 def training_arguments(ctx, **kwargs) -> TrainingArguments:
-    """`TrainingArguments(**kwargs)` with seeds, determinism, precision and device from `ctx`;
+    """`TrainingArguments(**kwargs)` with seeds, determinism, precision, device and ranks from `ctx`;
     logging, saving and progress bars off unless the script asks (the harness records the run)."""
-    kwargs = override(ctx, FRAMEWORK, QUIET | kwargs, preset_arguments(ctx))
+    kwargs = override(ctx, FRAMEWORK, QUIET | kwargs, preset_arguments(ctx) | rank_arguments(ctx, kwargs))
     kwargs.setdefault("output_dir", os.path.join(tempfile.gettempdir(), "tooling-noise-hf", ctx.run_id))
     return TrainingArguments(**kwargs)
 
@@ -77,7 +91,9 @@ def trainer(ctx, epoch_metrics: Callable[[], dict] | None = None, **kwargs) -> T
 
 def fit_predict(ctx, trainer: Trainer, test_dataset) -> dict:
     """Train, then predict the test set with the Trainer's own `predict` (sequential, so the order
-    is the dataset's): the harness's {predictions, labels, state_dict, test_loss}."""
+    is the dataset's; at world size > 1 accelerate shards the batches over the ranks and gathers
+    them back in that order, the padding of the last one dropped): the harness's {predictions,
+    labels, state_dict, test_loss}."""
     with contained(ctx, FRAMEWORK):
         trainer.train()
         out = trainer.predict(test_dataset)

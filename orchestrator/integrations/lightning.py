@@ -67,10 +67,11 @@ class OrderSampler(Sampler[int]):
         return len(self.ctx.shard(torch.arange(self.n)))
 
 
-def train_loader(ctx, dataset, **kwargs) -> DataLoader:
-    """`DataLoader(dataset, shuffle=True, **kwargs)` shuffled by the order source (`batch_size`: per rank)."""
+def train_loader(ctx, dataset, batch_size: int = 1, **kwargs) -> DataLoader:
+    """`DataLoader(dataset, batch_size, shuffle=True, **kwargs)` shuffled by the order source;
+    `batch_size` is the global batch (the script's at world size 1), split over the ranks."""
     kwargs.pop("shuffle", None)
-    return DataLoader(dataset, sampler=OrderSampler(ctx, len(dataset)), **kwargs)
+    return DataLoader(dataset, ctx.per_rank(batch_size), sampler=OrderSampler(ctx, len(dataset)), **kwargs)
 
 
 class HarnessRanks(ClusterEnvironment):
