@@ -156,7 +156,7 @@ def make_progress(total: int, out: str, failure_row, fail_fast: FailFast, by_id:
             """The environment builds still ahead, which the run rate cannot foresee (a first build of a
             torch stack takes minutes where a run took seconds). A build on another node is not seen
             from here: counted until its pool ends."""
-            k = sum(1 for s in {s.name: s for s in self.ahead}.values() if (s.pip or s.uv) and not stacks.built(s))
+            k = len({stacks.key(s) for s in self.ahead if (s.pip or s.uv) and not stacks.built(s)})
             return f" + {k} environment build{'s' * (k > 1)}" if k else ""
 
         def storage_fault(self, error: BaseException | str) -> None:

@@ -132,3 +132,20 @@ def test_an_unresolvable_requirement_fails_at_once_with_the_installers_line(stac
     with pytest.raises(stacks.BuildError, match="tooling-noise-no-such-package was not found"):
         stacks.build(Stack(name="broken", pip=[BROKEN]))
     assert stacks.listed() == [] and not list(stacks_home.glob("*/bin"))  # no half-built folder left
+
+
+def test_the_eta_counts_the_environment_builds_ahead(stacks_home, tmp_path):
+    """The run rate cannot foresee a first build (minutes where a run took seconds): the progress
+    line adds the builds still ahead, one per environment, none once it is ready on this node."""
+    progress = sweep.make_progress(4, str(tmp_path), None, sweep.FailFast(0), {})
+    pinned = [Stack(name="a", pip=["six==1.15.0"]), Stack(name="b", uv=["six==1.15.0", "idna==3.7"])]
+    progress.ahead = [Stack(name="launch"), *pinned, Stack(name="a-again", pip=["six==1.15.0"])]
+    assert progress.builds() == " + 2 environment builds"
+    ready = stacks.home() / stacks.key(pinned[0]) / stacks.READY
+    ready.parent.mkdir(parents=True)
+    ready.write_text("{}")  # as a finished build leaves it
+    try:
+        assert progress.builds() == " + 1 environment build"
+    finally:
+        ready.unlink()
+        ready.parent.rmdir()
