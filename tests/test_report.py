@@ -3,6 +3,8 @@ every figure, the HTML report renders in headless Chromium, and absent data give
 
 import base64
 import io
+import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -275,3 +277,99 @@ def test_legends_do_not_cover_the_data(out, tmp_path):
         for legend in legends:
             box = legend.get_window_extent()
             assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes), fig.axes[0].get_title()
+
+
+# --- at 4 and at 50 groups: rows written directly, no training ------------------------------------
+
+N_TEST, N_CLASSES = 60, 10
+FAILED_THREADS = 8  # a thread count only failed groups have: its name must not show in a figure
+
+
+def write_groups(root: Path, archs, noises, threads, stacks, replicas, failed=()) -> None:
+    """A results tree as the runner writes it (rows and a labels file, no weights): per group of
+    arch × noise × num_threads × stack, `replicas(arch, noise, threads, stack)` ok runs with
+    predictions (each example flipped from a base model at a rate per preset, none for control),
+    per-class accuracy, 3 epochs of training loss and a wall time; each (arch, noise, stack) in
+    `failed` is a group of FAILED_THREADS threads whose only run failed with a one-line error."""
+    from orchestrator import store
+    from tests.test_sources import write_labels
+
+    rng = np.random.default_rng(0)
+    fs, r = store.resolve(str(root))
+    labels = np.arange(N_TEST) % N_CLASSES
+    write_labels(root, labels)
+    base = np.where(rng.random(N_TEST) < 0.85, labels, (labels + 1) % N_CLASSES)  # an 85%-right model
+
+    def row(arch, noise, n, stack, i, **columns) -> dict:
+        return {"run_id": f"{arch}-{noise}-{n}-{stack}-{i}", "sweep": "wide", "arch": arch, "dataset": "toy",
+                "noise": noise, "replica": i, "seed_init": i, "seed_order": i, "seed_augment": i,
+                "accelerator_requested": "any", "accelerator": "cpu", "fingerprint_id": f"fp-{stack}",
+                "num_threads": n, "stack": stack, "spec_json": json.dumps({"workload": {"arch": arch, "dataset": "toy"}}),
+                "epochs": 3, **columns}
+
+    for arch, noise, n, stack in itertools.product(archs, noises, threads, stacks):
+        rate = 0.0 if noise == "control" else 0.08
+        for i in range(replicas(arch, noise, n, stack)):
+            preds = np.where(rng.random(N_TEST) < rate, rng.integers(0, N_CLASSES, N_TEST), base)
+            right = preds == labels
+            store.write_run(fs, r, row(
+                arch, noise, n, stack, i, status="ok", test_accuracy=float(right.mean()), predictions=preds.tolist(),
+                per_class_accuracy=[float(right[labels == c].mean()) for c in range(N_CLASSES)],
+                epoch_loss=list(np.array([2.0, 1.2, 0.8]) * (1 + (noise != "control") * 0.05 * rng.random())),
+                train_seconds=3 + rng.random(), weights_sha256=f"{arch}-{n}-{stack}" if noise == "control" else
+                f"{arch}-{noise}-{n}-{stack}-{i}"))
+    for arch, noise, stack in failed:
+        store.write_run(fs, r, row(arch, noise, FAILED_THREADS, stack, 0, status="failed",
+                                   error="ValueError: simulated bug (at model.py:12 in forward)"))
+
+
+@pytest.fixture(scope="module")
+def few(tmp_path_factory) -> Path:
+    """4 groups: mlp × control, algo × two stacks, 3 replicas each, and a fifth group whose run failed."""
+    root = tmp_path_factory.mktemp("few")
+    write_groups(root, ["mlp"], ["control", "algo"], [1], ["launch", "upgrade"], lambda *_: 3,
+                 failed=[("mlp", "algo", "launch")])
+    return root
+
+
+@pytest.fixture(scope="module")
+def fifty(tmp_path_factory) -> Path:
+    """50 groups: 2 archs × 4 presets × 3 thread counts × 2 stacks (mlp 3 replicas, small_cnn 2 so
+    that its shares have no interval, one group 1 replica), and 2 groups whose only run failed."""
+    root = tmp_path_factory.mktemp("fifty")
+
+    def replicas(arch, noise, n, stack):
+        return 1 if (arch, noise, n, stack) == ("small_cnn", "algo", 4, "upgrade") else 3 if arch == "mlp" else 2
+    write_groups(root, ["mlp", "small_cnn"], ["control", "algo", "impl", "algo+impl"], [1, 2, 4],
+                 ["launch", "upgrade"], replicas, failed=[("small_cnn", "algo", "launch"), ("mlp", "impl", "upgrade")])
+    return root
+
+
+def loaded(root: Path) -> tuple[reduce.Runs, dict[str, pd.DataFrame]]:
+    return report.load_runs(str(root)), report.load_tables(str(root))
+
+
+def figures(runs: reduce.Runs, tables: dict[str, pd.DataFrame]) -> dict:
+    return {"accuracy": report.accuracy_by_noise(runs), "loss": report.loss_curves(runs),
+            "churn": report.churn_l2_by_noise(tables["variance"]), "per_class": report.per_class_std(runs),
+            "sources": report.source_shares(tables["sources"]), "stacks": report.stack_heatmap(tables["variance"])}
+
+
+def overlaps(fig) -> list[tuple[str, str]]:
+    """Pairs of visible texts of a drawn figure (tick labels, titles, annotations, cell labels,
+    legend entries) whose bounding boxes share more than a pixel's width and height. Tick labels
+    count as drawn where the axis draws them (matplotlib keeps spare ones beyond the limits)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    axes = [axis for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)]
+    ticks = {id(t) for axis in axes for tick in axis.get_major_ticks() + axis.get_minor_ticks()
+             for t in (tick.label1, tick.label2)}
+    drawn = [t for axis in axes for t, at in zip(axis.get_ticklabels(), axis.get_ticklocs())
+             if min(axis.get_view_interval()) <= at <= max(axis.get_view_interval())]
+    shown = [t for t in [*(t for t in fig.findobj(matplotlib.text.Text) if id(t) not in ticks), *drawn]
+             if t.get_visible() and t.get_text().strip()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in shown]
+    return [(a, b) for i, (a, x) in enumerate(boxes) for b, y in boxes[i + 1:]
+            if min(x.x1, y.x1) - max(x.x0, y.x0) > 1 and min(x.y1, y.y1) - max(x.y0, y.y0) > 1]
