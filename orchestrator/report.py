@@ -228,7 +228,7 @@ def accuracy_by_noise(runs: reduce.Runs) -> Figure:
             # deterministic spread by replica rank: identical accuracies show as a vertical stack of dots
             ys = y + (np.linspace(-0.25, 0.25, len(acc)) if len(acc) > 1 else np.zeros(1))
             ax.scatter(acc, ys, s=14, color=colors[noise], alpha=0.8, zorder=3)
-            ax.plot([acc.mean()] * 2, [y - 0.38, y + 0.38], color="black", lw=1.5, zorder=4)
+            ax.plot([acc.mean()] * 2, [y - 0.38, y + 0.38], color="black", lw=1.2, zorder=2)  # behind the dots
             sd = f"{metrics.sample_std(acc):.3g}" if len(acc) > 1 else "n/a"  # equal values: exactly 0
             ax.annotate(f"n={len(acc)}, sd={sd}", (1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
                         textcoords="offset points", va="center", fontsize=7, color="#444")
@@ -291,8 +291,9 @@ def source_shares(sources: pd.DataFrame) -> Figure:
     interval reaching 60 still fits. A share without an interval is a hollow dot labelled `no
     interval` (not a dot without whiskers, which would look certain); each row ends with its
     verdict (`inconclusive` with the replicas per preset that would settle it). One panel per
-    workload group of the sources table; a group none of whose shares has an interval (2 replicas
-    a preset) is left out, not drawn as a panel of hollow dots (the report names it in a line)."""
+    workload group of the sources table; a group none of whose shares has an interval wider than a
+    point (2 replicas a preset) is left out, not drawn as a panel of hollow dots (the report names
+    it in a line of text)."""
     title = "Which source makes the variance: share of the reference's variance and churn"
     if sources.empty:
         return _empty(title, sources.attrs.get("message", NONE) + f" ({NONE})", size=(8, 1.8))
@@ -343,8 +344,9 @@ def source_shares(sources: pd.DataFrame) -> Figure:
 
 
 def _with_interval(sources: pd.DataFrame) -> pd.Series:
-    """Per row of the sources table: whether its group has any share with an interval."""
-    known = sources[["share_lo", "churn_share_lo"]].notna().any(axis=1)
+    """Per row of the sources table: whether its group has a share with an interval wider than a
+    point (control's exact [0, 0] and the reference's own 1 say nothing at 2 replicas a preset)."""
+    known = (sources["share_hi"] > sources["share_lo"]) | (sources["churn_share_hi"] > sources["churn_share_lo"])
     keys = [k for k in sources.columns if k in KEYS]
     return known.groupby([sources[k].astype(str) for k in keys]).transform("any") if keys else known | known.any()
 
@@ -504,8 +506,10 @@ def stack_heatmap(variance: pd.DataFrame) -> Figure:
     if len(names) < 2:
         return _empty(title, f"one stack in this results tree ({', '.join(names) or NONE}): "
                              "add `stacks:` to the sweep to compare environments")
-    rows = _full_names(variance, skip=("stack",))
-    acc = variance.assign(_row=rows).pivot_table(index="_row", columns="stack", values="acc_mean", sort=False)
+    rank = {n: i for i, n in enumerate(_noise_order(variance["noise"].unique()))}
+    ordered = variance.assign(_row=_full_names(variance, skip=("stack",)), _rank=variance["noise"].map(rank))
+    ordered = ordered.sort_values(["arch", "dataset", "_rank"], kind="stable")  # presets in the study's order
+    acc = ordered.pivot_table(index="_row", columns="stack", values="acc_mean", sort=False)
     acc = acc.reindex(columns=names).dropna(how="all")
     diff = acc.sub(acc[names[0]], axis=0)
     scale = float(np.nanmax(np.abs(diff.to_numpy()), initial=0.0)) or 1e-3
@@ -790,7 +794,7 @@ def _failed(runs: reduce.Runs, variance: pd.DataFrame) -> str:
     bad = failed_runs(runs)
     if bad.empty:
         return ""
-    dead = _full_names(variance[variance["n_runs"] == 0]) if len(variance) and "n_runs" in variance else []
+    dead = _full_names(variance)[variance["n_runs"] == 0] if len(variance) and "n_runs" in variance else []
     return _section("Failed runs", GUIDE["failed"], _listed(dead, "no ok run in the group") + table_html(bad))
 
 
@@ -801,7 +805,9 @@ def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame]
         return tables.get(name, pd.DataFrame())
 
     variance, sources = table("variance"), table("sources")
-    thin = variance[~_spread(variance)] if "n_runs" in variance and "noise" in variance else variance.iloc[:0]
+    # named among all groups, so that a name carries the settings that tell it from the drawn ones
+    thin = (_full_names(variance)[~_spread(variance)] if len(variance) and "noise" in variance
+            else pd.Series(dtype=str))
     parts = [
         _header(out_uri, runs.meta, progress),
         _failed(runs, variance),
@@ -809,7 +815,7 @@ def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame]
         _section("Training loss per epoch", GUIDE["loss"], _img(loss_curves(runs), "loss per epoch")),
         _section("Churn and L2 per noise preset", GUIDE["churn"],
                  _img(churn_l2_by_noise(variance), "churn and L2")
-                 + _listed(_full_names(thin) if len(thin) else [], "fewer than 2 ok runs")),
+                 + _listed(thin, "fewer than 2 ok runs")),
         _section("Per-class accuracy std", GUIDE["per_class"], _img(per_class_std(runs), "per-class std")),
         _section("Noise sources", GUIDE["sources"], _img(source_shares(sources), "share per source")
                  + _listed(sources_without_interval(sources), "no share with an interval")

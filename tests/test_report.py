@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.colors
 import matplotlib.container
+import matplotlib.figure
 import matplotlib.image
 import matplotlib.text
 import nbclient
@@ -89,6 +91,28 @@ def _blank(png: Path) -> tuple[float, float]:
     return float(img.std()), float((img.min(axis=-1) < 0.95).mean())
 
 
+def screenshot(page: Path, tmp_path: Path, name: str, height: int = 2000) -> Path:
+    """A screenshot of the page by headless Chromium, 1200 px wide, checked not blank; copied to
+    $REPORT_SCREENSHOTS/<name> when that is set (docs/evidence/report_4.png and report_50.png)."""
+    chromium = shutil.which("chromium")
+    if not chromium and not os.environ.get("CI"):  # CI installs it (make test, apt-get): there it must run
+        pytest.skip("chromium is not installed, so the page is not screenshotted; `make test` installs it "
+                    "where apt-get exists, or install a `chromium` on PATH")
+    assert chromium, "chromium is missing on CI: `make test` installs Debian's chromium package with apt-get"
+    shot = tmp_path / name
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", f"--window-size=1200,{height}",
+         f"file://{page}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
+    std, inked = _blank(shot)
+    assert std > 0.05 and inked > 0.02, f"screenshot looks blank: pixel std {std:.3f}, non-white {inked:.3f}"
+    if os.environ.get("REPORT_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["REPORT_SCREENSHOTS"]) / name)
+    return shot
+
+
 def test_report_is_self_contained_and_renders_in_headless_chromium(out, tmp_path):
     path = report.write_report(str(out))
     assert path == f"{out}/tables/report.html"
@@ -102,20 +126,7 @@ def test_report_is_self_contained_and_renders_in_headless_chromium(out, tmp_path
     assert "http://" not in page and "https://" not in page  # readable offline, nothing fetched
     assert "12 ok, 0 failed" in page and "13/13 done" in page
 
-    chromium = shutil.which("chromium")
-    if not chromium and not os.environ.get("CI"):  # CI installs it (make test, apt-get): there it must run
-        pytest.skip("chromium is not installed, so the page is not screenshotted; `make test` installs it "
-                    "where apt-get exists, or install a `chromium` on PATH")
-    assert chromium, "chromium is missing on CI: `make test` installs Debian's chromium package with apt-get"
-    shot = tmp_path / "report.png"
-    proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
-         f"file://{path}"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
-    std, inked = _blank(shot)
-    assert std > 0.05 and inked > 0.02, f"screenshot looks blank: pixel std {std:.3f}, non-white {inked:.3f}"
+    screenshot(Path(path), tmp_path, "report_4_sweep.png")
 
 
 def test_report_entry_point(out):
@@ -323,17 +334,20 @@ def write_groups(root: Path, archs, noises, threads, stacks, replicas, failed=()
                                    error="ValueError: simulated bug (at model.py:12 in forward)"))
 
 
+Tree = tuple[Path, reduce.Runs, dict[str, pd.DataFrame]]
+
+
 @pytest.fixture(scope="module")
-def few(tmp_path_factory) -> Path:
+def few(tmp_path_factory) -> Tree:
     """4 groups: mlp × control, algo × two stacks, 3 replicas each, and a fifth group whose run failed."""
     root = tmp_path_factory.mktemp("few")
     write_groups(root, ["mlp"], ["control", "algo"], [1], ["launch", "upgrade"], lambda *_: 3,
                  failed=[("mlp", "algo", "launch")])
-    return root
+    return root, report.load_runs(str(root)), report.load_tables(str(root))
 
 
 @pytest.fixture(scope="module")
-def fifty(tmp_path_factory) -> Path:
+def fifty(tmp_path_factory) -> Tree:
     """50 groups: 2 archs × 4 presets × 3 thread counts × 2 stacks (mlp 3 replicas, small_cnn 2 so
     that its shares have no interval, one group 1 replica), and 2 groups whose only run failed."""
     root = tmp_path_factory.mktemp("fifty")
@@ -342,11 +356,7 @@ def fifty(tmp_path_factory) -> Path:
         return 1 if (arch, noise, n, stack) == ("small_cnn", "algo", 4, "upgrade") else 3 if arch == "mlp" else 2
     write_groups(root, ["mlp", "small_cnn"], ["control", "algo", "impl", "algo+impl"], [1, 2, 4],
                  ["launch", "upgrade"], replicas, failed=[("small_cnn", "algo", "launch"), ("mlp", "impl", "upgrade")])
-    return root
-
-
-def loaded(root: Path) -> tuple[reduce.Runs, dict[str, pd.DataFrame]]:
-    return report.load_runs(str(root)), report.load_tables(str(root))
+    return root, report.load_runs(str(root)), report.load_tables(str(root))
 
 
 def figures(runs: reduce.Runs, tables: dict[str, pd.DataFrame]) -> dict:
@@ -373,3 +383,68 @@ def overlaps(fig) -> list[tuple[str, str]]:
     boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in shown]
     return [(a, b) for i, (a, x) in enumerate(boxes) for b, y in boxes[i + 1:]
             if min(x.x1, y.x1) - max(x.x0, y.x0) > 1 and min(x.y1, y.y1) - max(x.y0, y.y0) > 1]
+
+
+def test_figures_at_4_and_at_50_groups_have_no_overlapping_text(few, fifty):
+    """Tick labels, titles, annotations, cell labels and legend entries keep apart at 50 groups:
+    the figures grow with the groups instead of crowding them."""
+    crowded = matplotlib.figure.Figure(figsize=(3, 2))
+    crowded.add_subplot().set_xticks(range(30), [f"group {i}" for i in range(30)])
+    assert overlaps(crowded)  # the check sees crowding where there is some
+    heights = []
+    for _, runs, tables in (few, fifty):
+        for name, fig in figures(runs, tables).items():
+            assert not overlaps(fig), (len(tables["variance"]), name, overlaps(fig)[:3])
+        heights.append(report.accuracy_by_noise(runs).get_size_inches()[1])
+    assert heights[1] > 3 * heights[0]
+
+
+def test_one_colour_per_noise_preset_and_failed_groups_not_drawn(fifty):
+    """Every figure's legend names the 4 presets, each with its own colour (a colour per group ran out
+    at 10); every dot has its row's preset's colour; the groups whose runs all failed are in no figure."""
+    _, runs, tables = fifty
+    figs = figures(runs, tables)
+    for name in ("accuracy", "churn", "loss"):
+        (legend,) = figs[name].legends
+        colors = {t.get_text(): matplotlib.colors.to_hex(h.get_color())
+                  for t, h in zip(legend.get_texts(), legend.legend_handles)}
+        assert list(colors) == ["control", "algo", "impl", "algo+impl"] and len(set(colors.values())) == 4, name
+    ax = figs["accuracy"].axes[0]
+    rows = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(rows) == len(ax.collections) == 24  # one row and one set of dots per mlp group
+    for row, dots in zip(rows, ax.collections):
+        assert matplotlib.colors.to_hex(dots.get_facecolor()[0]) == colors[row.split(",")[0]]
+    for name, fig in figs.items():
+        assert f"num_threads={FAILED_THREADS}" not in texts(fig), name
+
+
+def test_report_at_50_groups_lists_what_it_does_not_draw_and_renders(fifty, tmp_path):
+    root, _, _ = fifty
+    page = Path(report.write_report(str(root))).read_text()
+    assert page.count('src="data:image/png;base64,') == 9  # the 8 of one stack and the per-stack heatmap
+    assert "Accuracy per stack" in page and "Training loss per epoch" in page
+    # failed: listed with their error first, groups named, not drawn
+    assert page.index("Failed runs") < page.index("Accuracy per replica")
+    assert ("not drawn, no ok run in the group (2): mlp · toy, impl, num_threads=8, stack=upgrade; "
+            "small_cnn · toy, algo, num_threads=8, stack=launch") in page
+    assert page.count("ValueError: simulated bug (at model.py:12 in forward)") == 2
+    assert "not drawn, fewer than 2 ok runs (3): mlp · toy, impl, num_threads=8" in page
+    assert "small_cnn · toy, algo, num_threads=4, stack=upgrade" in page.split("fewer than 2 ok runs")[1][:600]
+    assert ("not drawn, no share with an interval (6): small_cnn · toy, num_threads=1, stack=launch;" in page)
+    # wall time per run and per group; every table scrolls sideways instead of being cut
+    assert "<th>train_seconds</th>" in page and "<th>train_seconds_mean</th>" in page
+    assert page.count("<table") == page.count('<div class="scroll"><table') > 5
+    screenshot(Path(root / "tables" / "report.html"), tmp_path, "report_50.png", height=12000)
+
+
+def test_report_at_4_groups_has_its_stack_heatmap_runs_and_failed_run(few, tmp_path):
+    root, _, tables = few
+    v = tables["variance"].dropna(subset=["acc_mean"]).set_index(["noise", "stack"])["acc_mean"]
+    cells = texts(report.stack_heatmap(tables["variance"]))
+    for noise in ("control", "algo"):
+        a, b = v[(noise, "launch")], v[(noise, "upgrade")]
+        assert f"{a:.4f}" in cells and f"{b:.4f} ({b - a:+.4f})" in cells
+    page = Path(report.write_report(str(root))).read_text()
+    assert "not drawn, no ok run in the group (1): mlp · toy, algo, num_threads=8, stack=launch" in page
+    assert "all 13 runs, with their wall time" in page and "12 ok, 1 failed" in page
+    screenshot(Path(root / "tables" / "report.html"), tmp_path, "report_4.png", height=4000)
