@@ -708,7 +708,7 @@ GUIDE = {
                  "with their std.",
     "stacks": "Mean test accuracy of each group on each software stack; each cell beside the first stack also "
               "gives its difference to the first stack's, which colours it (blue higher, red lower). The "
-              "cross-stack pairs below say whether same-seed runs agree bit for bit.",
+              "cross-stack pairs further down say whether same-seed runs agree bit for bit.",
     "cross_stack": "Runs with the same seeds and settings that ran on a different stack (thread count, "
                    "accelerator, software fingerprint), compared pair by pair. identical_fraction < 1 or "
                    "churn > 0 here is noise that no seed removes.",
@@ -813,6 +813,8 @@ def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame]
         _header(out_uri, runs.meta, progress),
         _failed(runs, variance),
         _section("Accuracy per replica", GUIDE["accuracy"], _img(accuracy_by_noise(runs), "accuracy per replica")),
+        *([_section("Accuracy per stack", GUIDE["stacks"], _img(stack_heatmap(variance), "accuracy per stack"))]
+          if len(stacks(variance)) > 1 else []),
         _section("Training loss per epoch", GUIDE["loss"], _img(loss_curves(runs), "loss per epoch")),
         _section("Churn and L2 per noise preset", GUIDE["churn"],
                  _img(churn_l2_by_noise(variance), "churn and L2")
@@ -822,8 +824,6 @@ def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame]
                  + _listed(sources_without_interval(sources), "no share with an interval")
                  + (table_html(sources) if len(sources) else "")),
         *([_section("Comparison", GUIDE["compare"], table_html(table("compare")))] if "compare" in tables else []),
-        *([_section("Accuracy per stack", GUIDE["stacks"], _img(stack_heatmap(variance), "accuracy per stack"))]
-          if len(stacks(variance)) > 1 else []),
         _section("Cross-stack pairs", GUIDE["cross_stack"], table_html(table("cross_stack"))),
         _section("Divergence over training", GUIDE["divergence"],
                  _img(divergence_lines(table("divergence")), "distance against epoch")),
