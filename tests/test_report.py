@@ -450,3 +450,16 @@ def test_report_at_4_groups_has_its_stack_heatmap_runs_and_failed_run(few, tmp_p
     assert "not drawn, no ok run in the group (1): mlp · toy, algo, num_threads=8, stack=launch" in page
     assert "all 13 runs, with their wall time" in page and "12 ok, 1 failed" in page
     screenshot(Path(root / "tables" / "report.html"), tmp_path, "report_4.png", height=4000)
+
+
+def test_loss_curves_read_a_user_functions_reported_loss():
+    """A run of the built-in loop has `epoch_loss`; a user function's losses come from the `loss` of
+    its ctx.report calls (epoch_metrics); a run that reported no loss every epoch has none."""
+    calls = [{"epoch": 1, "seconds": 0.1, "loss": 0.9}, {"epoch": 2, "seconds": 0.1, "loss": 0.5}]
+    meta = pd.DataFrame({"arch": "mlp", "dataset": "toy", "noise": "algo", "replica": [0, 1, 2], "status": "ok",
+                         "epoch_metrics": [None, json.dumps(calls), json.dumps([{"epoch": 1, "acc": 0.5}])]})
+    lists = pa.table({"epoch_loss": pa.array([[1.0, 0.7], None, None], pa.list_(pa.float64()))})
+    runs = reduce.Runs(meta, lists)
+    assert list(report.epoch_losses(runs)) == [[1.0, 0.7], [0.9, 0.5], None]
+    ax = report.loss_curves(runs).axes[0]
+    assert sorted(list(line.get_ydata()) for line in ax.lines) == [[0.9, 0.5], [0.95, 0.6], [1.0, 0.7]]  # + mean
