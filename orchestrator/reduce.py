@@ -49,7 +49,7 @@ CHUNK = 1 << 23  # float64 weight values held at once, across all runs of a grou
 L2_MAX_RUNS = 256
 SCALARS = ["run_id", "arch", "dataset", "noise", "replica", "seed_init", "seed_order", "seed_augment",
            "accelerator_requested", "accelerator", "fingerprint_id", *TOOLING, "spec_json",
-           "status", "test_accuracy", "weights_sha256", "weights_norm"]
+           "status", "test_accuracy", "weights_sha256", "weights_norm", "train_seconds"]
 LISTS = ["predictions", "per_class_accuracy"]
 REQUIRED = ("status", "arch", "dataset", "noise")  # a run row without one of these fits no group
 NUMPY_FLOATS = {"F16", "F32", "F64"}  # safetensors dtypes numpy reads; BF16 and F8_* go via torch
@@ -58,7 +58,8 @@ VARIANCE = ["accelerator", "n_fingerprints", "n_runs", "n_failed", "n_test", "ac
             "acc_std_lo", "acc_std_hi", "acc_std_sampling", "acc_std_dist", "acc_std_dist_lo",
             "acc_std_dist_hi", "churn", "l2", "l2_rel",
             "l2_buffers", "identical_fraction", "per_class_std_max", "per_class_std_mean", "worst_class",
-            "subgroup_acc_std_max", "p_vs_control", "p_vs_algo", "p_vs_control_adj", "p_vs_algo_adj", "note"]
+            "subgroup_acc_std_max", "p_vs_control", "p_vs_algo", "p_vs_control_adj", "p_vs_algo_adj",
+            "train_seconds_mean", "note"]
 SUBGROUPS = ["subgroup", "n_examples", "n_runs", "acc_mean", "acc_std", "fpr_mean", "fpr_std",
              "fnr_mean", "fnr_std"]
 CROSS_STACK = ["arch", "dataset", "workload", "noise", *(f"{c}_a" for c in STACK), *(f"{c}_b" for c in STACK),
@@ -425,6 +426,7 @@ def _group(runs: Runs, key: dict, g: pd.DataFrame, fs, root: str, labels) -> tup
         metrics.per_class_spread(per_class) if per_class is not None else (math.nan, math.nan, None))
     subs = _subgroup_rows(preds, *labels, key) if correct is not None and len(ok) >= 2 else []
     row["subgroup_acc_std_max"] = max((s["acc_std"] for s in subs), default=math.nan)
+    row["train_seconds_mean"] = ok["train_seconds"].mean()  # wall time per ok run; NaN in rows without it
     row["note"] = "; ".join(notes)
     return row | key, subs
 

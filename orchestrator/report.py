@@ -21,12 +21,18 @@ import io
 import json
 import math
 import sys
+import textwrap
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from orchestrator import metrics, reduce, store
+from orchestrator.axes import LAUNCH
 from orchestrator.noise import PRESETS
 
 NONE = "none in this results tree"
@@ -40,15 +46,16 @@ COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
           "#bcbd22", "#17becf"]
 N_WORST = 3  # classes named per group in the per-class figure
 OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1), "borderaxespad": 0}  # legends beside the data
-COLUMNS = [*FINGERPRINT, "sweep", "hostname", "error"]  # run columns read beyond the reducer's own
+COLUMNS = [*FINGERPRINT, "sweep", "hostname", "error", "epoch_metrics"]  # run columns beyond the reducer's own
 
 
 # --- loading ----------------------------------------------------------------------------------
 
 def load_runs(out_uri: str) -> reduce.Runs:
     """The run rows the figures and tables here need, read by the reducer's reader
-    (`reduce.load_runs`) with the fingerprint columns added; predictions stay unread."""
-    return reduce.load_runs(out_uri, COLUMNS, lists=["per_class_accuracy"])
+    (`reduce.load_runs`) with the fingerprint columns and the per-epoch losses added; predictions
+    stay unread."""
+    return reduce.load_runs(out_uri, COLUMNS, lists=["per_class_accuracy", "epoch_loss"])
 
 
 def load_tables(out_uri: str, by: list[str] | None = None) -> dict[str, pd.DataFrame]:
@@ -117,99 +124,158 @@ def _grid(n: int, width: float = 6.0, height: float = 4.0, ncols: int = 2) -> tu
     return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
 
 
+def _group_names(df: pd.DataFrame, skip: list[str] = PANEL) -> pd.Series:
+    """A name per row for its group: the noise preset, then the other keys (but `skip`) whose
+    values differ between the rows, e.g. `algo, num_threads=2`."""
+    others = _labels(df, [k for k in KEYS if k in df and k not in [*skip, "noise"]])
+    return df["noise"].astype(str) + others.map(lambda o: f", {o}" if o else "")
+
+
+def _full_names(df: pd.DataFrame, skip: tuple[str, ...] = ()) -> pd.Series:
+    """A name per row that stands alone in a line of text or a facet title: `arch · dataset`, the
+    noise preset (where the table has one), then the other keys (but `skip`) that differ between the
+    rows of its arch · dataset (a workload hash that differs only with the arch says nothing)."""
+    if df.empty:
+        return pd.Series(dtype=str)
+    keys = [k for k in KEYS if k in df and k not in [*PANEL, "noise", *skip]]
+    others = pd.concat([_labels(g, keys) for _, g in _panels(df)]).reindex(df.index)
+    lead = df["arch"].astype(str) + " · " + df["dataset"].astype(str)
+    if "noise" in df and "noise" not in skip:
+        lead = lead + ", " + df["noise"].astype(str)
+    return lead + others.map(lambda o: f", {o}" if o else "")
+
+
+def _rows(df: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """The groups of one panel's rows (runs or a table's groups), one plot row each, as (name,
+    noise, its rows): ordered by the tooling values, then by noise preset in the study's order, so
+    that the presets of one setting sit together."""
+    others = _labels(df, [k for k in KEYS if k in df and k not in [*PANEL, "noise"]])
+    rank = {n: i for i, n in enumerate(_noise_order(df["noise"].unique()))}
+    rows = [(name, str(g["noise"].iloc[0]), g) for name, g in df.groupby(_group_names(df), sort=False)]
+    return sorted(rows, key=lambda r: (others[r[2].index[0]], rank[r[1]]))
+
+
 def _slots(n_series: int, width: float = 0.8) -> np.ndarray:
     """x offsets of n side-by-side series within one category slot of the given width."""
     return (np.arange(n_series) - (n_series - 1) / 2) * (width / max(n_series, 1))
 
 
+# Presets keep their colour in every figure (control blue, algo orange, ...); custom noise sets
+# take the next ones. 20 distinct colours: tab10, then tab20's lighter shades.
+PALETTE = [to_hex(c) for c in (*colormaps["tab10"].colors, *colormaps["tab20"].colors[1::2])]
+
+
+def _noise_colors(noises) -> dict[str, str]:
+    """One colour per noise setting (never one per group, which ran out at 10 groups)."""
+    custom = [n for n in _noise_order(noises) if n not in PRESETS]
+    index = {**{p: i for i, p in enumerate(PRESETS)}, **{c: len(PRESETS) + i for i, c in enumerate(custom)}}
+    return {n: PALETTE[index[n] % len(PALETTE)] for n in _noise_order(noises)}
+
+
+def _noise_legend(fig: Figure, colors: dict[str, str], marker: str = "o") -> None:
+    """One legend for the whole figure, outside every panel: one entry per noise setting drawn."""
+    handles = [Line2D([], [], color=c, marker=marker, ls="" if marker else "-", label=n) for n, c in colors.items()]
+    fig.legend(handles=handles, title="noise", fontsize=8, loc="outside right upper")
+
+
+ROW_INCHES = 0.26  # height of one group's row in a row-per-group figure
+
+
+def _stacked(rows: list[int], ncols: int = 1, width: float = 11.0) -> tuple[Figure, np.ndarray]:
+    """One panel per facet, stacked top to bottom, each as tall as its number of rows (one row per
+    group), so that 50 groups get a taller figure instead of crowded labels. axes: (facets, ncols)."""
+    heights = [ROW_INCHES * r + 1.1 for r in rows]
+    fig = Figure(figsize=(width, sum(heights) + 0.5), layout="constrained")
+    axes = fig.subplots(len(rows), ncols, squeeze=False, gridspec_kw={"height_ratios": heights})
+    return fig, axes
+
+
+def _row_axis(ax, names: list[str]) -> None:
+    """y axis of a row-per-group panel: one labelled row per group, the first on top."""
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+
+
+def _listed(names, why: str) -> str:
+    """A line of HTML naming groups a figure leaves out, and why ("" when none is)."""
+    names = sorted(set(names))
+    line = f"not drawn, {why} ({len(names)}): " + "; ".join(names)
+    return f'<p class="note">{html.escape(line)}</p>' if names else ""
+
+
+def _spread(variance: pd.DataFrame) -> pd.Series:
+    """Groups with a spread to draw: 2 or more ok runs (a group with 0 or 1 has NaN churn and L2)."""
+    return variance["n_runs"].fillna(0) >= 2
+
+
 # --- figures ----------------------------------------------------------------------------------
 
 def accuracy_by_noise(runs: reduce.Runs) -> Figure:
-    """Test accuracy of every ok replica (one dot each) per noise preset, one colour per tooling
-    group, with the group mean (bar) and sample std printed under it. One panel per arch · dataset."""
+    """Test accuracy of every ok replica: one row per group (noise preset and tooling values), one
+    dot per replica coloured by noise preset, a black tick at the mean, and n and the sample std at
+    the row's end. One panel per arch · dataset, as tall as its groups, so 50 groups never crowd;
+    a group without an ok run is not drawn (the report lists it with the failed runs)."""
     title = "Test accuracy per replica"
     ok = runs.meta[runs.meta["status"] == "ok"].dropna(subset=["test_accuracy"])
     if ok.empty:
         return _empty(title, f"no ok runs: {NONE}")
-    panels = _panels(ok)
-    fig, axes = _grid(len(panels))
-    for ax, (name, g) in zip(axes, panels):
-        series = _labels(g, [k for k in KEYS if k not in PANEL + ["noise"]])
-        names, noises = sorted(series.unique()), _noise_order(g["noise"].unique())
-        offsets, w = _slots(len(names)), 0.8 / max(len(names), 1)
-        labelled = set()
-        for si, s in enumerate(names):
-            for ni, noise in enumerate(noises):
-                acc = g.loc[(series == s) & (g["noise"] == noise)].sort_values("replica")["test_accuracy"]
-                if acc.empty:
-                    continue
-                x0 = ni + offsets[si]
-                # deterministic spread by replica rank: identical accuracies show as a flat row of dots
-                xs = x0 + (np.linspace(-0.3, 0.3, len(acc)) if len(acc) > 1 else np.zeros(1)) * w
-                ax.scatter(xs, acc, s=22, color=COLORS[si % len(COLORS)], alpha=0.8, zorder=3,
-                           label=None if s in labelled else s or None)
-                labelled.add(s)
-                ax.hlines(acc.mean(), x0 - 0.4 * w, x0 + 0.4 * w, color="black", lw=1.5, zorder=4)
-                sd = f"{metrics.sample_std(acc):.3g}" if len(acc) > 1 else "n/a"  # equal values: exactly 0
-                ax.annotate(f"n={len(acc)}\nsd={sd}", (x0, 0), xycoords=("data", "axes fraction"),
-                            xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7,
-                            color="#444")
-        ax.set_xticks(range(len(noises)), noises)
-        ax.set_xlim(-0.6, len(noises) - 0.4)
-        lo, hi = g["test_accuracy"].min(), g["test_accuracy"].max()
-        pad = max(hi - lo, 0.01)
-        ax.set_ylim(lo - 0.45 * pad, hi + 0.15 * pad)  # room at the bottom for the n / sd labels
-        ax.set_xlabel("noise preset")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"{title}: {name}", loc="left")
-        ax.grid(axis="y", alpha=0.3)
-        if any(names):
-            ax.legend(fontsize=8, **OUTSIDE)
+    colors = _noise_colors(ok["noise"].unique())
+    panels = [(name, _rows(g)) for name, g in _panels(ok)]
+    fig, axes = _stacked([len(rows) for _, rows in panels])
+    for ax, (name, rows) in zip(axes[:, 0], panels):
+        for y, (_, noise, g) in enumerate(rows):
+            acc = g.sort_values("replica")["test_accuracy"].to_numpy(float)
+            # deterministic spread by replica rank: identical accuracies show as a vertical stack of dots
+            ys = y + (np.linspace(-0.25, 0.25, len(acc)) if len(acc) > 1 else np.zeros(1))
+            ax.scatter(acc, ys, s=14, color=colors[noise], alpha=0.8, zorder=3)
+            ax.plot([acc.mean()] * 2, [y - 0.38, y + 0.38], color="black", lw=1.2, zorder=2)  # behind the dots
+            sd = f"{metrics.sample_std(acc):.3g}" if len(acc) > 1 else "n/a"  # equal values: exactly 0
+            ax.annotate(f"n={len(acc)}, sd={sd}", (1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=7, color="#444")
+        _row_axis(ax, [r[0] for r in rows])
+        ax.margins(x=0.08)
+        ax.set_xlabel("test accuracy")
+        ax.set_title(name, loc="left", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    _noise_legend(fig, colors)
+    fig.suptitle(title, x=0.01, ha="left")
     return fig
-
-
-def _bars(ax, table: pd.DataFrame, value: str, series: pd.Series, noises: list[str], fmt: str) -> None:
-    names = sorted(series.unique())
-    offsets, w = _slots(len(names)), 0.8 / max(len(names), 1)
-    labelled = set()
-    for si, s in enumerate(names):
-        for ni, noise in enumerate(noises):
-            v = table.loc[(series == s) & (table["noise"] == noise), value]
-            if v.empty:
-                continue
-            y = float(v.iloc[0])
-            x = ni + offsets[si]
-            ax.bar(x, 0 if math.isnan(y) else y, w * 0.9, color=COLORS[si % len(COLORS)],
-                   label=None if s in labelled else s or None)
-            labelled.add(s)
-            ax.annotate("n/a" if math.isnan(y) else format(y, fmt), (x, 0 if math.isnan(y) else y),
-                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(noises)), noises)
-    ax.set_xlabel("noise preset")
-    ax.grid(axis="y", alpha=0.3)
-    ax.margins(y=0.15)
 
 
 def churn_l2_by_noise(variance: pd.DataFrame) -> Figure:
     """Churn (share of test examples on which two replicas disagree, mean over pairs) and the mean
-    pairwise L2 distance of final weights, per noise preset and group, from the variance table."""
+    pairwise L2 distance of final weights, from the variance table: one bar per group coloured by
+    noise preset, churn and L2 side by side, one row of panels per arch · dataset. Groups with
+    fewer than 2 ok runs have neither and are not drawn (the report lists them)."""
     title = "Prediction churn and weight distance between replicas"
     if variance.empty:
         return _empty(title, variance.attrs.get("message", NONE) + f" ({NONE})")
     if "noise" not in variance:
         return _empty(title, "the variance table is not grouped by noise (--by without noise)")
-    series = _labels(variance, [k for k in variance.columns if k in KEYS and k != "noise"])
-    noises = _noise_order(variance["noise"].unique())
-    fig = Figure(figsize=(12, 4.2), layout="constrained")
-    axes = fig.subplots(1, 2)
-    _bars(axes[0], variance, "churn", series, noises, ".3f")
-    axes[0].set_ylabel("churn (fraction of test examples)")
-    axes[0].set_title("churn: predictions that differ", loc="left")
-    _bars(axes[1], variance, "l2", series, noises, ".3g")
-    axes[1].set_ylabel("L2 distance of final weights")
-    axes[1].set_title("L2: how far apart the weights end", loc="left")
-    if any(series):
-        axes[1].legend(fontsize=8, **OUTSIDE)
+    drawn = variance[_spread(variance)]
+    if drawn.empty:
+        return _empty(title, "no group has 2 ok runs: churn and L2 need a pair of replicas")
+    colors = _noise_colors(drawn["noise"].unique())
+    panels = [(name, _rows(g)) for name, g in _panels(drawn)]
+    fig, axes = _stacked([len(rows) for _, rows in panels], ncols=2, width=12)
+    for (name, rows), pair in zip(panels, axes):
+        for ax, (col, what, fmt) in zip(pair, (("churn", "churn (fraction of test examples)", ".3f"),
+                                               ("l2", "L2 distance of final weights", ".3g"))):
+            values = np.array([float(g[col].iloc[0]) for _, _, g in rows])
+            y = np.arange(len(rows))
+            ax.barh(y, np.nan_to_num(values), 0.7, color=[colors[noise] for _, noise, _ in rows])
+            for yi, v in zip(y, values):
+                ax.annotate("n/a" if math.isnan(v) else format(v, fmt), (0 if math.isnan(v) else v, yi),
+                            xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+            _row_axis(ax, [r[0] for r in rows])
+            ax.margins(x=0.15)
+            ax.set_xlim(left=0)  # churn and L2 are never negative
+            ax.set_xlabel(what)
+            ax.set_title(f"{col}: {name}", loc="left", fontsize=10)
+            ax.grid(axis="x", alpha=0.3)
+        pair[1].tick_params(labelleft=False)  # the same rows as the churn panel beside it
+    fig.get_layout_engine().set(wspace=0.06)  # the churn axis's last tick label apart from L2's first
+    _noise_legend(fig, colors, marker="s")
     fig.suptitle(title, x=0.01, ha="left")
     return fig
 
@@ -225,13 +291,18 @@ def source_shares(sources: pd.DataFrame) -> Figure:
     interval reaching 60 still fits. A share without an interval is a hollow dot labelled `no
     interval` (not a dot without whiskers, which would look certain); each row ends with its
     verdict (`inconclusive` with the replicas per preset that would settle it). One panel per
-    workload group of the sources table."""
+    workload group of the sources table; a group none of whose shares has an interval wider than a
+    point (2 replicas a preset) is left out, not drawn as a panel of hollow dots (the report names
+    it in a line of text)."""
     title = "Which source makes the variance: share of the reference's variance and churn"
     if sources.empty:
         return _empty(title, sources.attrs.get("message", NONE) + f" ({NONE})", size=(8, 1.8))
     keys = [k for k in sources.columns if k in KEYS]
+    names = _full_names(sources)
+    sources = sources[_with_interval(sources)]
+    if sources.empty:
+        return _empty(title, "no group's shares have an interval: too few ok replicas per preset", size=(8, 1.8))
     groups = list(sources.groupby(keys, sort=True, dropna=False)) if keys else [((), sources)]
-    names = _labels(sources, keys)
     fig, axes = _grid(len(groups), width=7.5, height=0.55 * sources["source"].nunique() + 1.8, ncols=1)
     for ax, (_, g) in zip(axes, groups):
         y = np.arange(len(g))
@@ -272,6 +343,19 @@ def source_shares(sources: pd.DataFrame) -> Figure:
     return fig
 
 
+def _with_interval(sources: pd.DataFrame) -> pd.Series:
+    """Per row of the sources table: whether its group has a share with an interval wider than a
+    point (control's exact [0, 0] and the reference's own 1 say nothing at 2 replicas a preset)."""
+    known = (sources["share_hi"] > sources["share_lo"]) | (sources["churn_share_hi"] > sources["churn_share_lo"])
+    keys = [k for k in sources.columns if k in KEYS]
+    return known.groupby([sources[k].astype(str) for k in keys]).transform("any") if keys else known | known.any()
+
+
+def sources_without_interval(sources: pd.DataFrame) -> list[str]:
+    """The groups source_shares leaves out, by name."""
+    return [] if sources.empty else list(_full_names(sources)[~_with_interval(sources)].unique())
+
+
 def load_written(out_uri: str, name: str) -> pd.DataFrame | None:
     """OUT/tables/<name>.parquet as a command (compare, diverge) last wrote it, or None."""
     fs, root = store.resolve(out_uri)
@@ -286,21 +370,25 @@ def load_compare(out_uri: str) -> pd.DataFrame | None:
 
 def divergence_lines(divergence: pd.DataFrame) -> Figure:
     """Distance between same-setting runs' weights (their sketches) against epoch, one line per group
-    (a pair of runs of one setting differs only by its seeds), one panel per workload family."""
+    (a pair of runs of one setting differs only by its seeds) coloured by noise preset, one panel per
+    workload family; one legend of presets for the figure, so 50 groups take no 50 legend slots."""
     title = "How far apart runs of one setting grow, epoch by epoch"
     if divergence.empty:
         return _empty(title, divergence.attrs.get("message", NONE))
+    if "noise" not in divergence:
+        divergence = divergence.assign(noise="all runs")
+    colors = _noise_colors(divergence["noise"].unique())
     panels = _panels(divergence)
     fig, axes = _grid(len(panels))
     for ax, (name, df) in zip(axes, panels):
-        series = _labels(df, [k for k in df.columns if k in KEYS])
-        for label, g in df.groupby(series, sort=True):
-            ax.plot(g["epoch"], g["distance"], marker="o", label=label or "all runs")
+        for _, g in df.groupby(_group_names(df), sort=True):
+            ax.plot(g["epoch"], g["distance"], marker="o", ms=3, lw=1, color=colors[str(g["noise"].iloc[0])])
         ax.set_yscale("symlog", linthresh=1e-6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean distance of weight sketches")
         ax.set_title(name, loc="left")
-        ax.legend(fontsize=8, **OUTSIDE)
+    _noise_legend(fig, colors)
     fig.suptitle(title, x=0.01, ha="left")
     return fig
 
@@ -320,43 +408,127 @@ def class_std_table(runs: reduce.Runs) -> pd.DataFrame:
 
 
 def per_class_std(runs: reduce.Runs) -> Figure:
-    """Bars of each class's across-replica accuracy std, one colour per group (noise preset and
-    tooling); the legend names each group's worst classes. Top-1 accuracy averages these swings away."""
+    """Each class's across-replica accuracy std as a heatmap: one row per group (noise preset and
+    tooling), one column per class, one panel per arch · dataset as tall as its groups. Each row's
+    label names the group's worst classes with their std. Top-1 accuracy averages these swings away."""
     title = "Per-class accuracy std across replicas"
     table = class_std_table(runs)
     if table.empty:
         return _empty(title, f"no group has 2 ok runs with per-class accuracies: {NONE}")
-    panels = _panels(table)
-    fig, axes = _grid(len(panels), width=12, height=4.2, ncols=1)
-    for ax, (name, t) in zip(axes, panels):
-        others = _labels(t, [k for k in KEYS if k in t and k not in PANEL + ["noise"]])
-        t = t.assign(_s=t["noise"].astype(str) + others.map(lambda o: f", {o}" if o else ""))
-        t["_n"] = t["noise"].map({n: i for i, n in enumerate(_noise_order(t["noise"].unique()))})
-        groups = [g for _, g in sorted(t.groupby("_s"), key=lambda kv: (kv[1]["_n"].iloc[0], kv[0]))]
-        n_classes = int(t["class"].max()) + 1
-        offsets, w = _slots(len(groups)), 0.8 / len(groups)
-        tops = {}  # worst class of any group -> height of its tallest bar, labelled once
-        for i, g in enumerate(groups):
-            g = g.sort_values("class")
+    panels = [(name, _rows(t)) for name, t in _panels(table)]
+    fig, axes = _stacked([len(rows) for _, rows in panels], width=12)
+    top = float(table["std"].max()) or 1.0  # one colour scale for every panel
+    for ax, (name, rows) in zip(axes[:, 0], panels):
+        n_classes = max(int(g["class"].max()) for _, _, g in rows) + 1
+        grid = np.full((len(rows), n_classes), np.nan)
+        labels = []
+        for i, (label, _, g) in enumerate(rows):
+            grid[i, g["class"].to_numpy(int)] = g["std"].to_numpy(float)
             worst = g[g["std"] > 0].nlargest(N_WORST, "std")
             named = ", ".join(f"{int(c)} ({s:.2f})" for c, s in zip(worst["class"], worst["std"]))
-            label = f"{g['_s'].iloc[0]} (n={g['n_runs'].iloc[0]}): " + (
-                f"worst {named}" if named else "every class identical")
-            ax.bar(g["class"] + offsets[i], g["std"], w * 0.9, color=COLORS[i % len(COLORS)], label=label)
-            if len(worst):
-                c = int(worst["class"].iloc[0])
-                tops[c] = max(tops.get(c, 0.0), float(worst["std"].iloc[0]))
-        for c, top in tops.items():
-            ax.annotate(f"class {c}", (c, top), xytext=(0, 2), textcoords="offset points",
-                        ha="center", va="bottom", fontsize=8, fontweight="bold")
+            labels.append(f"{label} (n={g['n_runs'].iloc[0]}): " + (f"worst {named}" if named else
+                                                                     "every class identical"))
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
+        _row_axis(ax, labels)
         if n_classes <= 30:  # beyond that (CIFAR-100) matplotlib's own ticks stay readable
             ax.set_xticks(range(n_classes))
         ax.set_xlabel("class")
-        ax.set_ylabel("std of class accuracy")
-        ax.set_title(f"{title}: {name}", loc="left")
-        ax.grid(axis="y", alpha=0.3)
-        ax.margins(y=0.15)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.14), ncols=2, borderaxespad=0)
+        ax.set_title(name, loc="left", fontsize=10)
+        fig.colorbar(image, ax=ax, label="std of class accuracy", fraction=0.04, pad=0.01)
+    fig.suptitle(title, x=0.01, ha="left")
+    return fig
+
+
+def epoch_losses(runs: reduce.Runs) -> pd.Series:
+    """Per run (the index of runs.meta), its training loss per epoch: the built-in loop's
+    `epoch_loss`, else the `loss` of every ctx.report call of a user function (epoch_metrics);
+    None where neither is recorded."""
+    meta = runs.meta
+    built_in = (runs.lists["epoch_loss"].to_pylist() if "epoch_loss" in runs.lists.column_names
+                else [None] * len(meta))
+    reported = meta["epoch_metrics"] if "epoch_metrics" in meta else pd.Series(None, index=meta.index)
+
+    def user(calls_json) -> list[float] | None:
+        calls = json.loads(calls_json) if isinstance(calls_json, str) else []
+        losses = [c.get("loss") for c in calls]
+        return losses if losses and all(isinstance(v, (int, float)) for v in losses) else None
+    return pd.Series([b if b is not None else user(j) for b, j in zip(built_in, reported)], index=meta.index,
+                     dtype=object)
+
+
+def loss_curves(runs: reduce.Runs) -> Figure:
+    """Training loss against epoch: one panel per workload and tooling setting (small multiples,
+    three a row), in it one thin line per ok replica and a thick one at their mean, coloured by
+    noise preset. Replicas that trained bitwise alike draw one line."""
+    title = "Training loss per epoch"
+    losses = epoch_losses(runs)
+    ok = runs.meta[(runs.meta["status"] == "ok") & losses.notna()]
+    if ok.empty:
+        return _empty(title, f"no ok run recorded a loss per epoch: {NONE} (a function of your own reports one "
+                             "with ctx.report(epoch=..., loss=...))")
+    colors = _noise_colors(ok["noise"].unique())
+    names = _full_names(ok, skip=("noise",))
+    facets = list(ok.groupby(names, sort=True))
+    fig, axes = _grid(len(facets), width=4.2, height=2.9, ncols=3)
+    for ax, (name, g) in zip(axes, facets):
+        for noise in _noise_order(g["noise"].unique()):
+            curves = [losses[i] for i in g.index[g["noise"] == noise]]
+            for c in curves:
+                ax.plot(range(1, len(c) + 1), c, color=colors[noise], lw=0.7, alpha=0.5)
+            n = min(len(c) for c in curves)
+            ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], axis=0), color=colors[noise], lw=2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("training loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_title(textwrap.fill(name, 48), loc="left", fontsize=8)
+        ax.grid(alpha=0.3)
+    _noise_legend(fig, colors, marker="")
+    fig.suptitle(title, x=0.01, ha="left")
+    return fig
+
+
+def stacks(variance: pd.DataFrame) -> list[str]:
+    """The stacks of the variance table, the one the others are compared with first (`launch` where
+    it ran, else the first by name)."""
+    if "stack" not in variance:
+        return []
+    return sorted(variance["stack"].dropna().astype(str).unique(), key=lambda s: (s != LAUNCH, s))
+
+
+def stack_heatmap(variance: pd.DataFrame) -> Figure:
+    """Mean test accuracy of every group (rows) on every stack (columns), each cell labelled with it
+    and, beside the first stack, with the difference to the first stack's, which colours the cell
+    (blue: higher, red: lower). A group with no ok run on a stack is a blank cell; a group with
+    none on any stack is not drawn (the report lists it with the failed runs)."""
+    title = "Mean accuracy per stack (colour: difference to the first stack)"
+    names = stacks(variance)
+    if len(names) < 2:
+        return _empty(title, f"one stack in this results tree ({', '.join(names) or NONE}): "
+                             "add `stacks:` to the sweep to compare environments")
+    noise = variance["noise"] if "noise" in variance else pd.Series("", index=variance.index)
+    rank = {n: i for i, n in enumerate(_noise_order(noise.unique()))}
+    ordered = variance.assign(_row=_full_names(variance, skip=("stack",)), _rank=noise.astype(str).map(rank))
+    ordered = ordered.sort_values(["arch", "dataset", "_rank"], kind="stable")  # presets in the study's order
+    acc = ordered.pivot_table(index="_row", columns="stack", values="acc_mean", sort=False)
+    acc = acc.reindex(columns=names).dropna(how="all")
+    diff = acc.sub(acc[names[0]], axis=0)
+    scale = float(np.nanmax(np.abs(diff.to_numpy()), initial=0.0)) or 1e-3
+    fig = Figure(figsize=(max(8.0, 5.5 + 1.5 * len(names)), ROW_INCHES * 1.3 * len(acc) + 1.8), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(diff.to_numpy(float), aspect="auto", cmap="RdBu", vmin=-scale, vmax=scale,
+                      interpolation="nearest")
+    for (i, j), a in np.ndenumerate(acc.to_numpy(float)):
+        if np.isfinite(a):
+            d = diff.iat[i, j]
+            ax.text(j, i, f"{a:.4f}" + (f" ({d:+.4f})" if j else ""), ha="center", va="center", fontsize=7,
+                    color="white" if abs(d) > 0.6 * scale else "black")  # legible on the darkest cells
+    _row_axis(ax, list(acc.index))
+    ax.set_xticks(range(len(names)), names)
+    ax.xaxis.tick_top()
+    ax.set_xlabel("stack")
+    fig.colorbar(image, ax=ax, label=f"mean accuracy − {names[0]}'s", fraction=0.04, pad=0.01)
+    fig.suptitle(title, x=0.01, ha="left")
     return fig
 
 
@@ -466,6 +638,27 @@ def fingerprints(runs: reduce.Runs) -> pd.DataFrame:
     return out
 
 
+def runs_table(runs: reduce.Runs) -> pd.DataFrame:
+    """One row per run: its group, replica, status, test accuracy and training wall time."""
+    meta = runs.meta
+    cols = ["run_id", *[k for k in KEYS if k in meta], "replica", "status", "test_accuracy", "train_seconds"]
+    out = meta[cols].sort_values("run_id") if len(meta) else pd.DataFrame(columns=cols)
+    out.attrs["message"] = "no runs under OUT/runs"
+    return out
+
+
+ERROR_CHARS = 240  # of a failed run's error in the report; the whole traceback is in OUT/logs/<run_id>.log
+
+
+def failed_runs(runs: reduce.Runs) -> pd.DataFrame:
+    """One row per run that did not end ok, with the first line of its error."""
+    meta = runs.meta
+    bad = meta[meta["status"] != "ok"] if len(meta) else meta
+    first = bad["error"].fillna("").astype(str).str.split("\n").str[0].str.slice(0, ERROR_CHARS)
+    cols = ["run_id", *[k for k in KEYS if k in bad], "replica", "status", "error"]
+    return bad.assign(error=first)[cols].sort_values("run_id")
+
+
 def compact(df: pd.DataFrame) -> pd.DataFrame:
     """The table without grouping columns that hold one value in every row and without columns
     with no value at all; what was left out is in attrs['constant'] and attrs['empty']."""
@@ -500,16 +693,22 @@ def table_html(df: pd.DataFrame, message: str | None = None) -> str:
 # --- the report -------------------------------------------------------------------------------
 
 GUIDE = {
-    "accuracy": "One dot per replica. A flat row of dots at one height means the replicas are bitwise "
-                "the same model (expected for control on a CPU); the spread of algo is the run-to-run "
-                "variance a single reported number hides. The black bar is the mean; n and the sample "
-                "std are printed under each group.",
+    "accuracy": "One row per group, one dot per replica, coloured by noise preset. Dots stacked at one "
+                "accuracy mean the replicas are bitwise the same model (expected for control on a CPU); the "
+                "spread of algo is the run-to-run variance a single reported number hides. The black tick is "
+                "the mean; n and the sample std end each row.",
+    "loss": "Training loss per epoch: one panel per workload and tooling setting, a thin line per replica "
+            "and a thick one at their mean, coloured by noise preset. From the built-in loop's epoch_loss, "
+            "or the loss a function of your own reports with ctx.report.",
     "churn": "Churn is the share of test examples on which two replicas predict different classes "
              "(mean over replica pairs; disagreement, not the reference code's agreement). L2 is the "
              "mean pairwise distance of the final weights. Both can be large while top-1 accuracy barely moves.",
-    "per_class": "The std across replicas of each class's accuracy. Top-1 accuracy averages these swings "
-                 "away; the legend names each group's worst classes with their std, and each group's "
-                 "worst class is labelled above its bars.",
+    "per_class": "The std across replicas of each class's accuracy, one row per group and one column per "
+                 "class. Top-1 accuracy averages these swings away; each row's label names its worst classes "
+                 "with their std.",
+    "stacks": "Mean test accuracy of each group on each software stack; each cell beside the first stack also "
+              "gives its difference to the first stack's, which colours it (blue higher, red lower). The "
+              "cross-stack pairs further down say whether same-seed runs agree bit for bit.",
     "cross_stack": "Runs with the same seeds and settings that ran on a different stack (thread count, "
                    "accelerator, software fingerprint), compared pair by pair. identical_fraction < 1 or "
                    "churn > 0 here is noise that no seed removes.",
@@ -545,6 +744,10 @@ GUIDE = {
                 "are listed above it rather than repeated.",
     "subgroups": "Accuracy, false-positive and false-negative rates per subgroup, for datasets that define them.",
     "fingerprints": "Every hardware and software stack that ran a replica.",
+    "runs": "Every run: its group, status, test accuracy and training wall time (train_seconds, set-up and "
+            "evaluation excluded). The variance table gives each group's mean (train_seconds_mean).",
+    "failed": "Left out of every statistic and every figure; re-running the sweep retries them. The error is "
+              "its first line; the whole traceback is in OUT/logs/<run_id>.log.",
 }
 
 CSS = """
@@ -556,7 +759,7 @@ h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.8em;borde
 .note{color:#555;font-size:.85em;margin:.2em 0} .scroll{overflow-x:auto}
 table.t{border-collapse:collapse;font-size:.8em;margin:.5em 0}
 table.t th,table.t td{padding:3px 8px;border-bottom:1px solid #e5e5e5;text-align:right;white-space:nowrap}
-table.t th{background:#f3f5f8} img{max-width:100%;height:auto}
+table.t th{background:#f3f5f8} img{max-width:100%;height:auto} summary{cursor:pointer;color:#335}
 """
 
 
@@ -588,12 +791,12 @@ def _header(out_uri: str, runs: pd.DataFrame, progress: dict | None) -> str:
             + "".join(f'<div class="meta">{line}</div>' for line in lines))
 
 
-def _failed(runs: pd.DataFrame) -> str:
-    bad = runs[runs["status"] != "ok"] if len(runs) else runs
+def _failed(runs: reduce.Runs, variance: pd.DataFrame) -> str:
+    bad = failed_runs(runs)
     if bad.empty:
         return ""
-    return _section("Failed runs", "Left out of every statistic; re-running the sweep retries them.",
-                    table_html(bad[["run_id", "noise", "replica", "error"]].sort_values("run_id")))
+    dead = _full_names(variance)[variance["n_runs"] == 0] if len(variance) and "n_runs" in variance else []
+    return _section("Failed runs", GUIDE["failed"], _listed(dead, "no ok run in the group") + table_html(bad))
 
 
 def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame],
@@ -602,14 +805,24 @@ def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame]
     def table(name: str) -> pd.DataFrame:
         return tables.get(name, pd.DataFrame())
 
+    variance, sources = table("variance"), table("sources")
+    # named among all groups, so that a name carries the settings that tell it from the drawn ones
+    thin = (_full_names(variance)[~_spread(variance)] if len(variance) and "noise" in variance
+            else pd.Series(dtype=str))
     parts = [
         _header(out_uri, runs.meta, progress),
+        _failed(runs, variance),
         _section("Accuracy per replica", GUIDE["accuracy"], _img(accuracy_by_noise(runs), "accuracy per replica")),
+        *([_section("Accuracy per stack", GUIDE["stacks"], _img(stack_heatmap(variance), "accuracy per stack"))]
+          if len(stacks(variance)) > 1 else []),
+        _section("Training loss per epoch", GUIDE["loss"], _img(loss_curves(runs), "loss per epoch")),
         _section("Churn and L2 per noise preset", GUIDE["churn"],
-                 _img(churn_l2_by_noise(table("variance")), "churn and L2")),
+                 _img(churn_l2_by_noise(variance), "churn and L2")
+                 + _listed(thin, "fewer than 2 ok runs")),
         _section("Per-class accuracy std", GUIDE["per_class"], _img(per_class_std(runs), "per-class std")),
-        _section("Noise sources", GUIDE["sources"], _img(source_shares(table("sources")), "share per source")
-                 + (table_html(table("sources")) if len(table("sources")) else "")),
+        _section("Noise sources", GUIDE["sources"], _img(source_shares(sources), "share per source")
+                 + _listed(sources_without_interval(sources), "no share with an interval")
+                 + (table_html(sources) if len(sources) else "")),
         *([_section("Comparison", GUIDE["compare"], table_html(table("compare")))] if "compare" in tables else []),
         _section("Cross-stack pairs", GUIDE["cross_stack"], table_html(table("cross_stack"))),
         _section("Divergence over training", GUIDE["divergence"],
@@ -622,10 +835,11 @@ def render_html(out_uri: str, runs: reduce.Runs, tables: dict[str, pd.DataFrame]
         _section("Which ops deterministic mode slows", GUIDE["overhead_ops"],
                  _img(overhead_ops_bars(table("overhead_ops")), "overhead ops")
                  + (table_html(table("overhead_ops")) if len(table("overhead_ops")) else "")),
-        _section("Variance table", GUIDE["variance"], table_html(table("variance"))),
+        _section("Variance table", GUIDE["variance"], table_html(variance)),
         _section("Subgroups", GUIDE["subgroups"], table_html(table("subgroups"))),
         _section("Fingerprints", GUIDE["fingerprints"], table_html(fingerprints(runs))),
-        _failed(runs.meta),
+        _section("Runs", GUIDE["runs"], f"<details><summary>all {len(runs.meta)} runs, with their wall time"
+                 f"</summary>{table_html(runs_table(runs))}</details>"),
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>Tooling noise report</title><style>{CSS}</style></head><body>\n"

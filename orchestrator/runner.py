@@ -206,7 +206,8 @@ def train_one(spec: RunSpec, fs, root: str, device: torch.device, rank: Rank = S
             result = train(model, data, cfg, order, aug, device, rank, on_epoch)
         if result is None:  # a rank other than 0
             return {}
-        extra = {"epoch_lr": result.epoch_lr, "attention_backend": result.attention_backend, **epoch_columns}
+        extra = {"epoch_lr": result.epoch_lr, "epoch_loss": result.epoch_loss,
+                 "attention_backend": result.attention_backend, **epoch_columns}
     row = {"status": "ok", "bitflip": flipped, "impl_flags": json.dumps(flags, sort_keys=True),
            "train_seconds": sum(result.epoch_seconds), "epoch_seconds": result.epoch_seconds,
            "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,

@@ -74,6 +74,7 @@ _RUN_FIELDS = [
     ("epoch_weights_sha256", pa.list_(pa.string())),  # built-in loop: weights digest after each epoch
     ("epoch_sketch", pa.list_(pa.list_(pa.float64()))),  # built-in loop: runner.weights_sketch after each epoch
     ("row_sha256", pa.string()),  # digest of the row's other values (row_digests): a damaged file reads as damaged
+    ("epoch_loss", pa.list_(pa.float64())),  # built-in loop: mean training loss per example of each epoch
 ]
 # Every tooling axis has its column (orchestrator/axes.py); the first axes already have theirs above.
 RUN_SCHEMA = pa.schema([*_RUN_FIELDS, *[(a.column, a.arrow) for a in AXES if a.column not in dict(_RUN_FIELDS)]])

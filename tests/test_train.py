@@ -10,6 +10,7 @@ import torch
 from orchestrator import axes, runner, spec
 from workloads import data as datasets
 from workloads import models
+from workloads import train as train_module
 from workloads.train import Diverged, TrainConfig, augment, set_tf32, train
 
 CPU = torch.device("cpu")
@@ -121,6 +122,7 @@ def test_tooling_options_are_recorded_in_the_row(tmp_path):
     assert sorted(zip(df.precision, df.channels_last)) == [("bf16", False), ("bf16", True),
                                                            ("fp32", False), ("fp32", True)]
     assert df.compiled.eq(False).all()
+    assert all(len(losses) == 1 and math.isfinite(losses[0]) for losses in df.epoch_loss)  # built-in loop's
 
 
 def test_default_tooling_keeps_run_ids():
@@ -220,3 +222,24 @@ def test_gpt_on_tokens_predicts_every_evaluation_position(tmp_path):
         assert model.sizes == [4, 3] and len(r.predictions) == len(data.test_y) == 7 * 8, options
         assert len(r.per_class_accuracy) == 8 and r.attention_backend in ("math", "flash"), options
         assert r.test_accuracy > 0.5, options  # "abcdefgh" repeated: the next letter is learnable at once
+
+
+def test_epoch_loss_is_each_epochs_mean_training_loss(digits):
+    """`epoch_loss` is the per-example mean of the losses of each epoch's steps (1,347 digits at
+    batch 64: 21 full batches and one of 3, weighted by size), one number per epoch, falling as the
+    model learns, and it reaches the run row."""
+    steps = []
+    original = train_module.train_step
+
+    def recording(model, opt, xb, yb, cfg):
+        loss = original(model, opt, xb, yb, cfg)
+        steps.append((loss.item(), len(yb)))
+        return loss
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "train_step", recording)
+        r, _ = mlp_run(digits, epochs=3)
+    assert len(r.epoch_loss) == 3 and len(steps) == 66
+    first = steps[:22]
+    assert r.epoch_loss[0] == pytest.approx(sum(v * n for v, n in first) / sum(n for _, n in first), rel=1e-6)
+    assert r.epoch_loss[2] < r.epoch_loss[0]

@@ -73,6 +73,7 @@ class TrainResult:
     # built-in loop only (a user's function returns neither; both stay None):
     epoch_lr: list[float] | None = None  # learning rate of each epoch's first optimiser step
     attention_backend: str | None = None  # SDPA kernel of the first attention call (models.attention_backend)
+    epoch_loss: list[float] | None = None  # mean training loss per example of each epoch
 
 
 @dataclass(frozen=True)
@@ -263,14 +264,16 @@ def folder_batches(data: ImageFolders, cfg: TrainConfig, order: torch.Generator,
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
                 device: torch.device) -> torch.Tensor:
-    """One pass over `batches`, the schedule stepped after every optimiser step; returns the summed
-    loss on the device (no .item() per step: that would sync host and device every batch)."""
+    """One pass over `batches`, the schedule stepped after every optimiser step; returns the mean
+    loss per example, a 0-d tensor on the device (no .item() per step: that would sync host and
+    device every batch; the example count is the host's own)."""
     model.train()
-    total = torch.zeros((), device=device)
+    total, seen = torch.zeros((), device=device), 0
     for xb, yb in batches:
         total += train_step(model, opt, xb, yb, cfg) * len(yb)
+        seen += len(yb)
         schedule.step()
-    return total
+    return total / max(seen, 1)
 
 
 @torch.no_grad()
@@ -331,7 +334,7 @@ def train(model: nn.Module, data: ArrayDataset | ImageFolders | TokenDataset, cf
         n_train = len(x) - len(x) % rank.world_size
     opt = make_optimizer(model, cfg)
     schedule = make_schedule(opt, cfg, steps_per_epoch=-(-n_train // cfg.batch_size))
-    epoch_seconds, epoch_lr = [], []
+    epoch_seconds, epoch_lr, epoch_loss = [], [], []
     for epoch in range(cfg.epochs):
         epoch_lr.append(opt.param_groups[0]["lr"])
         sync(device)
@@ -339,7 +342,8 @@ def train(model: nn.Module, data: ArrayDataset | ImageFolders | TokenDataset, cf
         loss = train_epoch(net, opt, schedule, batches(), cfg, device)
         sync(device)
         epoch_seconds.append(time.perf_counter() - t0)
-        if not torch.isfinite(loss):  # one host-device sync per epoch, outside the timer
+        epoch_loss.append(loss.item())  # one host-device sync per epoch, outside the timer
+        if not math.isfinite(epoch_loss[-1]):
             raise Diverged(f"diverged at epoch {epoch + 1}")
         if on_epoch is not None and rank.rank == 0:
             on_epoch(model)
@@ -350,7 +354,7 @@ def train(model: nn.Module, data: ArrayDataset | ImageFolders | TokenDataset, cf
                                                data.num_classes, device, precision=cfg.precision)
     return TrainResult(epoch_seconds, acc, test_loss, per_class, pred,
                        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                       epoch_lr, attention_backend(model))
+                       epoch_lr, attention_backend(model), epoch_loss)
 
 
 # --- the attention kernel -------------------------------------------------------------------------
