@@ -132,6 +132,21 @@ class Replica:
     def run(self, spec_json: str, out: str, attempts: int) -> dict:
         return run_here(expanded(spec_json), out, self.rank, attempts)
 
+    def healthy(self) -> bool:
+        """After a replica failed on some rank but every rank returned: whether the process group
+        still works, checked by gloo's monitored barrier (a broken pair fails it within GRACE_S)."""
+        if self.rank is None:
+            return True
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=GRACE_S))
+            return True
+        except RuntimeError:
+            return False
+
 
 @ray.remote(num_cpus=0)
 def prepare(stack_json: str) -> dict:
@@ -222,9 +237,10 @@ def _group(spec: RunSpec | ProbeSpec) -> list:
 GRACE_S = 5.0  # after one rank fails: how long the others get to fail or finish before the group is stopped
 
 
-def _outcomes(children: list, spec: RunSpec | ProbeSpec, out: str, attempts: int) -> tuple[dict | None, dict]:
-    """Run the replica on every child; rank 0's row and the ranks that failed. When one rank fails,
-    the others usually wait in a collective for it: they get GRACE_S, then the group is stopped."""
+def _outcomes(children: list, spec: RunSpec | ProbeSpec, out: str, attempts: int) -> tuple[dict | None, dict, bool]:
+    """Run the replica on every child: rank 0's row, the ranks that failed, and whether every rank
+    returned. When one rank fails, the others usually wait in a collective for it: they get GRACE_S,
+    then the group is given up."""
     futures = [c.run.remote(spec.model_dump_json(), out, attempts) for c in children]
     rows, failures, pending = {}, {}, list(futures)
     while pending:
@@ -236,7 +252,18 @@ def _outcomes(children: list, spec: RunSpec | ProbeSpec, out: str, attempts: int
                 rows[futures.index(f)] = ray.get(f)
             except Exception as e:  # noqa: BLE001 - a rank's own error, or its process died (RayActorError)
                 failures[futures.index(f)] = e
-    return rows.get(0), failures
+    return rows.get(0), failures, not pending
+
+
+def _reusable(children: list, spec: RunSpec | ProbeSpec, failures: dict, settled: bool) -> bool:
+    """Whether a group whose replica failed can run the next one: on CPUs, when every rank returned
+    (none died, none waits in a collective: a bug that hits every rank alike) and the process group
+    passes a barrier; a user's bug that fails every replica then costs no group start per replica.
+    One rank's error leaves the others waiting in the harness's closing gather, so that group is
+    rebuilt; GPU groups always are: an error can leave a CUDA context or an NCCL communicator unusable."""
+    if not settled or spec.gpus or any(isinstance(e, RayActorError) for e in failures.values()):
+        return False
+    return all(ray.get([c.healthy.remote() for c in children]))
 
 
 def execute(spec: RunSpec | ProbeSpec, out: str) -> dict:
@@ -248,14 +275,16 @@ def execute(spec: RunSpec | ProbeSpec, out: str) -> dict:
     died = []
     while True:
         try:
-            row, failures = _outcomes(_group(spec), spec, out, attempts=len(died) + 1)
+            children = _group(spec)
+            row, failures, settled = _outcomes(children, spec, out, attempts=len(died) + 1)
         except (StackError, RuntimeEnvSetupError) as e:
             release()
             return failed(spec, out, f"stack {spec.stack.name}: its environment could not be built: "
                                      f"{last_line(str(e), 'error')}")
         if not failures:
             return row
-        release()  # ranks stuck in a collective or dead: the next replica starts a fresh group
+        if not _reusable(children, spec, failures, settled):
+            release()  # ranks dead, stuck in a collective or on a GPU: the next replica starts a fresh group
         dead = {r: e for r, e in failures.items() if isinstance(e, RayActorError)}
         if not dead:
             return failed(spec, out, rank_error(spec, failures))

@@ -27,7 +27,7 @@ def ray_local(stacks_home):
 
     if not ray.is_initialized():
         # workers import tests.faulty (fault-injecting model builders) through PYTHONPATH
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     return ray
 

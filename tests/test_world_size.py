@@ -13,18 +13,20 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def ddp_out(ray_local, tmp_path_factory):
     """One results tree, two sweeps. First control at world size 1 and 2: the built-in loop (mlp on
-    digits), a user function whose rank 1 raises, and one whose rank 1 process is killed on its first
-    try. Then algo at world size 2: your own DDP function (examples/own_training_ddp.py)."""
+    digits), a user function whose rank 1 raises, one that raises on every rank in replica 0, and one
+    whose rank 1 process is killed on its first try (in that order: one replica at a time). Then algo at world size 2: your own DDP function (examples/own_training_ddp.py)."""
     tmp = tmp_path_factory.mktemp("ddp")
     builtin = {"arch": "mlp", "dataset": "digits", "epochs": 2, "batch_size": 64, "lr": 0.05, "replicas": 2}
     raises = {"entrypoint": "tests.user_functions:raises_on_rank_1", "name": "f", "dataset": "four", "replicas": 1}
+    every = {"entrypoint": "tests.user_functions:raises_in_replica_0", "name": "every", "dataset": "four",
+             "replicas": 2}
     dies = {"entrypoint": "tests.user_functions:rank_1_dies_once", "name": "dies", "dataset": "four", "replicas": 1,
             "args": {"marker": str(tmp / "killed")}}
     example = {"entrypoint": "examples.own_training_ddp:train", "name": "ddp", "dataset": "sklearn_digits",
                "args": {"epochs": 1, "batch_size": 64, "lr": 0.1}}
     out = tmp / "out"
     a = write_spec(tmp / "a.yaml", name="ddp", noise=["control"], tooling={"world_size": [1, 2]},
-                   workloads=[builtin, raises, dies])
+                   workloads=[builtin, raises, every, dies])
     assert sweep.main([str(a), "--out", str(out)]) == 1  # the raising rank fails its replica
     b = write_spec(tmp / "b.yaml", name="ddp", replicas=2, noise=["algo"], tooling={"world_size": [2]},
                    workloads=[example])
@@ -49,7 +51,7 @@ def test_algo_replicas_of_your_own_ddp_function_differ(ddp_out):
 def test_each_rank_is_its_own_process_and_recorded(ddp_out):
     _, df = ddp_out
     two = df[(df.world_size == 2) & (df.status == "ok")]
-    assert len(two) == 5  # mlp x 2, dies, algo x 2
+    assert len(two) == 6  # mlp x 2, every r1, dies, algo x 2
     for r in two.itertuples():
         assert len(r.rank_pids) == 2 and len(set(r.rank_pids)) == 2 and r.worker_pid == r.rank_pids[0]
         assert len(r.rank_nodes) == 2 and r.dist_backend == "gloo" and r.ranks_agree
@@ -72,6 +74,20 @@ def test_a_rank_that_raises_fails_the_replica_naming_it(ddp_out):
     assert f.loc[1].status == "ok"  # at world size 1 there is no rank 1
     assert f.loc[2].status == "failed" and f.loc[2].error.startswith("rank 1 of 2: ")
     assert "rank one broke" in f.loc[2].error and "\n" not in f.loc[2].error
+
+
+def test_a_group_whose_ranks_all_returned_stays_warm_after_a_failure(ddp_out):
+    """Replica 0 of `every` failed on both ranks, which returned and passed a barrier: replica 1 ran
+    in the same group (its rank 0 had run one replica before), and so did the next replica, whose
+    rank 1 was then killed; the killed rank's group is rebuilt for its retry."""
+    out, df = ddp_out
+    every = df[(df.arch == "every") & (df.world_size == 2)].set_index("replica")
+    assert every.loc[0].status == "failed" and every.loc[0].error.startswith("rank 0 of 2: ")
+    assert every.loc[1].status == "ok" and every.loc[1].worker_runs == 1
+    killed = int((out.parent / "killed").read_text())
+    assert killed == every.loc[1].rank_pids[1]
+    dies = df[(df.arch == "dies") & (df.world_size == 2)].iloc[0]
+    assert dies.status == "ok" and dies.attempts == 2 and killed not in dies.rank_pids
 
 
 def test_a_batch_not_divisible_by_the_world_size_is_a_spec_error(tmp_path):

@@ -43,6 +43,13 @@ def raises_on_rank_1(ctx):
     return {"predictions": torch.zeros(4, dtype=torch.int64), "labels": torch.zeros(4, dtype=torch.int64)}
 
 
+def raises_in_replica_0(ctx):
+    """Every rank raises in replica 0 (a bug that hits all ranks alike); replica 1 trains."""
+    if "-r0-" in ctx.run_id:
+        raise ValueError("replica 0 fails on every rank")
+    return {"predictions": torch.zeros(4, dtype=torch.int64), "labels": torch.zeros(4, dtype=torch.int64)}
+
+
 def rank_1_dies_once(ctx, marker: str):
     """A data-parallel function whose rank 1 process is killed (SIGKILL, as the OOM killer does) the
     first time it runs; the retry finds the marker and trains."""
@@ -51,7 +58,7 @@ def rank_1_dies_once(ctx, marker: str):
     from pathlib import Path
 
     if ctx.rank == 1 and not Path(marker).exists():
-        Path(marker).touch()
+        Path(marker).write_text(str(os.getpid()))  # which process died: tests see which group ran it
         os.kill(os.getpid(), signal.SIGKILL)
     return {"predictions": torch.zeros(4, dtype=torch.int64), "labels": torch.zeros(4, dtype=torch.int64)}
 
