@@ -727,16 +727,35 @@ def t_test_power(effect: float, stds: Sequence[float], n: int, alpha: float = 0.
     return float((stats.norm.sf((crit - d) / se) + stats.norm.cdf((-crit - d) / se)).mean())
 
 
+def assured_stds(stds: Sequence[float], pilot: Sequence[int], assurance: float = 0.8) -> np.ndarray:
+    """The stds a power calculation should use when they were themselves estimated from a pilot of
+    `pilot[i]` runs (pairs) each: the upper one-sided `assurance` confidence limit of the std, s ·
+    sqrt(df / χ²_{1-assurance, df}) (Browne 1995; Julious 2005's "assurance"), with df = n - 1 for
+    one std and the Welch–Satterthwaite df of s_a²/n_a + s_b²/n_b for two (both scaled alike). The
+    true std lies below it in `assurance` of pilots, so a run count computed from it reaches the
+    power in at least that share; from the pilot's std itself (the plug-in) a 5-replica pilot
+    reached 80% power in only 46% of pilots. Unchanged (known stds) for a pilot below 2 runs."""
+    s = np.asarray(stds, dtype=np.float64)
+    n = np.asarray(pilot, dtype=np.float64)
+    if len(n) != len(s) or (n < 2).any():
+        return s
+    df = float(_welch_df(s * s / n, n - 1)) if len(s) > 1 else float(n[0] - 1)
+    return s * math.sqrt(df / float(stats.chi2.ppf(1 - assurance, df)))
+
+
 def replicas_needed(effect: float, stds: Sequence[float], power: float = 0.8, alpha: float = 0.05,
-                    n_max: int = 10 ** 7) -> float:
+                    n_max: int = 10 ** 7, pilot: Sequence[int] = (), assurance: float = 0.8) -> float:
     """Smallest n (runs per side, or pairs; >= 2) at which a two-sided t-test at level alpha detects
     a true mean difference `effect` with probability `power` (`t_test_power`: one std = the paired
-    t-test on the differences, two = Welch's). inf when no n up to n_max does (a zero effect is
-    never detected), NaN when an input is NaN."""
+    t-test on the differences, two = Welch's). `pilot`: the runs each std was estimated from; the
+    stds are then raised to their upper `assurance` confidence limit (`assured_stds`), so that the
+    count reaches the power in `assurance` of pilots rather than about half. inf when no n up to
+    n_max does (a zero effect is never detected), NaN when an input is NaN."""
     if math.isnan(effect) or any(math.isnan(x) for x in stds):
         return math.nan
     if effect == 0:
         return math.inf
+    stds = assured_stds(stds, pilot, assurance) if len(pilot) else stds
     return _smallest(lambda n: t_test_power(effect, stds, n, alpha) >= power, 2, n_max)
 
 
