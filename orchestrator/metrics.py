@@ -488,6 +488,16 @@ def _share_factors(n_num: int, n_den: int, r: float, paired: bool, level: float)
             1.0 / float(stats.f.ppf(alpha / 2, n_num - 1, n_den - 1)))
 
 
+def _tie_attenuation(a: np.ndarray, b: np.ndarray, floor_var: float) -> float:
+    """Factor on the paired replicas' correlation for accuracies rounded to the test set's
+    resolution: sqrt(s_a² s_b² / ((s_a² + v)(s_b² + v))), v = `floor_var`, the correlation of the
+    values with the rounding variance they hide added back (Sheppard). Three rounded pairs are
+    often exactly collinear (r = ±1), which made the Pitman–Morgan interval zero-wide: at 360 test
+    examples and 3 pairs it covered 79% and a 5-source table read a false verdict in 26%."""
+    va, vb = float(_std(a)) ** 2, float(_std(b)) ** 2
+    return math.sqrt(va * vb / ((va + floor_var) * (vb + floor_var))) if floor_var else 1.0
+
+
 def variance_share_ci(num: Sequence[float], den: Sequence[float], paired: bool,
                       level: float = 0.95, floor_var: float = 0.0) -> tuple[float, float, float]:
     """var(num) / var(den) (ddof=1) and its `level` interval (`_share_factors`): the F interval for
@@ -513,7 +523,8 @@ def variance_share_ci(num: Sequence[float], den: Sequence[float], paired: bool,
     if paired and len(a) < 3:
         return ratio, math.nan, math.nan
     tied = ratio == 0  # no correlation to estimate: r = 0 gives the paired interval's widest factors
-    lo, hi = _share_factors(len(a), len(b), _corr(a, b) if paired and not tied else 0.0, paired, level)
+    r = _corr(a, b) * _tie_attenuation(a, b, floor_var) if paired and not tied else 0.0
+    lo, hi = _share_factors(len(a), len(b), r, paired, level)
     if tied:
         return 0.0, 0.0, floor_var / float(_std(b)) ** 2 * hi
     return ratio, ratio * lo, ratio * hi
