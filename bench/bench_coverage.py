@@ -24,7 +24,7 @@ simulated replicas with a known truth, in five scenarios of accuracies in units 
 
 The truth of each statistic is its population value under the scenario's marginal law (10^6 draws).
 Every cell prints the rate in percent with its Monte Carlo standard error; NaN intervals count as
-misses and their share is printed. Single-group statistics have no paired scenario (—).
+misses and their share is printed. Single-group statistics have no paired scenario (—; ties apart).
 """
 
 from __future__ import annotations
@@ -341,7 +341,8 @@ def main() -> None:
         for r in RS:
             rows.append([s.name, s.method, str(r)] + [
                 coverage(rng, s.draw, (r, kind, paired), s.truths[kind], trials)
-                if kind in s.kinds and not (s.single and paired) else "—" for _, kind, paired in SCENARIOS])
+                if kind in s.kinds and not (s.single and paired and kind != "ties") else "—"
+                for _, kind, paired in SCENARIOS])
     print(f"Intervals at 95%: coverage ± Monte Carlo standard error, {trials} simulated experiments per cell\n")
     print(table(["statistic", "method (independent | paired)", "R", *names], rows))
 
