@@ -420,8 +420,10 @@ def test_prob_improvement_score_interval_stays_in_0_1_and_reaches_the_ends():
 
     def v(t):
         return t * (1 - t) / 25 * (1 + k * ((1 - t) / (2 - t) + t / (1 + t)))
+    wins = np.array([[(x > y) + 0.5 * (x == y) for y in B5] for x in A5])  # placements: DeLong's variance
+    g = max(1.0, (np.var(wins.mean(axis=1), ddof=1) + np.var(wins.mean(axis=0), ddof=1)) / 5 / v(p))
     for end in (lo, hi):
-        assert (p - end) ** 2 == pytest.approx(z2 * v(end))
+        assert (p - end) ** 2 == pytest.approx(z2 * g * v(end))
 
 
 def test_prob_improvement_interval_holds_at_three_runs_and_equal_sides():
@@ -431,6 +433,21 @@ def test_prob_improvement_interval_holds_at_three_runs_and_equal_sides():
     z = np.random.default_rng(9).standard_normal((400, 2, 3))
     hits = [lo <= 0.5 <= hi for _, lo, hi in (metrics.prob_improvement_ci(a, b) for a, b in z)]
     assert np.mean(hits) >= 0.95
+
+
+def test_paired_prob_improvement_interval_holds_with_replica_pairs_that_diverge_together():
+    """1000 experiments of 20 pairs (correlation 0.7, θ = 0.9 before divergence) as the bench's
+    "diverged pairs": 10% of replica indices 6σ down on both sides, standardised. The Hanley–McNeil
+    variance misses the placements of 0 and 1 those replicas take (93.4% here, 90.8 ± 1.0% in the
+    bench); with the placements' own variance as a floor, 95.0%. The margin is thin (a fixed seed)."""
+    rng = np.random.default_rng(13)
+    delta, s = math.sqrt(2) * stats.norm.ppf(0.9), math.sqrt(1 + 36 * 0.09)
+    za, zb = rng.standard_normal((2, 10 ** 6))
+    truth = np.mean(delta + (za - 6 * (rng.random(10 ** 6) < 0.1)) / s > (zb - 6 * (rng.random(10 ** 6) < 0.1)) / s)
+    z = math.sqrt(0.7) * rng.standard_normal((1000, 1, 20)) + math.sqrt(0.3) * rng.standard_normal((1000, 2, 20))
+    z = (z - 6 * (rng.random((1000, 1, 20)) < 0.1)) / s
+    hits = [lo <= truth <= hi for _, lo, hi in (metrics.prob_improvement_ci(a + delta, b, True) for a, b in z)]
+    assert np.mean(hits) >= 0.942
 
 
 @pytest.mark.parametrize("paired", [False, True])
@@ -447,8 +464,8 @@ def test_prob_improvement_interval_covers_at_five_runs(paired):
         _, lo, hi = metrics.prob_improvement_ci(z[0] + 0.75, z[1], paired)
         hits += lo <= truth <= hi
         widths.append(hi - lo)
-    assert 0.93 <= hits / 1000 <= 0.99
-    assert np.median(widths) < (0.45 if paired else 0.65)  # unpaired: 0.62, the t quantile on 8 df
+    assert 0.93 <= hits / 1000 <= 0.998  # 99.1-99.6%: the t quantile and the placements' variance
+    assert np.median(widths) < (0.5 if paired else 0.7)  # 0.48 and 0.66 (0.44 and 0.62 without the two)
 
 
 @given(st.lists(st.tuples(st.floats(0.8, 1.0), st.floats(0.8, 1.0)), min_size=3, max_size=12),
