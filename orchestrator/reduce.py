@@ -770,8 +770,9 @@ def overhead_table(fs: pafs.FileSystem, root: str, runs: Runs | None = None,
     workload hash comes from the probe's spec, as for runs); median step time per mode over the
     complete repeats, overhead_pct = det/nondet - 1 and its parts from the repeats' log ratios
     (metrics.cost_parts: Hodges–Lehmann with the signed-rank interval), a repeat one unit, so the
-    drift the rotation cancels stays cancelled; fewer than 2 repeats: NaN intervals. `replicas` rows (when `runs` are given): per group of the variance
-    table (`by`) without noise, from control and impl replicas' epoch times."""
+    drift the rotation cancels stays cancelled; fewer than 2 repeats: NaN intervals. `replicas`
+    rows (when `runs` are given): per group of the variance table (`by`) without noise, from
+    control and impl replicas' epoch times."""
     probes = _read_probes(fs, root)
     rows = []
     if probes is not None:

@@ -515,7 +515,8 @@ GUIDE = {
                    "churn > 0 here is noise that no seed removes.",
     "overhead": "Training-step time in torch's deterministic mode over the default's, minus 1, per "
                 "accelerator and workload, in percent (Hodges–Lehmann over repeats of blocks); error bars are "
-                "the 95% signed-rank interval over repeats (t below 6, none below 2). Probe rows are measured side by side in one probe per (workload, "
+                "the 95% signed-rank interval over repeats (t below 6, none below 2). Probe rows are measured "
+                "side by side in one probe per (workload, "
                 "tooling, accelerator) and split into the deterministic kernels' part and the NaN fill's "
                 "(they add up to the total); replicas rows come from control vs impl replicas' epoch times, "
                 "separate runs, so noisier and not split.",
