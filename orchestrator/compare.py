@@ -29,14 +29,16 @@ from scipy import stats
 
 from orchestrator import metrics, reduce, store
 
-POWER, ALPHA = 0.8, 0.05
+POWER, ALPHA, ASSURANCE = 0.8, 0.05, 0.8
 COMPARE = ["a", "b", "n_a", "n_b", "mean_a", "mean_b", "std_a", "std_b", "paired", "std_diff", "test", "diff",
            "diff_lo", "diff_hi", "t", "p", "p_a_gt_b", "p_a_gt_b_lo", "p_a_gt_b_hi", "welch_t", "welch_p", "aso_eps",
            "replicas_needed", "effect", "replicas_needed_effect", "margin", "tost_p", "equivalent", "exact",
            "p_adj", "tost_p_adj", "no_worse_p", "gate_replicas", "note"]
 POWER_NOTE = (f"replicas_needed: runs per side (pairs, when paired) with which the row's `test` (paired t or Welch t) "
               f"at alpha = {ALPHA} detects the observed difference (replicas_needed_effect: --effect) with "
-              f"{POWER:.0%} power, at the observed stds (paired: std_diff, the std of the differences)")
+              f"{POWER:.0%} power in {ASSURANCE:.0%} of pilots: at the upper one-sided {ASSURANCE:.0%} confidence "
+              f"limit of the observed stds (paired: std_diff, the std of the differences; Browne 1995), since "
+              f"these runs are a pilot whose stds are uncertain")
 
 
 def parse_side(flag: str, text: str) -> dict[str, str]:
@@ -125,7 +127,10 @@ def compare_sides(a: pd.DataFrame, b: pd.DataFrame, effect: float | None, seed: 
     sa, sb = metrics.sample_std(xa), metrics.sample_std(xb)
     sd = metrics.sample_std(xa - xb) if paired else math.nan
     md = metrics.mean_diff(xa, xb, paired, 0.0 if exact else metrics.tie_var(n_test))
-    stds = (sd,) if paired else (sa, sb)
+    stds, pilot = ((sd,), (len(xa),)) if paired else ((sa, sb), (len(xa), len(xb)))
+
+    def needed(diff: float) -> float:
+        return metrics.replicas_needed(diff, stds, POWER, ALPHA, pilot=pilot, assurance=ASSURANCE)
     notes = [] if len(xa) >= 2 and len(xb) >= 2 else ["a side has fewer than 2 ok runs"]
     if sa == 0 and sb == 0 and not exact:
         notes.append("no spread on either side but weights differ: accuracies tie at the test set's "
@@ -137,10 +142,9 @@ def compare_sides(a: pd.DataFrame, b: pd.DataFrame, effect: float | None, seed: 
            **dict(zip(("p_a_gt_b", "p_a_gt_b_lo", "p_a_gt_b_hi"), metrics.prob_improvement_ci(xa, xb, paired))),
            **dict(zip(("welch_t", "welch_p"), metrics.t_test(metrics.mean_diff(xa, xb, paired=False)))),
            "aso_eps": aso_eps(xa, xb, seed % 2**32),
-           "replicas_needed": metrics.replicas_needed(md.diff, stds, POWER, ALPHA),
+           "replicas_needed": needed(md.diff),
            "effect": math.nan if effect is None else effect,
-           "replicas_needed_effect": (math.nan if effect is None
-                                      else metrics.replicas_needed(effect, stds, POWER, ALPHA)),
+           "replicas_needed_effect": math.nan if effect is None else needed(effect),
            "margin": math.nan if margin is None else margin,
            "tost_p": math.nan if margin is None else metrics.tost_p(md, margin)}
     row["exact"] = exact

@@ -159,7 +159,7 @@ def replica_summary(rows: list[dict], out: str) -> dict:
 
 def repeat_units(rows: list[dict], mode: str) -> list[np.ndarray]:
     """Step times of one mode, one array per repeat (a round of one block per mode), in repeat order:
-    the jackknife leaves out whole repeats, as the reducer's overhead table does."""
+    the interval takes a repeat as one unit, as the reducer's overhead table does."""
     return [np.array([r["step_ms"] for r in rows if r["repeat"] == k and r["mode"] == mode])
             for k in sorted({r["repeat"] for r in rows})]
 

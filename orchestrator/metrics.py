@@ -334,24 +334,69 @@ def _log_ratio_ci(ratio: float, num_loo: np.ndarray, den_loo: np.ndarray, paired
         return ratio * float(np.exp(-h)), ratio * float(np.exp(h))
 
 
+def _signed_rank_cdf(n: int) -> np.ndarray:
+    """P(T+ <= t), t = 0 … n(n+1)/2, of Wilcoxon's signed-rank statistic for n pairs under its null:
+    the coefficients of Π_k (1 + x^k) / 2. scipy computes this table inside `wilcoxon` but does not
+    expose it, and the interval needs its quantile, not a p-value."""
+    pmf = np.zeros(n * (n + 1) // 2 + 1)
+    pmf[0] = 1.0
+    for k in range(1, n + 1):
+        pmf[k:] = (pmf[k:] + pmf[:-k].copy()) / 2
+        pmf[:k] /= 2
+    return np.cumsum(pmf)
+
+
+def hodges_lehmann_ci(d: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Hodges–Lehmann estimate of the centre of d (the median of its Walsh averages (d_i + d_j)/2,
+    i <= j) and a `level` interval of it: the exact Wilcoxon signed-rank interval (the Walsh
+    averages of rank k and M + 1 - k, k from the exact null distribution), valid for any symmetric
+    distribution of d, outliers included. Below 6 values that interval cannot reach 95% (its widest,
+    min to max, holds 1 - 2^(1-n): 87.5% at 4, 93.75% at 5), so there the t interval of the mean of
+    d is given instead: exact for normal d, and a wild value widens it rather than moving it past the
+    truth. NaN interval below two values."""
+    d = np.sort(np.asarray(d, dtype=np.float64))
+    n = len(d)
+    if not n:
+        return math.nan, math.nan, math.nan
+    walsh = np.sort((d[:, None] + d[None, :])[np.triu_indices(n)] / 2)
+    centre = float(np.median(walsh))
+    if n < 2:
+        return centre, math.nan, math.nan
+    k = int(np.searchsorted(_signed_rank_cdf(n), (1 - level) / 2, side="right"))  # #t with P(T+ <= t) <= α/2
+    if k == 0:
+        h = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(_std(d)) / math.sqrt(n)
+        return centre, float(d.mean()) - h, float(d.mean()) + h
+    return centre, float(walsh[k - 1]), float(walsh[len(walsh) - k])
+
+
 def median_ratio_ci(num_units: Sequence[np.ndarray], den_units: Sequence[np.ndarray], level: float = 0.95,
                     paired: bool = False) -> tuple[float, float, float]:
-    """median(num) / median(den) and a `level` interval of it.
+    """A ratio of typical step times, num over den, and a `level` interval of it.
 
     Each side is a list of units (arrays of step times). Pass blocks of consecutive steps as units:
     steps within a block share clocks and caches, and treating them one by one would count
-    correlated steps as independent evidence. The interval is a delete-one-unit jackknife of the
-    log ratio with a t quantile (`_log_ratio_ci`); `paired`: num_units[k] and den_units[k] were
-    measured together (a det/nondet pair of blocks, alternated to cancel drift), so pair k is left
-    out as one unit and drift stays cancelled. It holds its rate from 3 pairs on where the percentile
-    bootstrap it replaced, with few distinct resamples of 3-5 units, did not (bench/bench_coverage.py).
-    NaN interval below two units a side (two pairs when paired).
+    correlated steps as independent evidence.
+
+    `paired`: num_units[k] and den_units[k] were measured together (a det/nondet pair of blocks
+    alternated to cancel drift, or the control and impl replicas of one seed). Each pair gives one
+    log ratio of its block medians (the median shrugs off straggler steps; the pair cancels drift);
+    the ratio is exp of their Hodges–Lehmann estimate with the signed-rank interval
+    (`hodges_lehmann_ci`; t below 6 pairs). The delete-one jackknife of the ratio of pooled medians
+    used before covered 88-90% from 6 to 20 pairs when whole blocks carry their own noise and a few
+    are disturbed (bench/bench_coverage.py). NaN interval below two pairs.
+
+    Unpaired (the benches' run-level comparisons): median(num) / median(den) over all steps, with a
+    delete-one-unit jackknife of the log ratio, Welch degrees of freedom (`_log_ratio_ci`); NaN
+    interval below two units a side.
     """
     if paired and len(num_units) != len(den_units):
         raise ValueError(f"paired units of different counts: {len(num_units)} and {len(den_units)}")
     num, den = _Units(num_units), _Units(den_units)
     if not num.n or not den.n:
         return math.nan, math.nan, math.nan
+    if paired:
+        logs = [math.log(np.median(a) / np.median(b)) for a, b in zip(num_units, den_units)]
+        return tuple(float(np.exp(v)) for v in hodges_lehmann_ci(logs, level))
     ratio = float(np.median(num.values) / np.median(den.values))
     if num.n < 2 or den.n < 2:
         return ratio, math.nan, math.nan
@@ -443,6 +488,19 @@ def _share_factors(n_num: int, n_den: int, r: float, paired: bool, level: float)
             1.0 / float(stats.f.ppf(alpha / 2, n_num - 1, n_den - 1)))
 
 
+def _tie_attenuation(a: np.ndarray, b: np.ndarray, floor_var: float) -> float:
+    """Factor on the paired replicas' correlation for accuracies rounded to the test set's
+    resolution: sqrt(s_a² s_b² / ((s_a² + v)(s_b² + v))), v = `floor_var`, the correlation of the
+    values with the rounding variance they hide added back (Sheppard). Three rounded pairs are
+    often exactly collinear (r = ±1), which made the Pitman–Morgan interval zero-wide: at 360 test
+    examples and 3 pairs it covered 79% and a 5-source table read a false verdict in 26%. 1 for a
+    side against itself (the reference's own row): the same runs round alike, nothing is hidden."""
+    if not floor_var or np.array_equal(a, b):
+        return 1.0
+    va, vb = float(_std(a)) ** 2, float(_std(b)) ** 2
+    return math.sqrt(va * vb / ((va + floor_var) * (vb + floor_var)))
+
+
 def variance_share_ci(num: Sequence[float], den: Sequence[float], paired: bool,
                       level: float = 0.95, floor_var: float = 0.0) -> tuple[float, float, float]:
     """var(num) / var(den) (ddof=1) and its `level` interval (`_share_factors`): the F interval for
@@ -468,7 +526,8 @@ def variance_share_ci(num: Sequence[float], den: Sequence[float], paired: bool,
     if paired and len(a) < 3:
         return ratio, math.nan, math.nan
     tied = ratio == 0  # no correlation to estimate: r = 0 gives the paired interval's widest factors
-    lo, hi = _share_factors(len(a), len(b), _corr(a, b) if paired and not tied else 0.0, paired, level)
+    r = _corr(a, b) * _tie_attenuation(a, b, floor_var) if paired and not tied else 0.0
+    lo, hi = _share_factors(len(a), len(b), r, paired, level)
     if tied:
         return 0.0, 0.0, floor_var / float(_std(b)) ** 2 * hi
     return ratio, ratio * lo, ratio * hi
@@ -627,15 +686,30 @@ def _design_effect(a: np.ndarray, b: np.ndarray) -> float:
     return together / apart if apart > 0 and together > 0 else 1.0
 
 
+def _tail_inflation(a: np.ndarray, b: np.ndarray, theta: float) -> float:
+    """How much larger the placements' own variance (DeLong's var P_a / m + var P_b / n) is than
+    the Hanley–McNeil variance at the estimate, at least 1. Hanley–McNeil's formula fits smooth
+    distributions; a replica that diverged sits at placement 0 or 1, far from θ, and the formula
+    misses that spread: with a replica pair diverged on both sides the paired interval covered
+    90.8% at θ = 0.9, R = 20."""
+    wins = (np.sign(a[:, None] - b[None, :]) + 1) / 2
+    own = float(np.var(wins.mean(axis=1), ddof=1) / len(a) + np.var(wins.mean(axis=0), ddof=1) / len(b))
+    model = _auc_var(theta, len(a), len(b))
+    return max(1.0, own / model) if model > 0 else 1.0
+
+
 def prob_improvement_ci(a: Sequence[float], b: Sequence[float], paired: bool = False,
                         level: float = 0.95) -> tuple[float, float, float]:
     """P(A > B) and a `level` score interval (Newcombe 2006, "Confidence intervals for an effect
     size measure based on the Mann–Whitney statistic", method 5): the θ whose Hanley–McNeil variance
-    puts the estimate within z standard errors, a Wilson-type interval that stays inside [0, 1] and
-    holds from 3 runs a side, where the percentile bootstrap it replaced covered 78% at 3 and 91%
-    at 5. `paired`: the variance is scaled by the pairs' design effect (`_design_effect`) and, since
-    that is estimated from the same few pairs, z becomes the t quantile on 2n - 2 df; treating paired
-    sides that share seed luck as independent overstates the variance. Coverage:
+    puts the estimate within q standard errors, a Wilson-type interval that stays inside [0, 1].
+    q is the t quantile on m + n - 2 df, not z: at 3 runs a side 2 of the 20 equally likely rank
+    orders of equal sides are a complete separation, and the z interval, which left 0.5 out there,
+    covered 89% at θ = 0.5 (a rank interval that excludes 0.5 on 10% of orders cannot hold 95%).
+    `paired`: the variance is scaled by the pairs' design effect (`_design_effect`); treating paired
+    sides that share seed luck as independent overstates the variance. Either way it is raised to
+    the placements' own variance where that is larger (`_tail_inflation`: diverged replicas). The percentile bootstrap
+    used before covered 78% at 3 and 91% at 5. Coverage over θ in {0.5, 0.7, 0.9}:
     bench/bench_coverage.py. NaN below two runs a side; [x, x] when neither side varies."""
     a, b = _sides(a, b, paired)
     if len(a) < 2 or len(b) < 2:
@@ -644,10 +718,8 @@ def prob_improvement_ci(a: Sequence[float], b: Sequence[float], paired: bool = F
     if np.ptp(a) == 0 and np.ptp(b) == 0:
         return theta, theta, theta
     m, n = len(a), len(b)
-    if paired:
-        f, q = _design_effect(a, b), float(stats.t.ppf(0.5 + level / 2, m + n - 2))
-    else:
-        f, q = 1.0, float(stats.norm.ppf(0.5 + level / 2))
+    f = (_design_effect(a, b) if paired else 1.0) * _tail_inflation(a, b, theta)
+    q = float(stats.t.ppf(0.5 + level / 2, m + n - 2))
 
     def gap(t: float) -> float:  # < 0 inside the interval, 0 at its ends
         return (theta - t) ** 2 - q * q * f * _auc_var(t, m, n)
@@ -682,16 +754,35 @@ def t_test_power(effect: float, stds: Sequence[float], n: int, alpha: float = 0.
     return float((stats.norm.sf((crit - d) / se) + stats.norm.cdf((-crit - d) / se)).mean())
 
 
+def assured_stds(stds: Sequence[float], pilot: Sequence[int], assurance: float = 0.8) -> np.ndarray:
+    """The stds a power calculation should use when they were themselves estimated from a pilot of
+    `pilot[i]` runs (pairs) each: the upper one-sided `assurance` confidence limit of the std, s ·
+    sqrt(df / χ²_{1-assurance, df}) (Browne 1995; Julious 2005's "assurance"), with df = n - 1 for
+    one std and the Welch–Satterthwaite df of s_a²/n_a + s_b²/n_b for two (both scaled alike). The
+    true std lies below it in `assurance` of pilots, so a run count computed from it reaches the
+    power in at least that share; from the pilot's std itself (the plug-in) a 5-replica pilot
+    reached 80% power in only 46% of pilots. Unchanged (known stds) for a pilot below 2 runs."""
+    s = np.asarray(stds, dtype=np.float64)
+    n = np.asarray(pilot, dtype=np.float64)
+    if len(n) != len(s) or (n < 2).any():
+        return s
+    df = float(_welch_df(s * s / n, n - 1)) if len(s) > 1 else float(n[0] - 1)
+    return s * math.sqrt(df / float(stats.chi2.ppf(1 - assurance, df)))
+
+
 def replicas_needed(effect: float, stds: Sequence[float], power: float = 0.8, alpha: float = 0.05,
-                    n_max: int = 10 ** 7) -> float:
+                    n_max: int = 10 ** 7, pilot: Sequence[int] = (), assurance: float = 0.8) -> float:
     """Smallest n (runs per side, or pairs; >= 2) at which a two-sided t-test at level alpha detects
     a true mean difference `effect` with probability `power` (`t_test_power`: one std = the paired
-    t-test on the differences, two = Welch's). inf when no n up to n_max does (a zero effect is
-    never detected), NaN when an input is NaN."""
+    t-test on the differences, two = Welch's). `pilot`: the runs each std was estimated from; the
+    stds are then raised to their upper `assurance` confidence limit (`assured_stds`), so that the
+    count reaches the power in `assurance` of pilots rather than about half. inf when no n up to
+    n_max does (a zero effect is never detected), NaN when an input is NaN."""
     if math.isnan(effect) or any(math.isnan(x) for x in stds):
         return math.nan
     if effect == 0:
         return math.inf
+    stds = assured_stds(stds, pilot, assurance) if len(pilot) else stds
     return _smallest(lambda n: t_test_power(effect, stds, n, alpha) >= power, 2, n_max)
 
 
@@ -720,22 +811,28 @@ COST_PARTS = {"total": ("det", "nondet"), "kernels": ("det_nofill", "nondet"), "
 
 
 def cost_parts(blocks: dict[str, Sequence[np.ndarray]], level: float = 0.95) -> dict[str, tuple[float, float, float]]:
-    """part -> (percent, lo, hi) for every COST_PARTS entry: (median upper - median lower) / median
-    nondet × 100. `blocks[mode][k]`: the step times of that mode's block in repeat k, every mode
-    with one block per repeat (complete repeats only); a part whose modes are absent is NaN.
+    """part -> (percent, lo, hi) for every COST_PARTS entry: (upper - lower) / nondet × 100, each
+    mode's step time relative to nondet as `median_ratio_ci` estimates it, paired by repeat
+    (Hodges–Lehmann over the repeats' log ratios of block medians), so that kernels + fill = total
+    exactly. `blocks[mode][k]`: the step times of that mode's block in repeat k, every mode with
+    one block per repeat (complete repeats only); a part whose modes are absent is NaN.
 
-    Interval: `median_ratio_ci` of upper over lower, paired by repeat, scaled by median lower /
-    median nondet. Where lower is nondet (total, kernels) that scale is 1 and the interval is the
-    paired jackknife's own; for fill and inductor the scale is taken at its point estimate, so the
-    interval leaves out its uncertainty, a second-order term (the part times the scale's relative
-    error) beside the ratio's."""
-    base = np.median(np.concatenate(blocks["nondet"])) if len(blocks.get("nondet", ())) else math.nan
+    Interval: `median_ratio_ci` of upper over lower, paired by repeat, minus 1, scaled by lower's
+    estimate relative to nondet. Where lower is nondet (total, kernels) that scale is 1 and the
+    interval is the signed-rank interval itself; for fill and inductor the scale is taken at its
+    point estimate, so the interval leaves out its uncertainty, a second-order term (the part times
+    the scale's relative error) beside the ratio's."""
+    def relative(mode: str) -> float:
+        if mode == "nondet":
+            return 1.0
+        return median_ratio_ci(blocks[mode], blocks["nondet"], level=level, paired=True)[0]
+
     parts = {}
     for part, (upper, lower) in COST_PARTS.items():
-        if not len(blocks.get(upper, ())) or not len(blocks.get(lower, ())):
+        if not all(len(blocks.get(m, ())) for m in (upper, lower, "nondet")):
             parts[part] = (math.nan, math.nan, math.nan)
             continue
-        ratio = median_ratio_ci(blocks[upper], blocks[lower], level=level, paired=True)
-        scale = np.median(np.concatenate(blocks[lower])) / base
-        parts[part] = tuple(float((r - 1) * scale * 100) for r in ratio)
+        scale = relative(lower)
+        _, lo, hi = median_ratio_ci(blocks[upper], blocks[lower], level=level, paired=True)
+        parts[part] = tuple(float(v * 100) for v in (relative(upper) - scale, (lo - 1) * scale, (hi - 1) * scale))
     return parts

@@ -770,10 +770,11 @@ def overhead_table(fs: pafs.FileSystem, root: str, runs: Runs | None = None,
     """What determinism costs, one row per workload group and method. `probe` rows: per (arch,
     workload, tooling values, accelerator), never pooled across workloads that share an arch (the
     workload hash comes from the probe's spec, as for runs); median step time per mode over the
-    complete repeats, overhead_pct = det/nondet - 1 and its parts, with jackknife intervals
-    that leave out whole repeats, so the drift the rotation cancels stays cancelled; fewer than 2
-    repeats: NaN intervals. `replicas` rows (when `runs` are given): per group of the variance
-    table (`by`) without noise, from control and impl replicas' epoch times."""
+    complete repeats, overhead_pct = det/nondet - 1 and its parts from the repeats' log ratios
+    (metrics.cost_parts: Hodges–Lehmann with the signed-rank interval), a repeat one unit, so the
+    drift the rotation cancels stays cancelled; fewer than 2 repeats: NaN intervals. `replicas`
+    rows (when `runs` are given): per group of the variance table (`by`) without noise, from
+    control and impl replicas' epoch times."""
     probes = _read_probes(fs, root)
     rows = []
     if probes is not None:

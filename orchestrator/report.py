@@ -712,9 +712,10 @@ GUIDE = {
     "cross_stack": "Runs with the same seeds and settings that ran on a different stack (thread count, "
                    "accelerator, software fingerprint), compared pair by pair. identical_fraction < 1 or "
                    "churn > 0 here is noise that no seed removes.",
-    "overhead": "Median training-step time in torch's deterministic mode over the default's, minus 1, per "
-                "accelerator and workload, in percent; error bars are the 95% jackknife interval over repeats "
-                "of blocks (none below 2). Probe rows are measured side by side in one probe per (workload, "
+    "overhead": "Training-step time in torch's deterministic mode over the default's, minus 1, per "
+                "accelerator and workload, in percent (Hodges–Lehmann over repeats of blocks); error bars are "
+                "the 95% signed-rank interval over repeats (t below 6, none below 2). Probe rows are measured "
+                "side by side in one probe per (workload, "
                 "tooling, accelerator) and split into the deterministic kernels' part and the NaN fill's "
                 "(they add up to the total); replicas rows come from control vs impl replicas' epoch times, "
                 "separate runs, so noisier and not split.",

@@ -31,7 +31,16 @@ LIKE_BAND = 2.0  # `like reference`: the share's interval lies inside [1/2, 2] (
 FROM_VARIANCE = ["n_runs", "acc_std", "acc_std_lo", "acc_std_hi", "acc_std_dist", "acc_std_dist_lo",
                  "acc_std_dist_hi", "churn"]
 SHARES = ["paired", "share", "share_lo", "share_hi", "share_verdict", "share_replicas", "churn_share",
-          "churn_share_lo", "churn_share_hi"]
+          "churn_share_lo", "churn_share_hi", "share_lo_adj", "share_hi_adj"]
+ALPHA = 0.05  # the error rate of the table's verdicts, together
+
+
+def family_level(m: int, alpha: float = ALPHA) -> float:
+    """The level at which each of a table's m share intervals is taken so that the verdicts read
+    from them are all right with probability 1 - alpha (Bonferroni): one 95% interval per row gave
+    at least one false `below`/`above reference` in 20.6% of tables at 5 sources. An interval has
+    no step-down (Holm) form, and m is small (the sources of a table)."""
+    return 1.0 - alpha / max(m, 1)
 
 
 def _paired(a: pd.DataFrame, b: pd.DataFrame) -> bool:
@@ -62,9 +71,11 @@ def share_verdict(reference: bool, share: float, lo: float, hi: float, exact: bo
     return "like reference" if 1 / LIKE_BAND <= lo and hi <= LIKE_BAND else "inconclusive"
 
 
-def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, matrix: Callable) -> tuple[dict, list]:
-    """Accuracy-variance and churn shares of `src` over `ref` with their intervals, the verdict,
-    and the notes that say how each interval was made or why it is missing."""
+def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, matrix: Callable,
+            level: float) -> tuple[dict, list]:
+    """Accuracy-variance and churn shares of `src` over `ref` with their 95% intervals, the share's
+    interval at the table's family `level` (`family_level`) and the verdict read from it, and the
+    notes that say how each interval was made or why it is missing."""
     src, ref = src.sort_values(["replica", "run_id"]), ref.sort_values(["replica", "run_id"])
     paired = _paired(src, ref)
     acc_s, acc_r = src["test_accuracy"].to_numpy(float), ref["test_accuracy"].to_numpy(float)
@@ -72,7 +83,8 @@ def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, mat
     ps, pr = matrix("predictions", src.index), matrix("predictions", ref.index)
     floor = 0.0 if identical else metrics.tie_var(ps.shape[1] if ps is not None else 0)
     share, lo, hi = metrics.variance_share_ci(acc_s, acc_r, paired, floor_var=floor)
-    verdict = share_verdict(name == reference, share, lo, hi, identical and share == 0)
+    _, lo_adj, hi_adj = metrics.variance_share_ci(acc_s, acc_r, paired, level=level, floor_var=floor)
+    verdict = share_verdict(name == reference, share, lo_adj, hi_adj, identical and share == 0)
     r = metrics.share_correlation(acc_s, acc_r) if paired else math.nan
     exact = verdict in ("reference", "none")  # [1, 1] or [0, 0] whatever the replica count
     needed = 2.0 if exact else math.nan if verdict == "no interval" else metrics.share_replicas(r, len(src), paired)
@@ -86,12 +98,12 @@ def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, mat
         notes.append(f"share: {'Pitman–Morgan interval, paired' if paired else 'F interval, independent'}"
                      + (", needs 3 paired replicas" if math.isnan(lo) else ""))
     if verdict == "inconclusive":
-        spans = f"x{hi / lo:.3g}" if lo > 0 else "down to 0"
+        spans = f"x{hi_adj / lo_adj:.3g}" if lo_adj > 0 else "down to 0"
         notes.append(f"share inconclusive at {min(len(src), len(ref))} replicas (interval spans {spans}); "
                      f"about {needed:.0f} per preset would pin it within x2 either way")
     if name != reference and churn[0] > 0:
         notes.append("churn_share: jackknife over replicas" + (", needs 3 a preset" if math.isnan(churn[1]) else ""))
-    return dict(zip(SHARES, (paired, share, lo, hi, verdict, needed, *churn))), notes
+    return dict(zip(SHARES, (paired, share, lo, hi, verdict, needed, *churn, lo_adj, hi_adj))), notes
 
 
 def sources_table(variance: pd.DataFrame, meta: pd.DataFrame, matrix: Callable, by: list[str]) -> pd.DataFrame:
@@ -104,7 +116,7 @@ def sources_table(variance: pd.DataFrame, meta: pd.DataFrame, matrix: Callable, 
     """
     columns = [c for c in by if c != "noise"] + ["reference", "source", *FROM_VARIANCE, *SHARES, "note"]
     rest = [c for c in by if c != "noise"]
-    rows = []
+    jobs = []  # (key, reference, name, its runs, the reference's runs, its variance-table row)
     if "noise" in by and len(meta):
         group_row = meta.groupby(by, dropna=False, sort=True).ngroup()
         ok = meta[(meta["status"] == "ok") & meta["test_accuracy"].notna()]
@@ -114,12 +126,17 @@ def sources_table(variance: pd.DataFrame, meta: pd.DataFrame, matrix: Callable, 
             reference = next((r for r in REFERENCES if len(presets.get(r, ())) >= 2), None)
             if reference is None or not set(SINGLE) & set(presets):
                 continue
-            for name in (n for n in (*SINGLE, reference) if n in presets):
-                runs = presets[name]
-                v = variance.iloc[group_row[runs.index[0]]]
-                shares, notes = _shares(name, runs, presets[reference], reference, matrix)
-                rows.append({**key, "reference": reference, "source": name, **{c: v[c] for c in FROM_VARIANCE},
-                             **shares, "note": "; ".join([n for n in (v["note"],) if n] + notes)})
+            jobs += [(key, reference, name, presets[name], presets[reference],
+                      variance.iloc[group_row[presets[name].index[0]]])
+                     for name in (n for n in (*SINGLE, reference) if n in presets)]
+    # the family: every row whose verdict an interval decides (not the reference, not identical weights)
+    level = family_level(sum(name != reference and not metrics.identical(runs["weights_sha256"].tolist())
+                             for _, reference, name, runs, _, _ in jobs))
+    rows = []
+    for key, reference, name, runs, ref_runs, v in jobs:
+        shares, notes = _shares(name, runs, ref_runs, reference, matrix, level)
+        rows.append({**key, "reference": reference, "source": name, **{c: v[c] for c in FROM_VARIANCE},
+                     **shares, "note": "; ".join([n for n in (v["note"],) if n] + notes)})
     table = pd.DataFrame(rows, columns=columns)
     table["share_replicas"] = table["share_replicas"].astype(np.float64)
     table.attrs["message"] = ("no workload group ran a reference preset (algo+impl or algo) with 2 ok runs "

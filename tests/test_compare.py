@@ -75,6 +75,19 @@ def test_replicas_needed_edge_cases():
     assert big == pytest.approx(2 * (1.95996 + 0.84162) ** 2 * (0.004 ** 2 + 0.006 ** 2) / 0.0001 ** 2 / 2, rel=0.01)
 
 
+def test_replicas_needed_from_a_pilot_reaches_the_power_in_80_percent_of_pilots():
+    """150 pilots of 5 pairs, true std of the differences 1, effect 1: the count from each pilot's
+    std reaches 80% power (exactly, by t_test_power at the true std) in about half of them as a
+    plug-in (46% in the issue's simulation); at the std's upper 80% limit in at least 80%."""
+    rng = np.random.default_rng(5)
+    pilots = np.sqrt(rng.chisquare(4, 150) / 4)
+    reached = [metrics.t_test_power(1.0, (1.0,), int(metrics.replicas_needed(1.0, (s,), pilot=(5,)))) >= 0.8
+               for s in pilots]
+    assert np.mean(reached) >= 0.74
+    assert metrics.assured_stds((1.0,), (5,)) == pytest.approx(math.sqrt(4 / stats.chi2.ppf(0.2, 4)))
+    assert metrics.assured_stds((1.0, 2.0), (1, 5)).tolist() == [1.0, 2.0]  # a one-run pilot: taken as known
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("cmp")
@@ -105,8 +118,8 @@ def test_compare_command_writes_the_numbers_an_independent_computation_gives(tre
     assert row["p_a_gt_b"] == pytest.approx(np.mean([(x > y) + 0.5 * (x == y) for x in a for y in b]))
     assert row["welch_p"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
     assert row["std_b"] == 0.0 and row["std_diff"] == pytest.approx(np.std(a - b, ddof=1))
-    assert row["replicas_needed"] == metrics.replicas_needed(a.mean() - b.mean(), (np.std(a - b, ddof=1),))
-    assert row["replicas_needed_effect"] == metrics.replicas_needed(0.01, (np.std(a - b, ddof=1),))
+    assert row["replicas_needed"] == metrics.replicas_needed(a.mean() - b.mean(), (np.std(a - b, ddof=1),), pilot=(30,))
+    assert row["replicas_needed_effect"] == metrics.replicas_needed(0.01, (np.std(a - b, ddof=1),), pilot=(30,))
 
 
 def test_paired_sides_get_the_paired_t_test_and_its_power(tree, capsys):
@@ -118,7 +131,7 @@ def test_paired_sides_get_the_paired_t_test_and_its_power(tree, capsys):
     assert (row["t"], row["p"]) == pytest.approx((ref.statistic, ref.pvalue))
     assert (row["diff_lo"], row["diff_hi"]) == pytest.approx(tuple(ref.confidence_interval()))
     assert row["welch_p"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)  # kept, for comparison
-    assert row["replicas_needed"] == metrics.replicas_needed(a.mean() - b.mean(), (np.std(a - b, ddof=1),))
+    assert row["replicas_needed"] == metrics.replicas_needed(a.mean() - b.mean(), (np.std(a - b, ddof=1),), pilot=(30,))
     assert "replicas_needed assumes it" in row["note"]
 
 
@@ -134,7 +147,7 @@ def test_unpaired_sides_get_welch(tmp_path, capsys):
     assert (row["t"], row["p"]) == pytest.approx((ref.statistic, ref.pvalue)) and row["p"] == row["welch_p"]
     assert (row["diff_lo"], row["diff_hi"]) == pytest.approx(tuple(ref.confidence_interval()))
     assert row["replicas_needed"] == metrics.replicas_needed(a.mean() - b.mean(), (np.std(a, ddof=1),
-                                                                                   np.std(b, ddof=1)))
+                                                                                   np.std(b, ddof=1)), pilot=(8, 7))
 
 
 def test_margin_gives_an_equivalence_verdict(tmp_path, capsys):

@@ -91,7 +91,7 @@ def test_three_mode_probe_gives_finite_parts_that_add_up_to_the_total(probed):
         assert np.isfinite([o[f"{part}_pct"], o[f"{part}_lo"], o[f"{part}_hi"]]).all(), part
         assert o[f"{part}_lo"] <= o[f"{part}_hi"]
     assert o["overhead_kernels_pct"] + o["overhead_fill_pct"] == pytest.approx(o["overhead_pct"], abs=1e-9)
-    assert o["overhead_pct"] == pytest.approx((o["step_ms_det"] / o["step_ms_nondet"] - 1) * 100)
+    assert o["overhead_lo"] <= o["overhead_pct"] <= o["overhead_hi"]  # per-repeat ratios' centre, not the medians'
     assert math.isnan(o["overhead_inductor_pct"])  # not compiled
 
 

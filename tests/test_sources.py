@@ -141,6 +141,31 @@ def test_a_wide_share_is_called_inconclusive_with_the_replicas_that_would_settle
     assert table.loc["algo+impl", "share_verdict"] == "reference" and table.loc["algo+impl", "share_replicas"] == 2
 
 
+def test_verdicts_hold_their_error_across_the_table():
+    """400 tables of 5 sources, each exactly as noisy as the reference (true share 1), 5 independent
+    replicas a preset: one 95% interval per row called some source `below`/`above reference` in
+    about 1 table in 5; at the family level (Bonferroni over the table's 5 rows) at most 5%."""
+    z = np.random.default_rng(4).standard_normal((400, 6, 5))  # table, preset (5 sources + reference), replica
+    level = sources.family_level(5)
+
+    def false_verdict(t, lvl):
+        return any(sources.share_verdict(False, *metrics.variance_share_ci(a, t[5], False, level=lvl))
+                   in ("below reference", "above reference") for a in t[:5])
+    assert np.mean([false_verdict(t, level) for t in z]) <= 0.05
+    assert np.mean([false_verdict(t, 0.95) for t in z[:100]]) > 0.1
+
+
+def test_the_verdict_is_read_from_the_family_level_interval(tmp_path):
+    """Four sources with varying weights (control's are identical, so not in the family): each
+    row's `_adj` interval is the share interval at 1 - 0.05/4, wider than the 95% one."""
+    write_tree(tmp_path, TRUE_STD, FLIP, n=5)
+    table = reduce.reduce(str(tmp_path), fmt=())["sources"].set_index("source")
+    row = table.loc["init"]
+    assert row["share_lo_adj"] < row["share_lo"] <= row["share"] <= row["share_hi"] < row["share_hi_adj"]
+    assert sources.family_level(4) == pytest.approx(0.9875) and table.loc["control", "share"] == 0.0
+    assert table.loc["control", "share_verdict"] == "none" and table.loc["control", "share_hi_adj"] == 0.0
+
+
 @pytest.mark.parametrize("verdict, share, lo, hi", [("none", 0.0, 0.0, 0.0), ("below reference", 0.3, 0.01, 0.9),
                                                     ("above reference", 3.0, 1.2, 30.0),
                                                     ("like reference", 1.1, 0.6, 2.0),
