@@ -33,7 +33,7 @@ POWER, ALPHA, ASSURANCE = 0.8, 0.05, 0.8
 COMPARE = ["a", "b", "n_a", "n_b", "mean_a", "mean_b", "std_a", "std_b", "paired", "std_diff", "test", "diff",
            "diff_lo", "diff_hi", "t", "p", "p_a_gt_b", "p_a_gt_b_lo", "p_a_gt_b_hi", "welch_t", "welch_p", "aso_eps",
            "replicas_needed", "effect", "replicas_needed_effect", "margin", "tost_p", "equivalent", "exact",
-           "p_adj", "tost_p_adj", "no_worse_p", "gate_replicas", "note"]
+           "same_weights", "p_adj", "tost_p_adj", "no_worse_p", "gate_replicas", "note"]
 POWER_NOTE = (f"replicas_needed: runs per side (pairs, when paired) with which the row's `test` (paired t or Welch t) "
               f"at alpha = {ALPHA} detects the observed difference (replicas_needed_effect: --effect) with "
               f"{POWER:.0%} power in {ASSURANCE:.0%} of pilots: at the upper one-sided {ASSURANCE:.0%} confidence "
@@ -89,6 +89,9 @@ def aso_eps(a: np.ndarray, b: np.ndarray, seed: int) -> float:
 def _verdict(row: dict) -> str:
     """The equivalence answer of one compare row, as a sentence (--margin)."""
     m = row["margin"]
+    if row["same_weights"]:
+        return (f"exact: every pair has the same weights and accuracy on both sides (bit for bit); difference 0, "
+                f"inside ±{m:g}")
     if row["exact"]:
         return (f"exact: both sides reproduce bit for bit; difference {row['diff']:.4g}, "
                 f"{'inside' if abs(row['diff']) < m else 'outside'} ±{m:g}")
@@ -118,12 +121,18 @@ def gate_replicas(diff: float, std: float, margin: float, require: str, power: f
 def compare_sides(a: pd.DataFrame, b: pd.DataFrame, effect: float | None, seed: int,
                   margin: float | None = None, n_test: int = 0, require: str = "equivalent") -> dict:
     """Every comparison number of one group: ok runs of side a against side b. Sides whose weights
-    are each one digest are `exact`: the difference is a fact, not a test (t, p, tost_p NaN).
-    Otherwise the se is floored at what ties at the test set's resolution (1/n_test) can hide."""
+    are each one digest, or paired sides whose every pair has one digest and one accuracy
+    (`same_weights`: the change did not move a bit, as a library upgrade whose kernels did not change), are `exact`: the
+    difference is a fact, not a test (t, p, tost_p NaN). Otherwise the se is floored at what ties at
+    the test set's resolution (1/n_test) can hide."""
     paired = a["replica"].is_unique and b["replica"].is_unique and set(a["replica"]) == set(b["replica"])
-    xa = a.sort_values(["replica", "run_id"])["test_accuracy"].to_numpy(float)
-    xb = b.sort_values(["replica", "run_id"])["test_accuracy"].to_numpy(float)
-    exact = metrics.identical(a["weights_sha256"].tolist()) and metrics.identical(b["weights_sha256"].tolist())
+    a, b = a.sort_values(["replica", "run_id"]), b.sort_values(["replica", "run_id"])
+    xa, xb = a["test_accuracy"].to_numpy(float), b["test_accuracy"].to_numpy(float)
+    # the same weights can still predict differently (another stack's evaluation kernels): both must agree
+    same_weights = paired and bool((xa == xb).all()) and all(
+        metrics.identical(pair) for pair in zip(a["weights_sha256"], b["weights_sha256"]))
+    exact = same_weights or (metrics.identical(a["weights_sha256"].tolist())
+                             and metrics.identical(b["weights_sha256"].tolist()))
     sa, sb = metrics.sample_std(xa), metrics.sample_std(xb)
     sd = metrics.sample_std(xa - xb) if paired else math.nan
     md = metrics.mean_diff(xa, xb, paired, 0.0 if exact else metrics.tie_var(n_test))
@@ -147,7 +156,7 @@ def compare_sides(a: pd.DataFrame, b: pd.DataFrame, effect: float | None, seed: 
            "replicas_needed_effect": math.nan if effect is None else needed(effect),
            "margin": math.nan if margin is None else margin,
            "tost_p": math.nan if margin is None else metrics.tost_p(md, margin)}
-    row["exact"] = exact
+    row["exact"], row["same_weights"] = exact, same_weights
     row["no_worse_p"] = (math.nan if margin is None or math.isnan(md.se) or md.se == 0
                          else float(stats.t.sf((md.diff + margin) / md.se, md.df)))
     if exact:

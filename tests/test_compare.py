@@ -267,6 +267,18 @@ def test_gate_exit_codes_and_exact_sides_in_words(tmp_path, capsys):
     assert "--require: give --margin" in capsys.readouterr().err
 
 
+def test_pairs_with_the_same_weights_on_both_sides_are_exact(tmp_path, capsys):
+    """An upgrade that moved no bit: every replica's weights are the same on both sides while the
+    replicas differ from each other (algo). A fact, said in words, not a TOST p-value."""
+    write_tree(tmp_path, {"algo": 0.004}, {}, n=3, control=False, n_test=4000)
+    _second_stack(tmp_path, 0.0, 0.0, digest=lambda run: run["weights_sha256"])
+    assert compare.main([str(tmp_path), "--a", "num_threads=2", "--b", "num_threads=1", "--margin", "0.001",
+                         "--require", "no-worse"]) == 0
+    assert "exact: every pair has the same weights and accuracy on both sides (bit for bit); difference 0" in capsys.readouterr().out
+    row = pd.read_parquet(tmp_path / "tables" / "compare.parquet").iloc[0]
+    assert row["exact"] and row["same_weights"] and row["std_a"] > 0 and math.isnan(row["tost_p"])
+
+
 def test_gate_holds_with_enough_replicas(tmp_path, capsys):
     """12 paired replicas a tiny shift apart, a side of independent digests per run: equivalent
     within 0.005 in the one group, exit 0; the tost_p is the paired t-test's."""
