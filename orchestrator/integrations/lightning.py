@@ -75,7 +75,7 @@ def train_loader(ctx, dataset, batch_size: int = 1, **kwargs) -> DataLoader:
 
 
 class HarnessRanks(ClusterEnvironment):
-    """The ranks the harness started (Ray Train), as Lightning's cluster: it launches nothing."""
+    """The ranks the harness started, as Lightning's cluster: it launches nothing."""
 
     def __init__(self, ctx):
         super().__init__()
@@ -110,10 +110,11 @@ class HarnessRanks(ClusterEnvironment):
         """The harness's rank stands."""
 
     def local_rank(self) -> int:
-        return self.ctx.local_rank
+        """0: each rank is its own node of one device (preset_arguments), its device index 0."""
+        return 0
 
     def node_rank(self) -> int:
-        return 0
+        return self.ctx.rank
 
 
 class _Harness(L.Callback):
@@ -131,13 +132,15 @@ class _Harness(L.Callback):
 
 
 def preset_arguments(ctx) -> dict:
-    """The Trainer arguments the run's preset decides. Data-parallel: DDP in the harness's ranks, on
-    CPUs (gloo) one device per rank; GPU ranks are not wired yet (each rank would need its own device)."""
+    """The Trainer arguments the run's preset decides. Data-parallel: DDP in the harness's ranks, each
+    rank a node of one device (`num_nodes` = world size, `devices` = 1), the layout Lightning uses for
+    one GPU per machine. A rank's process sees only its own device (Ray gives each rank actor its
+    GPU), so `devices=k` asked for k GPUs one process cannot see; the same arguments hold on CPUs."""
     args = {"deterministic": ctx.deterministic, "benchmark": torch.backends.cudnn.benchmark,
             "precision": "bf16-mixed" if ctx.precision == "bf16" else "32-true",
             "accelerator": "gpu" if ctx.device.type == "cuda" else "cpu", "devices": 1}
     if ctx.world_size > 1:
-        args |= {"devices": ctx.world_size, "use_distributed_sampler": False,
+        args |= {"num_nodes": ctx.world_size, "use_distributed_sampler": False,
                  "strategy": DDPStrategy(cluster_environment=HarnessRanks(ctx),
                                          process_group_backend=torch.distributed.get_backend())}
     return args
