@@ -13,7 +13,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from pathlib import Path
@@ -465,8 +467,21 @@ def first_line(error: str | None) -> str:
     return f"{first[:200]}{'…' if len(first) > 200 else ''}"
 
 
+INTERRUPTED = threading.Event()
+
+
+def _interrupt(signum, frame) -> None:
+    """Ctrl-C: remembered, then Python's own KeyboardInterrupt. Remembered because an interrupt
+    raised inside Ray or Tune code can be swallowed there; the sweep still ends as interrupted."""
+    INTERRUPTED.set()
+    signal.default_int_handler(signum, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    INTERRUPTED.clear()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _interrupt) if main_thread else None
     try:
         return run_sweep(args)
     except (SpecError, store.StoreError) as e:  # nothing started, nothing under OUT changed
@@ -475,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; runs already ok under OUT are kept and the same command resumes", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def resource_notes(spec: SweepSpec) -> list[str]:
@@ -531,6 +549,8 @@ def run_leased(args, spec, out, runs, probes, todo, todo_probes, doomed, total, 
         try:
             lost = schedule(todo + todo_probes, spec, out, total)
         except KeyboardInterrupt:
+            return interrupted(out, runs)
+        if INTERRUPTED.is_set():
             return interrupted(out, runs)
     try:
         store.compact(out, at_least=store.COMPACT_AT)

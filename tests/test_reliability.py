@@ -106,7 +106,7 @@ def test_sigint_exits_130_then_the_same_command_resumes(ray_local, tmp_path, cap
     stdout, stderr = p.communicate(timeout=120)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, signal.SIGKILL)  # its local Ray processes, should any outlive it
-    assert p.returncode == 130, stderr[-2000:]
+    assert p.returncode == 130, stdout[-3000:] + stderr[-2000:]
     assert "run the same command again to resume" in stderr and "Tuner.restore" not in stdout + stderr
     finished = int(stderr.split("interrupted: ")[1].split(" of 6")[0])
     assert 1 <= finished <= len(list((out / "runs").glob("*.parquet"))) < 6, stdout  # runs in flight may land
