@@ -42,8 +42,6 @@ PANEL = ["arch", "dataset"]  # one panel per workload family: class counts and a
 FINGERPRINT = ["fingerprint_id", "accelerator", "gpu_name", "gpu_count", "gpu_capability", "gpu_driver",
                "cuda_version", "cudnn_version", "torch_version", "torchvision_version", "ray_version",
                "python_version", "cpu_model", "cpu_capability", "instance_type"]
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-          "#bcbd22", "#17becf"]
 N_WORST = 3  # classes named per group in the per-class figure
 OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1), "borderaxespad": 0}  # legends beside the data
 COLUMNS = [*FINGERPRINT, "sweep", "hostname", "error", "epoch_metrics"]  # run columns beyond the reducer's own
@@ -161,7 +159,8 @@ def _slots(n_series: int, width: float = 0.8) -> np.ndarray:
 
 
 # Presets keep their colour in every figure (control blue, algo orange, ...); custom noise sets
-# take the next ones. 20 distinct colours: tab10, then tab20's lighter shades.
+# take the next ones. 20 distinct colours: tab10, then tab20's lighter shades (also the other
+# figures' series colours).
 PALETTE = [to_hex(c) for c in (*colormaps["tab10"].colors, *colormaps["tab20"].colors[1::2])]
 
 
@@ -306,8 +305,8 @@ def source_shares(sources: pd.DataFrame) -> Figure:
     fig, axes = _grid(len(groups), width=7.5, height=0.55 * sources["source"].nunique() + 1.8, ncols=1)
     for ax, (_, g) in zip(axes, groups):
         y = np.arange(len(g))
-        for off, (col, label, color) in zip((-0.16, 0.16), (("share", "accuracy variance", COLORS[0]),
-                                                            ("churn_share", "churn", COLORS[1]))):
+        for off, (col, label, color) in zip((-0.16, 0.16), (("share", "accuracy variance", PALETTE[0]),
+                                                            ("churn_share", "churn", PALETTE[1]))):
             v, lo, hi = (g[c].to_numpy(float) for c in (col, f"{col}_lo", f"{col}_hi"))
             known = np.isfinite(lo) & np.isfinite(hi)
             ax.errorbar(v[known], y[known] + off, xerr=np.abs(np.vstack([v - lo, hi - v])[:, known]), fmt="o",
@@ -555,7 +554,7 @@ def overhead_bars(overhead: pd.DataFrame) -> Figure:
         pct = g["overhead_pct"].to_numpy(float)
         lo = np.nan_to_num(pct - g["overhead_lo"].to_numpy(float), nan=0).clip(min=0)
         hi = np.nan_to_num(g["overhead_hi"].to_numpy(float) - pct, nan=0).clip(min=0)
-        ax.bar(x, pct, w * 0.9, yerr=[lo, hi], capsize=4, color=COLORS[i % len(COLORS)], label=name)
+        ax.bar(x, pct, w * 0.9, yerr=[lo, hi], capsize=4, color=PALETTE[i % len(PALETTE)], label=name)
         for xi, p, low, high, parts in zip(x, pct, g["overhead_lo"].to_numpy(float), g["overhead_hi"].to_numpy(float),
                                            _parts_text(g)):
             ci = f"[{low:+.0f}, {high:+.0f}]" if np.isfinite([low, high]).all() else "no interval"
@@ -597,7 +596,7 @@ def overhead_ops_bars(ops: pd.DataFrame) -> Figure:
     for ax, name, (_, g) in zip(axes, names, groups):
         g = g.iloc[::-1]  # the op that grows most on top
         y = np.arange(len(g))
-        for dy, mode, color in ((0.2, "nondet", COLORS[0]), (-0.2, "det", COLORS[3])):
+        for dy, mode, color in ((0.2, "nondet", PALETTE[0]), (-0.2, "det", PALETTE[3])):
             ax.barh(y + dy, g[f"ms_{mode}"].to_numpy(float), 0.4, color=color, label=mode)
         for yi, det, delta in zip(y, g["ms_det"].to_numpy(float), g["delta_ms"].to_numpy(float)):
             ax.annotate(f"{delta:+.2g}", (det, yi - 0.2), xytext=(3, 0), textcoords="offset points", va="center",
