@@ -427,15 +427,6 @@ class _Units:
         return np.array([np.median(self.take(np.delete(ids, k))) for k in ids])
 
 
-def class_accuracy(preds: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
-    """Accuracy and per-class accuracy (index = class, 0 for a class with no test example), from
-    1-D integer predictions and labels of equal length."""
-    correct = preds == labels
-    n = int(labels.max()) + 1
-    hits = np.bincount(labels, weights=correct, minlength=n)
-    return float(correct.mean()), (hits / np.maximum(np.bincount(labels, minlength=n), 1)).tolist()
-
-
 # --- decisions: which source makes the variance, is a difference real, how many replicas ---------
 #
 # Every interval below is exact under a stated assumption (normal accuracies: F, Pitman–Morgan, t)

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from orchestrator import entrypoint, metrics, runner, store, sweep
+from orchestrator import entrypoint, runner, store, sweep
 from orchestrator.noise import seeds_for
 from orchestrator.reduce import reduce
 from orchestrator.spec import SpecError, expand, expand_probes, parse
@@ -125,7 +125,7 @@ def test_accuracy_comes_from_predictions_and_labels():
                                        "state_dict": {"w": torch.ones(2)}}, [1.0])
     assert result.test_accuracy == 0.75 and result.per_class_accuracy == [1.0, 1.0, 0.5]
     assert math.isnan(result.test_loss) and labels.tolist() == [0, 1, 2, 2] and result.state_dict["w"].sum() == 2
-    assert metrics.class_accuracy(np.array([0, 0]), np.array([2, 2])) == (0.0, [0.0, 0.0, 0.0])
+    assert entrypoint.class_accuracy(np.array([0, 0]), np.array([2, 2])) == (0.0, [0.0, 0.0, 0.0])
 
 
 def test_labels_must_match_the_dataset_s_earlier_runs(tmp_path):
