@@ -106,9 +106,7 @@ def apply_impl(deterministic: bool, cudnn_benchmark: bool = False, compile: bool
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
     elif not torch.cuda.is_initialized():  # framework default: cuBLAS picks its own workspaces
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    # torch.use_deterministic_algorithms does this and imports inductor's config to set its flag, which
-    # costs every worker process ~1.4 s; compiled runs set inductor's flag below, where it is imported
-    torch._C._set_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = cudnn_benchmark
     flags = {

@@ -287,3 +287,23 @@ def test_synthetic_tokens_are_fixed_by_their_seed():
     assert a.train_x.shape == (4, 32) and a.test_y.shape == (64,) and a.num_classes == 50
     assert torch.equal(a.train_x, b.train_x) and not torch.equal(a.train_x, c.train_x)
     assert torch.equal(a.train_y[:, :-1], a.train_x[:, 1:]) and int(a.train_x.max()) < 50
+
+
+def test_digits_is_scikit_learns_split_read_without_importing_it():
+    """The stored split is the one train_test_split gives, and a worker that loads digits never
+    imports scikit-learn (~1.9 s of its start)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    tx, vx, ty, vy = train_test_split(x.reshape(-1, 1, 8, 8), y, test_size=0.25, stratify=y, random_state=0)
+    got = load("digits")
+    assert torch.equal(got.train_y, torch.from_numpy(ty)) and torch.equal(got.test_y, torch.from_numpy(vy))
+    torch.testing.assert_close(got.train_x, _expected(tx, tx), rtol=0, atol=0)
+    torch.testing.assert_close(got.test_x, _expected(tx, vx), rtol=0, atol=0)
+    code = "import sys; from workloads.data import load; load('digits'); print('sklearn' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
