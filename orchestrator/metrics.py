@@ -236,15 +236,20 @@ def binary_rates(preds: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     return fpr, fnr
 
 
+BF_MIN = 5  # unpaired Brown–Forsythe: replicas a group for a p-value that holds its size
+
+
 def brown_forsythe_p(a: Sequence[float], b: Sequence[float]) -> float:
     """p-value that two independent groups' accuracy variances differ: Levene's test centred on
     the median (Brown–Forsythe), robust to the skewed, heavy-tailed accuracy distributions that a
-    few diverging replicas produce. NaN below three values per group: with two, each group's two
-    deviations from its median are equal, the within-group variance of the deviations is 0 and the
-    test rejects whatever the data (p ≈ 3e-29 for equal variances). 1.0 when both groups have zero
-    spread (their variances are equal and the F ratio would be 0/0)."""
+    few diverging replicas produce. NaN below BF_MIN (5) values in a group, where it does not hold
+    its size: with 4 a group the two middle deviations from the median are equal and the test
+    rejected equal variances 7.0% (normal) and 9.7% (heavy tails) of the time at α = 0.05 (4,000
+    simulations each); with 3 it never rejects; with 2 it rejects whatever the data (p ≈ 3e-29).
+    From 5 a group it held 0.7-4.5% at 5-10 a group. 1.0 when both groups have zero spread (their
+    variances are equal and the F ratio would be 0/0)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 3 or len(b) < 3:
+    if len(a) < BF_MIN or len(b) < BF_MIN:
         return math.nan
     if np.ptp(a) == 0 and np.ptp(b) == 0:
         return 1.0
