@@ -81,7 +81,8 @@ def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, mat
     acc_s, acc_r = src["test_accuracy"].to_numpy(float), ref["test_accuracy"].to_numpy(float)
     identical = metrics.identical(src["weights_sha256"].tolist())
     ps, pr = matrix("predictions", src.index), matrix("predictions", ref.index)
-    floor = 0.0 if identical else metrics.tie_var(ps.shape[1] if ps is not None else 0)
+    # the reference against itself: the same runs, nothing hidden by a tie, share 1 with [1, 1]
+    floor = 0.0 if identical or name == reference else metrics.tie_var(ps.shape[1] if ps is not None else 0)
     share, lo, hi = metrics.variance_share_ci(acc_s, acc_r, paired, floor_var=floor)
     _, lo_adj, hi_adj = metrics.variance_share_ci(acc_s, acc_r, paired, level=level, floor_var=floor)
     verdict = share_verdict(name == reference, share, lo_adj, hi_adj, identical and share == 0)

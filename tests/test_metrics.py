@@ -389,6 +389,17 @@ def test_paired_share_interval_holds_on_tied_accuracies_at_three_pairs():
     assert ok.mean() > 0.9 and np.mean((out[ok, 1] <= truth) & (truth <= out[ok, 2])) >= 0.92
 
 
+def test_paired_presets_that_tie_pair_by_pair_are_not_exact():
+    """Two presets' runs (different weights) whose rounded accuracies happen to be equal pair by
+    pair: with the test set's resolution the share interval has width, not [1, 1], which the
+    equal values alone once gave (the bench's tied share at 3 pairs covered 92.0%). Only the
+    caller's floor_var 0 (the reference against itself, sources.py) makes it exact."""
+    acc = np.array([0.9, 0.9 + 1 / 360, 0.9 + 3 / 360])
+    _, lo, hi = metrics.variance_share_ci(acc, acc.copy(), True, floor_var=metrics.tie_var(360))
+    assert lo < 1 < hi
+    assert metrics.variance_share_ci(acc, acc, True) == (1.0, 1.0, 1.0)
+
+
 def test_share_replicas_is_where_the_interval_gets_narrow_enough():
     n = metrics.share_replicas(0.0, 10, paired=False)
     ratio = stats.f.ppf(0.975, n - 1, n - 1) / stats.f.ppf(0.025, n - 1, n - 1)
