@@ -317,9 +317,9 @@ def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.nd
 
 def _accuracy_stats(acc: np.ndarray, correct: np.ndarray | None, floor_var: float = 0.0) -> dict:
     """Mean and std of the replicas' accuracies with the std's interval (metrics.std_ci: Bonett's
-    from 5 replicas, chi-square below), and, when the
-    labels give per-example correctness (R, N), the split of the variance into independent
-    per-example flips (acc_std_sampling) and the distribution-wise rest (acc_std_dist, Jordan 2023).
+    from 5 replicas, chi-square below), and, when the labels give per-example correctness (R, N),
+    the split of the variance into independent per-example flips (acc_std_sampling) and the
+    distribution-wise rest (acc_std_dist, Jordan 2023).
     The rest's variance can be estimated below 0; its std and interval ends are sqrt(max(v, 0)).
     `floor_var`: metrics.tie_var for runs whose weights differ (0 for identical weights)."""
     lo, hi = metrics.std_ci(acc, floor_var=floor_var)
