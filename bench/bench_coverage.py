@@ -96,7 +96,7 @@ class Interval:
 
 
 class AccStd(Interval):
-    name, method, single = "acc_std", "chi-square", True
+    name, method, single = "acc_std", "Bonett from 5, chi-square below", True
 
     def truth(self, rng, kind):
         return float(np.std(population(rng, kind)[1]))
@@ -123,7 +123,7 @@ class AccStdDist(Interval):
 
 
 class Share(Interval):
-    name, method = "share", "F | Pitman–Morgan"
+    name, method = "share", "Bonett from 5, F | Pitman–Morgan"
 
     def truth(self, rng, kind):
         a, b = population(rng, kind, ratio=0.5)
@@ -260,6 +260,14 @@ def false_source_verdict(rng, r, kind, paired, m=5) -> bool:
                in ("below reference", "above reference") for a in x[:m])
 
 
+def like_at_edge(rng, r, kind, paired) -> bool:
+    """A source with true share 1/LIKE_BAND, the edge of the `like reference` band: is it read `like
+    reference`? One source, so its interval is at 95%, the narrowest any table takes."""
+    a, b = two_sides(rng, r, kind, paired, ratio=1 / sources.LIKE_BAND)
+    return sources.share_verdict(False, *metrics.variance_share_ci(a, b, paired, floor_var=floor(kind))) \
+        == "like reference"
+
+
 def false_compare(rng, r, kind, paired, m=12) -> bool:
     """A compare table of m groups with no difference: does any Holm-adjusted p fall below 0.05?"""
     ps = [p_test(*two_sides(rng, r, kind, paired), paired, kind) for _ in range(m)]
@@ -363,15 +371,19 @@ def main() -> None:
                 + rate(rng, trials, rejects, (p_of, alt, r, kind, paired))
                 for _, kind, paired in SCENARIOS])
     for r in RS:
-        rows.append(["share_verdict, 5 sources", "F | Pitman–Morgan at 1 - 0.05/5", str(r)] + [
+        rows.append(["share_verdict, 5 sources", "Bonett/F | Pitman–Morgan at 1 - 0.05/5", str(r)] + [
             rate(rng, trials, false_source_verdict, (r, kind, paired)) for _, kind, paired in SCENARIOS])
+    for r in (5, 10, 20, 50):
+        rows.append(["like reference at share 0.5", "Bonett | Pitman–Morgan at 0.95", str(r)] + [
+            rate(rng, trials, like_at_edge, (r, kind, paired)) for _, kind, paired in SCENARIOS])
     for r in RS:
         rows.append(["p_adj, 12 compare groups", "Holm over t-tests", str(r)] + [
             rate(rng, trials, false_compare, (r, kind, paired)) for _, kind, paired in SCENARIOS])
     print(f"\nTests at alpha 0.05, {trials} experiments per cell: size / power (p: a difference of 1σ; p_vs_*: a "
           f"variance ratio of 4; tost_p: sides at the margin / equal), and per table the share of tables with a false "
-          f"verdict (share_verdict: below/above reference for sources as noisy as the reference; p_adj: any p_adj "
-          f"< 0.05 with no difference)\n")
+          f"verdict (share_verdict: below/above reference for sources as noisy as the reference; like reference: "
+          f"a source with half the reference's variance read as like it; p_adj: any p_adj < 0.05 with no "
+          f"difference)\n")
     print(table(["test", "method (independent | paired)", "R", *names], rows))
 
     pilots = max(trials // 5, 100)

@@ -316,9 +316,10 @@ def l2_matrix(fs: pafs.FileSystem, root: str, runs: pd.DataFrame) -> tuple[np.nd
 # --- variance ---------------------------------------------------------------------------------
 
 def _accuracy_stats(acc: np.ndarray, correct: np.ndarray | None, floor_var: float = 0.0) -> dict:
-    """Mean and std of the replicas' accuracies with the std's chi-square interval, and, when the
-    labels give per-example correctness (R, N), the split of the variance into independent
-    per-example flips (acc_std_sampling) and the distribution-wise rest (acc_std_dist, Jordan 2023).
+    """Mean and std of the replicas' accuracies with the std's interval (metrics.std_ci: Bonett's
+    from 5 replicas, chi-square below), and, when the labels give per-example correctness (R, N),
+    the split of the variance into independent per-example flips (acc_std_sampling) and the
+    distribution-wise rest (acc_std_dist, Jordan 2023).
     The rest's variance can be estimated below 0; its std and interval ends are sqrt(max(v, 0)).
     `floor_var`: metrics.tie_var for runs whose weights differ (0 for identical weights)."""
     lo, hi = metrics.std_ci(acc, floor_var=floor_var)
@@ -437,7 +438,8 @@ def variance_p(a: pd.Series, b: pd.Series) -> tuple[float, str]:
     share seeds (common random numbers), so groups pair by replica index: the paired
     Brown–Forsythe test (metrics.paired_scale_p, which keeps its size when a few replicas diverge)
     on the replicas both have. Brown–Forsythe (independent groups) only when they cannot be paired:
-    a replica index repeats within a group (--by pooled several settings) or fewer than 3 are shared."""
+    a replica index repeats within a group (--by pooled several settings) or fewer than 3 are shared;
+    NaN, the note says so, below metrics.BF_MIN replicas a group."""
     shared = a.index.intersection(b.index)
     if a.index.is_unique and b.index.is_unique and len(shared) >= 3:
         if len(shared) < 4:  # the sign-flip test's smallest p at 3 pairs is 0.25: it cannot reject
@@ -446,6 +448,8 @@ def variance_p(a: pd.Series, b: pd.Series) -> tuple[float, str]:
         return p, f"paired Brown–Forsythe, {len(shared)} pairs"
     unique = a.index.is_unique and b.index.is_unique
     why = f"{len(shared)} shared replicas" if unique else "replica indices repeat"
+    if min(len(a), len(b)) < metrics.BF_MIN:  # at 4 a group it rejected 7-10% of equal variances
+        why += f"; too few replicas ({len(a)} and {len(b)}; {metrics.BF_MIN} a group needed)"
     return metrics.brown_forsythe_p(a.to_numpy(), b.to_numpy()), f"Brown–Forsythe, unpaired: {why}"
 
 

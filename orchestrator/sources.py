@@ -26,7 +26,7 @@ from orchestrator import metrics, noise
 REFERENCES = ("algo+impl", "algo")
 SINGLE = (*noise.SOURCES, "control")
 LIKE_BAND = 2.0  # `like reference`: the share's interval lies inside [1/2, 2] (docs/deciding.md)
-# The variance table's own numbers: the std with its chi-square interval, the distribution-wise
+# The variance table's own numbers: the std with its interval (metrics.std_ci), the distribution-wise
 # part of it (per-example flips removed, Jordan 2023), and churn.
 FROM_VARIANCE = ["n_runs", "acc_std", "acc_std_lo", "acc_std_hi", "acc_std_dist", "acc_std_dist_lo",
                  "acc_std_dist_hi", "churn"]
@@ -81,7 +81,8 @@ def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, mat
     acc_s, acc_r = src["test_accuracy"].to_numpy(float), ref["test_accuracy"].to_numpy(float)
     identical = metrics.identical(src["weights_sha256"].tolist())
     ps, pr = matrix("predictions", src.index), matrix("predictions", ref.index)
-    floor = 0.0 if identical else metrics.tie_var(ps.shape[1] if ps is not None else 0)
+    # the reference against itself: the same runs, nothing hidden by a tie, share 1 with [1, 1]
+    floor = 0.0 if identical or name == reference else metrics.tie_var(ps.shape[1] if ps is not None else 0)
     share, lo, hi = metrics.variance_share_ci(acc_s, acc_r, paired, floor_var=floor)
     _, lo_adj, hi_adj = metrics.variance_share_ci(acc_s, acc_r, paired, level=level, floor_var=floor)
     verdict = share_verdict(name == reference, share, lo_adj, hi_adj, identical and share == 0)
@@ -95,8 +96,10 @@ def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, mat
         notes.append("share: accuracies tie at the test set's resolution but weights differ: not exact, "
                      "share_hi is what the tie can hide")
     if not exact and not math.isnan(share):
-        notes.append(f"share: {'Pitman–Morgan interval, paired' if paired else 'F interval, independent'}"
-                     + (", needs 3 paired replicas" if math.isnan(lo) else ""))
+        method = ("Pitman–Morgan interval, paired" if paired else "Bonett interval, independent"
+                  if min(len(src), len(ref)) >= metrics.ROBUST_MIN else
+                  f"F interval, independent (Bonett's, robust to diverged replicas, needs {metrics.ROBUST_MIN})")
+        notes.append(f"share: {method}" + (", needs 3 paired replicas" if math.isnan(lo) else ""))
     if verdict == "inconclusive":
         spans = f"x{hi_adj / lo_adj:.3g}" if lo_adj > 0 else "down to 0"
         notes.append(f"share inconclusive at {min(len(src), len(ref))} replicas (interval spans {spans}); "

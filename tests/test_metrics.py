@@ -70,13 +70,36 @@ def test_std_ci_by_hand():
     assert all(math.isnan(v) for v in metrics.std_ci([0.9]))
 
 
-@pytest.mark.parametrize("n", [5, 10])
+@pytest.mark.parametrize("n", [4, 5, 10])
 def test_std_ci_covers_the_true_std_95_percent_of_the_time(n):
-    """2,000 samples of n normal accuracies: the 95% interval holds the true std 95% ± 2% of the
-    time (the percentile bootstrap it replaced covered about 63% at n=5, 79% at n=10)."""
+    """2,000 samples of n normal accuracies: the 95% interval holds the true std at least 93% of the
+    time (the percentile bootstrap it replaced covered about 63% at n=5, 79% at n=10); the
+    chi-square interval below 5 values is exact (95% ± 2%), Bonett's from 5 errs on the wide side
+    (99% at 5)."""
     samples = np.random.default_rng(n).normal(0.9, 0.01, size=(2000, n))
     covered = [lo <= 0.01 <= hi for lo, hi in map(metrics.std_ci, samples)]
-    assert 0.93 <= np.mean(covered) <= 0.97
+    assert 0.93 <= np.mean(covered) <= (0.97 if n < metrics.ROBUST_MIN else 1.0)
+
+
+def test_std_ci_bonett_by_hand():
+    """From 5 values Bonett's interval: at 0, 1, 2, 3, 4 the trimmed mean is the median 2, the
+    kurtosis 5·(16 + 1 + 0 + 1 + 16)/10² = 1.7, s² = 2.5, c = 5/(5 - z)."""
+    z = stats.norm.ppf(0.975)
+    c = 5 / (5 - z)
+    h = z * c * math.sqrt((1.7 - 2 / 5) / 4)
+    lo, hi = metrics.std_ci([3.0, 0.0, 4.0, 1.0, 2.0])
+    assert (lo, hi) == pytest.approx((math.sqrt(c * 2.5 * math.exp(-h)), math.sqrt(c * 2.5 * math.exp(h))))
+
+
+@pytest.mark.parametrize("n", [5, 50])
+def test_std_ci_holds_when_a_tenth_of_replicas_diverge(n):
+    """2,000 samples of n replicas, a tenth of them 6σ down (each on its own), standardised to std 1:
+    the chi-square interval covered 72% at 5 and 78% at 50; Bonett's, which estimates the kurtosis,
+    at least 92%."""
+    rng = np.random.default_rng(n)
+    z = rng.standard_normal((2000, n)) - 6.0 * (rng.random((2000, n)) < 0.1)
+    covered = [lo <= 1 <= hi for lo, hi in map(metrics.std_ci, z / math.sqrt(1 + 36 * 0.09))]
+    assert np.mean(covered) >= 0.92
 
 
 def test_per_example_std_by_hand():
@@ -150,11 +173,22 @@ def test_binary_rates_by_hand():
 
 
 def test_brown_forsythe():
-    a, b = [0.90, 0.91, 0.89, 0.92], [0.80, 0.95, 0.70, 0.99]
+    a, b = [0.90, 0.91, 0.89, 0.92, 0.90], [0.80, 0.95, 0.70, 0.99, 0.85]
     assert metrics.brown_forsythe_p(a, b) == pytest.approx(stats.levene(a, b, center="median").pvalue)
-    assert metrics.brown_forsythe_p([0.9] * 4, [0.9] * 4) == 1.0
+    assert metrics.brown_forsythe_p([0.9] * 5, [0.9] * 5) == 1.0
     assert metrics.brown_forsythe_p([0.9] * 5, [0.85, 0.9, 0.95, 0.8, 0.99]) < 0.05
     assert math.isnan(metrics.brown_forsythe_p([0.9], b))
+
+
+@pytest.mark.parametrize("n", [4, 5])
+def test_brown_forsythe_holds_its_size_or_gives_no_p(n):
+    """Equal variances, n replicas a group, normal and heavy-tailed (10% of replicas 6σ down, each
+    group on its own): at most 5% of 1,000 experiments reject at 0.05 (NaN never rejects). At 4 a
+    group Levene's median-centred test rejected 7.0% (normal) and 9.7% (heavy) of the time."""
+    rng = np.random.default_rng(n)
+    for heavy in (False, True):
+        z = rng.standard_normal((1000, 2, n)) - 6.0 * heavy * (rng.random((1000, 2, n)) < 0.1)
+        assert np.mean([metrics.brown_forsythe_p(a, b) < 0.05 for a, b in z]) <= 0.05
 
 
 def test_paired_scale_p_by_hand():
@@ -278,10 +312,29 @@ B5 = np.array([0.894, 0.899, 0.910, 0.890, 0.905])
 
 
 def test_variance_share_f_interval_by_hand():
-    ratio, lo, hi = metrics.variance_share_ci(A5, B5, paired=False)
-    f = np.var(A5, ddof=1) / np.var(B5, ddof=1)
+    ratio, lo, hi = metrics.variance_share_ci(A5[:4], B5[:4], paired=False)  # below 5 a preset: F
+    f = np.var(A5[:4], ddof=1) / np.var(B5[:4], ddof=1)
     assert ratio == pytest.approx(f)
-    assert (lo, hi) == pytest.approx((f / stats.f.ppf(0.975, 4, 4), f / stats.f.ppf(0.025, 4, 4)))
+    assert (lo, hi) == pytest.approx((f / stats.f.ppf(0.975, 3, 3), f / stats.f.ppf(0.025, 3, 3)))
+
+
+def test_variance_share_bonett_interval_by_hand():
+    """From 5 replicas a preset, Bonett's interval with a pooled kurtosis: a = 0…4, b = 2a; the
+    trimmed means are the medians; kurtosis 10·(34 + 16·34)/(10 + 40)² = 2.312; equal n, so c = 1."""
+    h = stats.norm.ppf(0.975) * math.sqrt(2 * (2.312 - 2 / 5) / 4)
+    ratio, lo, hi = metrics.variance_share_ci([0.0, 1, 2, 3, 4], [8.0, 0, 6, 2, 4], paired=False)
+    assert ratio == pytest.approx(0.25) and (lo, hi) == pytest.approx((0.25 * math.exp(-h), 0.25 * math.exp(h)))
+
+
+@pytest.mark.parametrize("replicas", [5, 50])
+def test_variance_share_interval_holds_when_a_tenth_of_replicas_diverge(replicas):
+    """2,000 experiments, true share 0.5, independent presets whose replicas diverge 6σ down a tenth
+    of the time, each preset on its own: the F interval covered 73% at 5 replicas and 76% at 50,
+    Bonett's at least 92%."""
+    rng = np.random.default_rng(replicas)
+    z = rng.standard_normal((2000, 2, replicas)) - 6.0 * (rng.random((2000, 2, replicas)) < 0.1)
+    intervals = np.array([metrics.variance_share_ci(math.sqrt(0.5) * a, b, False)[1:] for a, b in z])
+    assert np.mean((intervals[:, 0] <= 0.5) & (0.5 <= intervals[:, 1])) >= 0.92
 
 
 def test_variance_share_paired_interval_inverts_the_pitman_morgan_test():
@@ -305,15 +358,16 @@ def test_variance_share_edge_cases_are_exact_or_say_nan():
 @pytest.mark.parametrize("paired", [False, True])
 def test_variance_share_interval_covers_at_small_replica_counts(replicas, paired):
     """4,000 experiments, true share 0.5, normal accuracies (paired: correlation 0.7): the interval
-    is never NaN and covers 93-97% of the time (the percentile bootstrap was NaN in 81-100% of
-    paired experiments at 3-5 replicas)."""
+    is never NaN and covers 93-97% of the time, up to 98% for Bonett's (independent, from 5) (the
+    percentile bootstrap was NaN in 81-100% of paired experiments at 3-5 replicas)."""
     rng = np.random.default_rng(replicas + 10 * paired)
     z = rng.standard_normal((4000, 2, replicas))
     if paired:
         z[:, 0] = 0.7 * z[:, 1] + math.sqrt(1 - 0.49) * z[:, 0]
     intervals = np.array([metrics.variance_share_ci(math.sqrt(0.5) * a, b, paired)[1:] for a, b in z])
     assert np.isfinite(intervals).all()
-    assert 0.93 <= np.mean((intervals[:, 0] <= 0.5) & (0.5 <= intervals[:, 1])) <= 0.97
+    bonett = not paired and replicas >= metrics.ROBUST_MIN
+    assert 0.93 <= np.mean((intervals[:, 0] <= 0.5) & (0.5 <= intervals[:, 1])) <= (0.98 if bonett else 0.97)
 
 
 def test_paired_share_interval_holds_on_tied_accuracies_at_three_pairs():
@@ -333,6 +387,17 @@ def test_paired_share_interval_holds_on_tied_accuracies_at_three_pairs():
     out = np.array([metrics.variance_share_ci(a, b, True, floor_var=metrics.tie_var(360)) for a, b in rounded(z)])
     ok = ~np.isnan(out[:, 1])
     assert ok.mean() > 0.9 and np.mean((out[ok, 1] <= truth) & (truth <= out[ok, 2])) >= 0.92
+
+
+def test_paired_presets_that_tie_pair_by_pair_are_not_exact():
+    """Two presets' runs (different weights) whose rounded accuracies happen to be equal pair by
+    pair: with the test set's resolution the share interval has width, not [1, 1], which the
+    equal values alone once gave (the bench's tied share at 3 pairs covered 92.0%). Only the
+    caller's floor_var 0 (the reference against itself, sources.py) makes it exact."""
+    acc = np.array([0.9, 0.9 + 1 / 360, 0.9 + 3 / 360])
+    _, lo, hi = metrics.variance_share_ci(acc, acc.copy(), True, floor_var=metrics.tie_var(360))
+    assert lo < 1 < hi
+    assert metrics.variance_share_ci(acc, acc, True) == (1.0, 1.0, 1.0)
 
 
 def test_share_replicas_is_where_the_interval_gets_narrow_enough():
@@ -579,9 +644,10 @@ def test_paired_t_keeps_its_size_on_tied_accuracies_at_two_replicas():
 
 def test_variance_tests_are_nan_where_they_cannot_hold_their_size():
     """Brown–Forsythe at 2 per group rejected equal variances with p ≈ 3e-29 (two equal deviations
-    per group): NaN below 3. The paired scale test cannot reject at 3 pairs: NaN there; from 4 pairs
+    per group), at 4 per group 7-10% of the time: NaN below 5. The paired scale test cannot reject at 3 pairs: NaN there; from 4 pairs
     a sign-flip permutation test, whose size is at most α by construction (checked at 4 and 6 pairs)."""
     assert math.isnan(metrics.brown_forsythe_p([0.90, 0.92], [0.80, 0.82]))
+    assert math.isnan(metrics.brown_forsythe_p([0.90, 0.92, 0.91, 0.93], [0.80, 0.82, 0.85, 0.9, 0.7]))
     assert math.isnan(metrics.paired_scale_p([0.9, 0.91, 0.93], [0.8, 0.85, 0.83]))
     rng = np.random.default_rng(3)
     for n in (4, 6):

@@ -588,7 +588,8 @@ def test_variance_p_pairs_by_replica_and_says_when_it_cannot():
     assert test == "paired Brown–Forsythe, 5 pairs"
     assert p == metrics.paired_scale_p(a.to_numpy(), b.sort_index().to_numpy())
     p, test = reduce.variance_p(a, b.drop([0, 1, 2]))  # 2 shared replicas: too few pairs
-    assert test == "Brown–Forsythe, unpaired: 2 shared replicas" and math.isnan(p)  # 2 in b: no valid test
+    assert math.isnan(p)  # 2 in b: no valid test, and the note says why
+    assert test == "Brown–Forsythe, unpaired: 2 shared replicas; too few replicas (5 and 2; 5 a group needed)"
     pooled = pd.concat([a, a + 0.01])  # --by pooled two settings: replica indices repeat
     assert reduce.variance_p(pooled, b)[1] == "Brown–Forsythe, unpaired: replica indices repeat"
 

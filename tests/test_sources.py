@@ -141,18 +141,28 @@ def test_a_wide_share_is_called_inconclusive_with_the_replicas_that_would_settle
     assert table.loc["algo+impl", "share_verdict"] == "reference" and table.loc["algo+impl", "share_replicas"] == 2
 
 
+def false_verdict(t, level):
+    """Whether a table of sources t[:-1] against the reference t[-1] reads some `below`/`above reference`."""
+    return any(sources.share_verdict(False, *metrics.variance_share_ci(a, t[-1], False, level=level))
+               in ("below reference", "above reference") for a in t[:-1])
+
+
 def test_verdicts_hold_their_error_across_the_table():
     """400 tables of 5 sources, each exactly as noisy as the reference (true share 1), 5 independent
     replicas a preset: one 95% interval per row called some source `below`/`above reference` in
-    about 1 table in 5; at the family level (Bonferroni over the table's 5 rows) at most 5%."""
+    9% of tables (20.6% with the F interval); at the family level (Bonferroni over the table's 5
+    rows) at most 5%."""
     z = np.random.default_rng(4).standard_normal((400, 6, 5))  # table, preset (5 sources + reference), replica
-    level = sources.family_level(5)
+    assert np.mean([false_verdict(t, sources.family_level(5)) for t in z]) <= 0.05
+    assert np.mean([false_verdict(t, 0.95) for t in z]) > 0.05
 
-    def false_verdict(t, lvl):
-        return any(sources.share_verdict(False, *metrics.variance_share_ci(a, t[5], False, level=lvl))
-                   in ("below reference", "above reference") for a in t[:5])
-    assert np.mean([false_verdict(t, level) for t in z]) <= 0.05
-    assert np.mean([false_verdict(t, 0.95) for t in z[:100]]) > 0.1
+
+def test_verdicts_hold_when_a_tenth_of_replicas_diverge():
+    """The same tables with a tenth of replicas 6σ down, each preset on its own: with F intervals a
+    false `below`/`above reference` in about 30% of tables at 5 replicas; with Bonett's at most 5%."""
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((400, 6, 5)) - 6.0 * (rng.random((400, 6, 5)) < 0.1)
+    assert np.mean([false_verdict(t, sources.family_level(5)) for t in z]) <= 0.05
 
 
 def test_the_verdict_is_read_from_the_family_level_interval(tmp_path):
