@@ -99,11 +99,12 @@ def digits(root: str | None = None) -> ArrayDataset:
     """scikit-learn's bundled 8×8 digits (1,797 images, ships in the wheel: no download).
 
     Read from the wheel's CSV as `load_digits` reads it, without importing scikit-learn: that import
-    (scipy.stats with it) cost every worker process ~1.9 s of its start. The split is fixed (stratified, 25% test, split seed 0) so that every replica and every
-    machine sees the same test set; only the sweep's noise sources may differ between runs. Its
-    indices, as `train_test_split(test_size=0.25, stratify=y, random_state=0)` gives them, are
-    stored in digits_split.txt (train, then test; tests check them against scikit-learn), so the
-    split does not move with the installed scikit-learn either.
+    (scipy.stats with it) cost every worker process ~1.9 s of its start. The split is fixed
+    (stratified, 25% test, split seed 0) so that every replica and every machine sees the same test
+    set; only the sweep's noise sources may differ between runs. Its indices, as
+    `train_test_split(test_size=0.25, stratify=y, random_state=0)` gives them, are stored in
+    digits_split.txt (train, then test; tests check them against scikit-learn), so the split does not
+    move with the installed scikit-learn either.
     """
     csv = Path(importlib.util.find_spec("sklearn").origin).parent / "datasets" / "data" / "digits.csv.gz"
     data = np.loadtxt(csv, delimiter=",")
