@@ -136,14 +136,14 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
 WRITE_TRIES = 4  # a write that fails is tried again after 0.5, 1, 2 s: a storage hiccup is not a lost run
 
 
-def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes, tries: int = WRITE_TRIES) -> None:
     """Write a whole file atomically (temp name + rename locally, one PUT on object storage), tried
-    WRITE_TRIES times with backoff; the last failure is raised."""
-    for attempt in range(WRITE_TRIES):
+    `tries` times with backoff; the last failure is raised."""
+    for attempt in range(tries):
         try:
             return _write_once(fs, path, data)
         except OSError:
-            if attempt == WRITE_TRIES - 1:
+            if attempt == tries - 1:
                 raise
             time.sleep(0.5 * 2**attempt)
 

@@ -187,7 +187,9 @@ def make_progress(total: int, out: str, failure_row, fail_fast: FailFast, by_id:
             self.written = time.time()
             state = {"done": self.done, "total": total, "failed": self.failed, "skipped": self.skipped,
                      "elapsed_s": round(elapsed, 1), "eta_s": round(eta, 1), "updated": self.written}
-            self.stored(store.write_bytes, fs, f"{root}/progress.json", json.dumps(state).encode())
+            # tried once: it is rewritten at the next completion, and this callback runs in Tune's loop, which
+            # a retry's backoff stopped for every trial (3.5 s a completion while object storage was down)
+            self.stored(store.write_bytes, fs, f"{root}/progress.json", json.dumps(state).encode(), tries=1)
 
         def skip(self, run: RunSpec, error: str) -> None:
             self.stored(store.write_run, fs, root, base_row(run) | {"status": "skipped", "error": error})

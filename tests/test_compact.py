@@ -103,3 +103,18 @@ def test_the_compact_command(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a compacted tree reads without any warning
         store.read_runs(str(tmp_path))
+
+
+def test_a_failed_write_is_retried_with_backoff_unless_told_to_try_once(tmp_path, monkeypatch):
+    """Results get store.WRITE_TRIES tries; the progress file, written from inside Tune's loop and
+    rewritten at the next completion, gets one (a backoff there held every trial during an outage)."""
+    import pyarrow.fs as pafs
+
+    slept = []
+    monkeypatch.setattr(store.time, "sleep", slept.append)
+    (tmp_path / "file").write_text("x")  # a parent that is a file: every attempt fails
+    for tries, naps in ((store.WRITE_TRIES, [0.5, 1.0, 2.0]), (1, [])):
+        slept.clear()
+        with pytest.raises(OSError):
+            store.write_bytes(pafs.LocalFileSystem(), str(tmp_path / "file" / "progress.json"), b"{}", tries=tries)
+        assert slept == naps
