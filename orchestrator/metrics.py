@@ -570,7 +570,7 @@ def variance_share_ci(num: Sequence[float], den: Sequence[float], paired: bool,
     if paired and len(a) < 3:
         return ratio, math.nan, math.nan
     tied = ratio == 0  # no correlation to estimate: r = 0 gives the paired interval's widest factors
-    if not paired and not tied and _bonett_applies(min(len(a), len(b)), level):
+    if share_by_bonett(min(len(a), len(b)), paired, tied, level):
         centre, h = _bonett_log_ci([a, b], level)
         return ratio, math.exp(centre - h), math.exp(centre + h)
     r = _corr(a, b) * _tie_attenuation(a, b, floor_var) if paired and not tied else 0.0
@@ -578,6 +578,12 @@ def variance_share_ci(num: Sequence[float], den: Sequence[float], paired: bool,
     if tied:
         return 0.0, 0.0, floor_var / float(_std(b)) ** 2 * hi
     return ratio, ratio * lo, ratio * hi
+
+
+def share_by_bonett(n: int, paired: bool, tied: bool = False, level: float = 0.95) -> bool:
+    """Whether `variance_share_ci` gives Bonett's interval (independent presets of n replicas or more
+    each, not tied) or else F / Pitman–Morgan: one rule for the interval and the table's note."""
+    return not paired and not tied and _bonett_applies(n, level)
 
 
 def share_replicas(r: float, n_pairs: int, paired: bool, level: float = 0.95, factor: float = SHARE_FACTOR) -> float:

@@ -96,9 +96,12 @@ def _shares(name: str, src: pd.DataFrame, ref: pd.DataFrame, reference: str, mat
         notes.append("share: accuracies tie at the test set's resolution but weights differ: not exact, "
                      "share_hi is what the tie can hide")
     if not exact and not math.isnan(share):
-        method = ("Pitman–Morgan interval, paired" if paired else "Bonett interval, independent"
-                  if min(len(src), len(ref)) >= metrics.ROBUST_MIN else
-                  f"F interval, independent (Bonett's, robust to diverged replicas, needs {metrics.ROBUST_MIN})")
+        if paired:
+            method = "Pitman–Morgan interval, paired"
+        elif metrics.share_by_bonett(min(len(src), len(ref)), paired, share == 0, level):
+            method = "Bonett interval, independent"
+        else:
+            method = f"F interval, independent (Bonett's, robust to diverged replicas, needs {metrics.ROBUST_MIN})"
         notes.append(f"share: {method}" + (", needs 3 paired replicas" if math.isnan(lo) else ""))
     if verdict == "inconclusive":
         spans = f"x{hi_adj / lo_adj:.3g}" if lo_adj > 0 else "down to 0"
