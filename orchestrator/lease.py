@@ -145,13 +145,17 @@ def _remote(out: str, fs, root: str, me: dict):
 
     def beat() -> None:
         while not stop.wait(BEAT_S):
-            with contextlib.suppress(OSError):  # a missed beat; the lease lasts TTL_S
-                store.write_bytes(fs, path, json.dumps(me | {"beat": time.time()}).encode())
+            with contextlib.suppress(OSError):  # a missed beat, not retried: the lease lasts TTL_S
+                store.write_bytes(fs, path, json.dumps(me | {"beat": time.time()}).encode(), tries=1)
 
-    threading.Thread(target=beat, daemon=True, name="out-lease").start()
+    beating = threading.Thread(target=beat, daemon=True, name="out-lease")
+    beating.start()
     try:
         yield
     finally:
         stop.set()
+        # a beat in flight lands before the delete: one retried through an outage rewrote the released
+        # lease after it, and the same process's resume found itself refused by its own old lease
+        beating.join()
         with contextlib.suppress(OSError):
             fs.delete_file(path)
