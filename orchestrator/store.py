@@ -235,11 +235,15 @@ def labels_name(workload: dict) -> str:
     return f"{workload.get('dataset')}-{digest}" if defined else str(workload.get("dataset"))
 
 
+def run_table(rows: list[dict]) -> pa.Table:
+    """Rows as RUN_SCHEMA with each row's digest filled in (absent columns null)."""
+    table = pa.Table.from_pylist([{k: row.get(k) for k in RUN_SCHEMA.names} for row in rows], schema=RUN_SCHEMA)
+    return table.set_column(table.schema.get_field_index(DIGEST), DIGEST, pa.array(row_digests(table), pa.string()))
+
+
 def write_run(fs: pafs.FileSystem, root: str, row: dict) -> None:
     """One Parquet file per run, named by run_id: a re-run replaces it, never duplicates it."""
-    table = pa.Table.from_pylist([{k: row.get(k) for k in RUN_SCHEMA.names}], schema=RUN_SCHEMA)
-    table = table.set_column(table.schema.get_field_index(DIGEST), DIGEST, pa.array(row_digests(table), pa.string()))
-    write_table(fs, run_path(root, row["run_id"]), table)
+    write_table(fs, run_path(root, row["run_id"]), run_table([row]))
 
 
 def amend_run(fs: pafs.FileSystem, root: str, run_id: str, **columns) -> None:

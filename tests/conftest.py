@@ -1,4 +1,5 @@
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,8 @@ def stacks_home(tmp_path_factory):
     return home
 
 
-@pytest.fixture(scope="module")
-def ray_local(stacks_home):
-    """A real local Ray cluster, started by the first module that needs one and kept for the next:
+def shared_cluster():
+    """A real local Ray cluster, started by the first test that needs one and kept for the next:
     starting and stopping one cost about 7 s a module. A module that needs a cluster of its own
     (other nodes, other environment variables, `ray start`) calls `own_cluster()` first."""
     import ray
@@ -30,6 +30,35 @@ def ray_local(stacks_home):
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     return ray
+
+
+@pytest.fixture(scope="module")
+def ray_local(stacks_home):
+    return shared_cluster()
+
+
+@dataclass(frozen=True)
+class Sweep:
+    spec: Path
+    out: Path
+    nodes: frozenset[str]  # the Ray nodes of the cluster it ran on
+
+
+@pytest.fixture(scope="session")
+def every_preset(stacks_home, tmp_path_factory) -> Sweep:
+    """One sweep of every noise preset, 3 replicas of small_cnn on digits (2 epochs, crop), read by
+    test_sweep (the presets behave as the study says) and test_sources (the sources table of a
+    real sweep): one sweep instead of two saves its two pools' process start-ups (~20 s)."""
+    from orchestrator import sweep
+
+    ray = shared_cluster()
+    tmp = tmp_path_factory.mktemp("presets")
+    spec = write_spec(tmp / "s.yaml", name="presets", replicas=3,
+                      noise=["control", "algo", "impl", "algo+impl", "init", "order", "augment", "bitflip"],
+                      workloads=[{"arch": "small_cnn", "dataset": "digits", "epochs": 2, "batch_size": 64,
+                                  "lr": 0.002, "optimizer": "adam", "augmentation": "crop"}])
+    assert sweep.main([str(spec), "--out", str(tmp / "out")]) == 0
+    return Sweep(spec, tmp / "out", frozenset(n["NodeID"] for n in ray.nodes()))
 
 
 def own_cluster() -> None:

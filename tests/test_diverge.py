@@ -172,10 +172,10 @@ def test_entrypoint_workload_traced_and_identical_with_itself(sweep_out):
     assert table["summary"].iloc[0].startswith("identical over ") and table["op"].isna().all()
 
 
-def test_bad_selector_exits_2_naming_the_values_present(sweep_out):
-    done = cli(str(sweep_out), "--a", "num_threads=3", "--b", "num_threads=1")
-    assert done.returncode == 2 and "--a: no run of the sweep has {'num_threads': '3'}" in done.stderr
-    assert "'1', '2'" in done.stderr
+def test_bad_selector_exits_2_naming_the_values_present(sweep_out, capsys):
+    assert diverge.main([str(sweep_out), "--a", "num_threads=3", "--b", "num_threads=1"]) == 2  # in this process
+    err = capsys.readouterr().err
+    assert "--a: no run of the sweep has {'num_threads': '3'}" in err and "'1', '2'" in err
 
 
 # --- divergence over training: per-epoch digests and sketches --------------------------------------

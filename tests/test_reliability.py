@@ -15,7 +15,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from orchestrator import store, sweep
-from tests.conftest import ROOT, cli, write_spec
+from tests.conftest import ROOT, write_spec
 
 pytestmark = pytest.mark.integration
 SECRET = "sk-planted-secret-7f3a9c"
@@ -121,11 +121,12 @@ def test_sigint_exits_130_then_the_same_command_resumes(ray_local, tmp_path, cap
     assert len(df) == df.run_id.nunique() == 6 and (df.status == "ok").all()
 
 
-def test_sigkill_of_the_driver_then_resume(tmp_path):
+def test_sigkill_of_the_driver_then_resume(ray_local, tmp_path, capsys, monkeypatch):
     """Kill -9 mid-sweep; the same command then runs only what is missing, and OUT holds exactly
-    one ok row per run, every file whole. A planted secret appears in no file under OUT."""
+    one ok row per run, every file whole. A planted secret appears in no file under OUT (the killed
+    sweep's driver and workers had it in their environment, the resuming driver too)."""
     spec = write_spec(tmp_path / "s.yaml", name="kill", replicas=8, noise=["algo"],
-                      workloads=[{"arch": "small_cnn", "dataset": "digits", "epochs": 4, "batch_size": 32}])
+                      workloads=[{"arch": "small_cnn", "dataset": "digits", "epochs": 2, "batch_size": 32}])
     out = tmp_path / "out"
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": SECRET, "MY_SERVICE_TOKEN": SECRET, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(spec), "--out", str(out)], cwd=ROOT,
@@ -140,9 +141,11 @@ def test_sigkill_of_the_driver_then_resume(tmp_path):
     before = {f.name: f.stat().st_mtime_ns for f in (out / "runs").glob("*.parquet")}
     assert 2 <= len(before) < 8
 
-    r = cli(str(spec), "--out", str(out), env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert f"{len(before)} already ok" in r.stdout and f"{8 - len(before)} to run" in r.stdout
+    for name in ("AWS_SECRET_ACCESS_KEY", "MY_SERVICE_TOKEN"):
+        monkeypatch.setenv(name, SECRET)
+    assert sweep.main([str(spec), "--out", str(out)]) == 0  # the same command, on this module's cluster
+    printed = capsys.readouterr().out
+    assert f"{len(before)} already ok" in printed and f"{8 - len(before)} to run" in printed
     assert {f: (out / "runs" / f).stat().st_mtime_ns for f in before} == before  # not run again
     runs = sorted((out / "runs").glob("*.parquet"))
     assert len(runs) == 8

@@ -19,16 +19,9 @@ def by_noise(out):
 
 
 @pytest.fixture(scope="module")
-def presets_out(ray_local, tmp_path_factory):
-    """One sweep over the four presets, 3 replicas each, shared by the tests below."""
-    tmp = tmp_path_factory.mktemp("presets")
-    spec = write_spec(tmp / "s.yaml", name="presets", replicas=3,
-                      noise=["control", "algo", "impl", "algo+impl"],
-                      workloads=[{"arch": "small_cnn", "dataset": "digits", "epochs": 2, "batch_size": 64,
-                                  "lr": 0.002, "optimizer": "adam", "augmentation": "crop"}])
-    out = tmp / "out"
-    assert sweep.main([str(spec), "--out", str(out)]) == 0
-    return spec, out
+def presets_out(every_preset):
+    """The session's sweep of every preset, 3 replicas each (tests/conftest.py)."""
+    return every_preset.spec, every_preset.out
 
 
 def test_control_and_impl_replicas_are_bitwise_identical_on_cpu(presets_out):
@@ -47,12 +40,12 @@ def test_algo_replicas_all_differ(presets_out):
         assert g.seed_init.nunique() == 3 and g.seed_order.nunique() == 3 and g.seed_augment.nunique() == 3
 
 
-def test_rows_carry_seeds_flags_and_fingerprint(presets_out, ray_local):
+def test_rows_carry_seeds_flags_and_fingerprint(presets_out, every_preset):
     df = store.read_runs(str(presets_out[1])).to_pandas()
     control = df[df.noise == "control"]
     assert control.seed_init.nunique() == 1 and not control.vary_impl.any()
     assert df[df.noise == "impl"].vary_impl.all()
-    assert set(df.ray_node_id) == {n["NodeID"] for n in ray_local.nodes()}
+    assert set(df.ray_node_id) == every_preset.nodes
     assert (df.accelerator == "cpu").all() and (df.accelerator_requested == "any").all()
     assert (df.num_threads == 1).all() and df.fingerprint_id.str.len().eq(12).all()
     assert (df.torch_version != "").all() and df.cpu_model.notna().all()
@@ -74,7 +67,7 @@ def test_parquet_matches_the_design_contract(presets_out):
         "num_threads": pa.int32(), "hostname": pa.string(), "ray_node_id": pa.string(),
     }
     files = sorted((presets_out[1] / "runs").glob("*.parquet"))
-    assert len(files) == 12
+    assert len(files) == 24
     schema = pq.read_schema(files[0])
     for name, typ in contract.items():
         assert schema.field(name).type == typ, name
@@ -90,7 +83,7 @@ def test_rerun_runs_nothing_and_keeps_one_row_per_run(presets_out, capsys):
     after = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.parquet")}
     assert after == before
     ids = store.read_runs(str(out), columns=["run_id"])["run_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == 12
+    assert len(ids) == len(set(ids)) == 24
 
 
 def test_thread_count_is_applied_in_the_worker_recorded_and_paired(ray_local, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator import reduce, spec, store, sweep
 from orchestrator.spec import SpecError
-from tests.conftest import cli, write_spec
+from tests.conftest import write_spec
 
 P = 11  # modular arithmetic mod 11: 121 pairs, half of them train
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32}
@@ -61,15 +61,16 @@ def test_warmup_rules():
         "spec: workloads.0: warmup_epochs: 3.0 is longer than the 2 epochs trained"]
 
 
-def test_models_by_name_resolve_or_exit_2_in_one_line_each(tmp_path):
+def test_models_by_name_resolve_or_exit_2_in_one_line_each(tmp_path, capsys):
     s = spec.parse({"name": "s", "workloads": [{"arch": "torchvision:resnet18", "dataset": "digits"},
                                                {"arch": "timm:test_vit", "dataset": "digits"}]})
     assert [w.arch for w in s.workloads] == ["torchvision:resnet18", "timm:test_vit"]
-    r = cli(str(write_spec(tmp_path / "bad.yaml", workloads=[
+    code = sweep.main([str(write_spec(tmp_path / "bad.yaml", workloads=[  # in this process, as test_cli_errors
         {"arch": "torchvision:resnet9000", "dataset": "digits"}, {"arch": "timm:vit_nope", "dataset": "digits"}])),
-        "--out", str(tmp_path / "out"))
-    assert r.returncode == 2, r.stderr
-    assert [line.removeprefix("error: ") for line in r.stderr.strip().splitlines()] == [
+        "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert [line.removeprefix("error: ") for line in err.strip().splitlines()] == [
         f"{tmp_path / 'bad.yaml'}: workloads.0.arch: unknown torchvision model 'resnet9000'; list the classification "
         "models with python -c \"import torchvision.models as m; print(m.list_models(module=m))\"",
         f"{tmp_path / 'bad.yaml'}: workloads.1.arch: unknown timm model 'vit_nope'; list them with "

@@ -5,7 +5,7 @@ its coordinating trial holding no CPU."""
 import pytest
 
 from orchestrator import reduce, store, sweep
-from tests.conftest import cli, write_spec
+from tests.conftest import write_spec
 
 pytestmark = pytest.mark.integration
 
@@ -90,11 +90,10 @@ def test_a_group_whose_ranks_all_returned_stays_warm_after_a_failure(ddp_out):
     assert dies.status == "ok" and dies.attempts == 2 and killed not in dies.rank_pids
 
 
-def test_a_batch_not_divisible_by_the_world_size_is_a_spec_error(tmp_path):
+def test_a_batch_not_divisible_by_the_world_size_is_a_spec_error(tmp_path, capsys):
     path = write_spec(tmp_path / "s.yaml", tooling={"world_size": [1, 3]})  # batch_size 64
-    r = cli(str(path))
-    assert r.returncode == 2
-    assert "tooling.world_size: 3 does not divide batch_size 64 of small_cnn on digits" in r.stderr
+    assert sweep.main([str(path), "--out", str(tmp_path / "out")]) == 2  # in this process, as test_cli_errors
+    assert "tooling.world_size: 3 does not divide batch_size 64 of small_cnn on digits" in capsys.readouterr().err
 
 
 def test_a_replica_no_cluster_can_hold_is_refused_before_anything_starts(ray_local, tmp_path, capsys):
