@@ -1,12 +1,11 @@
-"""A sweep file is code run with the user's rights: reading it is bounded (aliases, nesting),
-and environment variables that load code into workers are said at start and kept in each row."""
+"""A sweep file is code run with the user's rights: reading it is bounded (aliases, nesting).
+(Environment variables that load code into workers are said at start and kept in each row:
+tests/test_stacks.py, whose sweep has a stack that sets one.)"""
 
-import json
 import time
 
-from conftest import cli, write_spec
+from conftest import cli
 
-from orchestrator import store, sweep
 from orchestrator.spec import load
 
 
@@ -33,16 +32,3 @@ def test_aliases_within_bounds_still_load(tmp_path):
     """A few aliases (shared settings) are what YAML is for: only expansion past the bound is refused."""
     (tmp_path / "ok.yaml").write_text(bomb(3))  # 1,000 strings
     assert len(load(tmp_path / "ok.yaml").workloads[0].args["big"]) == 4
-
-
-def test_code_loading_env_is_said_at_start_and_recorded_in_each_row(ray_local, tmp_path, capsys):
-    path = write_spec(tmp_path / "s.yaml", name="env", replicas=1, stacks=[
-        {"name": "launch"}, {"name": "startup", "env_vars": {"PYTHONSTARTUP": "/dev/null"}}],
-        workloads=[{"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}])
-    out = tmp_path / "out"
-    assert sweep.main([str(path), "--out", str(out)]) == 0
-    notes = [line for line in capsys.readouterr().out.splitlines() if "PYTHONSTARTUP" in line]
-    assert notes == ["note: stack 'startup' sets PYTHONSTARTUP: what it names is loaded into every worker of the "
-                     "stack (recorded in each row's env)"]
-    envs = {r["stack"]: json.loads(r["env"]) for r in store.read_runs(str(out)).to_pylist()}
-    assert envs["startup"]["PYTHONSTARTUP"] == "/dev/null" and "PYTHONSTARTUP" not in envs["launch"]

@@ -2,6 +2,8 @@
 own group, paired across stacks in cross_stack; on a real local Ray cluster. The pip stacks build
 real virtualenvs from PyPI (six, tiny and pure Python), as a user's would."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -22,24 +24,27 @@ BROKEN = "tooling-noise-no-such-package==0.0.1"
 @pytest.fixture(scope="module")
 def stacks_out(ray_local, tmp_path_factory):
     """One sweep over five stacks, control x 2: the launch environment, an env-var stack that
-    pins torch's CPU kernels to the baseline ISA, a pip stack with another version of six than the
-    launch environment's (1.17.0), a pip stack that cannot be built, and an interpreter that does
-    not exist (Ray would retry its worker's start for ever)."""
+    pins torch's CPU kernels to the baseline ISA (and sets PYTHONSTARTUP, a variable that loads
+    code), a pip stack with another version of six than the launch environment's (1.17.0), a pip
+    stack that cannot be built, and an interpreter that does not exist (Ray would retry its
+    worker's start for ever). Returns the exit code, the rows, OUT and what the sweep printed."""
     tmp = tmp_path_factory.mktemp("stacks")
     path = write_spec(tmp / "s.yaml", name="stacks", replicas=2, fail_fast=1, stacks=[
         {"name": "launch"},
-        {"name": "isa-default", "env_vars": {"ATEN_CPU_CAPABILITY": "default"}},
+        {"name": "isa-default", "env_vars": {"ATEN_CPU_CAPABILITY": "default", "PYTHONSTARTUP": "/dev/null"}},
         {"name": "six-old", "pip": ["six==1.16.0"]},
         {"name": "broken", "pip": [BROKEN]},
         {"name": "no-python", "py_executable": "/nonexistent/bin/python"}],
         workloads=[{"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}])
     out = tmp / "out"
-    code = sweep.main([str(path), "--out", str(out)])
-    return code, store.read_runs(str(out)).to_pandas(), out
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        code = sweep.main([str(path), "--out", str(out)])
+    print(printed.getvalue())  # shown with a failure, as pytest shows set-up output
+    return code, store.read_runs(str(out)).to_pandas(), out, printed.getvalue()
 
 
 def test_each_stack_runs_in_its_own_environment(stacks_out):
-    _, df, _ = stacks_out
+    _, df, _, _ = stacks_out
     ok = df[df.status == "ok"]
     assert sorted(ok["stack"].unique()) == ["isa-default", "launch", "six-old"] and len(ok) == 6
     by = {name: g for name, g in ok.groupby("stack")}
@@ -57,8 +62,19 @@ def test_each_stack_runs_in_its_own_environment(stacks_out):
     assert by["isa-default"].fingerprint_id.iloc[0] != by["launch"].fingerprint_id.iloc[0]
 
 
+def test_code_loading_env_is_said_at_start_and_recorded_in_each_row(stacks_out):
+    """A sweep file is code run with the user's rights: a stack variable that loads code into its
+    workers is said once at start and kept in each of the stack's rows."""
+    _, df, _, printed = stacks_out
+    notes = [line for line in printed.splitlines() if "PYTHONSTARTUP" in line]
+    assert notes == ["note: stack 'isa-default' sets PYTHONSTARTUP: what it names is loaded into every worker "
+                     "of the stack (recorded in each row's env)"]
+    envs = {r.stack: json.loads(r.env) for r in df[df.status == "ok"].itertuples()}
+    assert envs["isa-default"]["PYTHONSTARTUP"] == "/dev/null" and "PYTHONSTARTUP" not in envs["launch"]
+
+
 def test_a_stack_that_cannot_be_built_fails_its_runs_alone(stacks_out):
-    code, df, _ = stacks_out
+    code, df, _, _ = stacks_out
     assert code == 1
     broken = df[df["stack"] == "broken"]
     assert sorted(broken.status) == ["failed", "skipped"]  # fail_fast: 1 skips the rest
@@ -82,7 +98,7 @@ def test_an_interpreter_without_ray_is_named_with_its_own_error(tmp_path):
 
 
 def test_variance_and_cross_stack_are_per_stack(stacks_out):
-    _, _, out = stacks_out
+    _, _, out, _ = stacks_out
     tables = reduce.reduce(str(out))
     v = tables["variance"]
     assert set(v["stack"]) == {"launch", "isa-default", "six-old", "broken", "no-python"}
