@@ -181,16 +181,17 @@ def test_one_writer_per_out(ray_local, tmp_path, capsys):
     out = tmp_path / "out"
     a = write_spec(tmp_path / "a.yaml", name="a", replicas=4, noise=["algo"], workloads=[tiny(epochs=2)])
     b = write_spec(tmp_path / "b.yaml", name="b", replicas=1, workloads=[tiny()])
-    p = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(a), "--out", str(out)], cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+    address = ray_local.get_runtime_context().gcs_address  # A joins this module's cluster: no cluster start
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(a), "--out", str(out), "--address", address],
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while not (out / "sweep.yaml").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
     for command in ([str(b), "--out", str(out), "--fresh"], [str(a), "--out", str(out)]):
         assert sweep.main(command) == 2
         err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and f"is being written by `python -m sweep {a} --out {out}` (pid {p.pid}" in err
+        assert err.count("\n") == 0 and f"is being written by `python -m sweep {a} --out {out} --address {address}` (pid {p.pid}" in err
     assert compact.main([str(out)]) == 2 and reduce.main([str(out)]) == 2
     assert "is being written by" in capsys.readouterr().err
     stdout, stderr = p.communicate(timeout=600)
