@@ -266,7 +266,9 @@ def run(spec: RunSpec, out: str, rank: Rank = SOLO, attempts: int = 1) -> dict:
         if rank.world_size > 1:
             raise
         row |= failure_columns(e)
-        store.write_bytes(fs, store.log_path(root, spec.run_id), row["traceback"].encode())
+        # tried once: the row keeps the same traceback, and when the error was OUT's storage failing
+        # (the weights write, after its tries) three more tries only held the slot ~4 s longer
+        store.write_bytes(fs, store.log_path(root, spec.run_id), row["traceback"].encode(), tries=1)
     row |= fingerprint.collect(device, spec.compile, spec.stack.packages())
     row |= rank_columns(row, rank)
     if rank.rank == 0:

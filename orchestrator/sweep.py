@@ -238,7 +238,10 @@ def record_trial_error(out: str):
         last = error.strip().splitlines()[-1] if error.strip() else "no error text"
         # a run's own errors are caught by the runner, so a run's trial error is a dead worker
         full = f"{'worker died: ' if isinstance(run, RunSpec) else ''}{last}\n\n{error.strip()}\n"
-        store.write_bytes(fs, store.log_path(root, _trial_id(run)), full.encode())
+        # the log is tried once: this runs in Tune's loop, which each retry's backoff held up for every
+        # trial while OUT's storage was down; a run's row (which keeps its tries) holds the same text,
+        # and a probe's error is printed and the probe, having no result, runs again on resume
+        store.write_bytes(fs, store.log_path(root, _trial_id(run)), full.encode(), tries=1)
         if isinstance(run, RunSpec):
             store.write_run(fs, root, base_row(run) | {"status": "failed", "error": full.strip(), "attempts": attempts})
         return full

@@ -173,3 +173,14 @@ def test_compiled_runs_record_triton_version_and_tf32_override_is_hashed(monkeyp
     fp = fingerprint.collect(CPU)
     assert fp["tf32_override"] == "0" and json.loads(fp["env"])["NVIDIA_TF32_OVERRIDE"] == "0"
     assert fp["fingerprint_id"] != plain["fingerprint_id"]
+
+
+def test_a_run_that_cannot_write_tries_its_log_once(tmp_path, monkeypatch, torch_switches):
+    """OUT's storage down: the write that failed the run had its tries and backoff; the log, a copy
+    of the traceback the row holds, is then tried once (three more tries held the slot ~4 s longer)."""
+    slept = []
+    monkeypatch.setattr(store.time, "sleep", slept.append)
+    monkeypatch.setattr(store, "_write_once", lambda *a: (_ for _ in ()).throw(OSError("storage is down")))
+    with pytest.raises(OSError, match="storage is down"):
+        runner.run(expand("mlp")[0], str(tmp_path))
+    assert slept == [0.5 * 2**i for i in range(store.WRITE_TRIES - 1)]  # one write's backoff, none for the log
