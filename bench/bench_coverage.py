@@ -362,7 +362,7 @@ def main() -> None:
 
     rows = []
     for name, method, p_of, null, alt in (
-            ("p", "Welch t | paired t", p_test, {}, {"delta": 1.0}),
+            ("p", "Welch t | paired t (tied: sign-flip)", p_test, {}, {"delta": 1.0}),
             ("p_vs_control, p_vs_algo", "Brown–Forsythe | sign-flip", p_variance, {}, {"ratio": 4.0}),
             ("tost_p (margin 0.5σ)", "TOST, Welch t | paired t", p_tost, {"delta": 0.5}, {})):
         for r in RS:
@@ -377,7 +377,7 @@ def main() -> None:
         rows.append(["like reference at share 0.5", "Bonett | Pitman–Morgan at 0.95", str(r)] + [
             rate(rng, trials, like_at_edge, (r, kind, paired)) for _, kind, paired in SCENARIOS])
     for r in RS:
-        rows.append(["p_adj, 12 compare groups", "Holm over t-tests", str(r)] + [
+        rows.append(["p_adj, 12 compare groups", "Holm over t-tests (tied: sign-flip)", str(r)] + [
             rate(rng, trials, false_compare, (r, kind, paired)) for _, kind, paired in SCENARIOS])
     print(f"\nTests at alpha 0.05, {trials} experiments per cell: size / power (p: a difference of 1σ; p_vs_*: a "
           f"variance ratio of 4; tost_p: sides at the margin / equal), and per table the share of tables with a false "

@@ -144,7 +144,9 @@ def compare_sides(a: pd.DataFrame, b: pd.DataFrame, effect: float | None, seed: 
     if sa == 0 and sb == 0 and not exact:
         notes.append("no spread on either side but weights differ: accuracies tie at the test set's "
                      "resolution, the se is floored there")
-    notes.append(f"test: {md.test}" + (f" on {len(xa)} pairs" if paired else "") + "; replicas_needed assumes it")
+    notes.append(f"test: {md.test}" + (f" on {len(xa)} pairs" if paired else "")
+                 + ("" if math.isnan(md.p) else ", p exact by sign flips of the differences (tied accuracies)")
+                 + "; replicas_needed assumes it")
     row = {"n_a": len(xa), "n_b": len(xb), "mean_a": xa.mean(), "mean_b": xb.mean(), "std_a": sa, "std_b": sb,
            "paired": paired, "std_diff": sd, "test": md.test, "diff": md.diff,
            **dict(zip(("diff_lo", "diff_hi"), metrics.t_interval(md))), **dict(zip(("t", "p"), metrics.t_test(md))),

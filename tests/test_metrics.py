@@ -672,3 +672,28 @@ def test_holm_matches_statsmodels_and_leaves_nan_out_of_the_family():
         assert metrics.holm(ps) == pytest.approx(multipletests(ps, method="holm")[1])
     false = np.mean([(metrics.holm(rng.random(12)) < 0.05).any() for _ in range(2000)])
     assert false <= 0.06
+
+
+def test_paired_p_on_tied_accuracies_is_the_exact_sign_flip_p():
+    """Differences of accuracies rounded to 1/360 are whole steps, often 0: seven of one sign and
+    three zeros at 10 pairs give t = 4.6, p = 0.0013 by the t distribution, but only 2 of the 2^7
+    sign patterns of the nonzero differences reach that sum: p = 2/2^7. Holm over 12 groups works
+    at 0.05/12 = 0.0042, where the t-test rejected at 1.17-1.6 times its level on ties (6-7% of
+    12-group tables with a false p_adj < 0.05). The sign-flip p is exact; differences spread over
+    more steps keep the t-test's p."""
+    step = 1 / 360
+    b = np.full(10, 0.9)
+    a = b + step * np.array([1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+    t, p = metrics.t_test(metrics.mean_diff(a, b, True, metrics.tie_var(360)))
+    assert t > 3.5 and p == pytest.approx(2 / 2 ** 7)
+    assert metrics.t_test(metrics.mean_diff(a, b, True))[1] < 0.005  # no lattice given: the t-test's p
+    assert metrics.sign_flip_p(a - b) == pytest.approx(2 / 2 ** 7)
+    rng = np.random.default_rng(11)  # 10 pairs, a std of 1.5 steps (the bench's): the rate at 0.05/12
+    ps = [metrics.t_test(metrics.mean_diff(*_tied_pairs(rng, 10, 1.5), True, metrics.tie_var(360)))[1]
+          for _ in range(20000)]
+    assert np.mean(np.array(ps) < 0.05 / 12) <= 0.05 / 12
+    assert metrics.sign_flip_p(np.arange(1.0, 21.0)) == pytest.approx(2 / 2 ** 20)  # every pattern counted
+    assert metrics.sign_flip_p(np.arange(1.0, 41.0)) == pytest.approx(1 / 2 ** 16)  # sampled: counts itself
+    spread = np.tile([0.9 - 3 / 360, 0.9 + 3 / 360], 5)  # differences of ±3 steps: not tied, t's p
+    m = metrics.mean_diff(spread + 1 / 360, spread[::-1], True, metrics.tie_var(360))
+    assert metrics.t_test(m)[1] == pytest.approx(stats.ttest_rel(spread + 1 / 360, spread[::-1]).pvalue)
