@@ -178,9 +178,12 @@ def test_compiled_runs_record_triton_version_and_tf32_override_is_hashed(monkeyp
 def test_a_run_that_cannot_write_tries_its_log_once(tmp_path, monkeypatch, torch_switches):
     """OUT's storage down: the write that failed the run had its tries and backoff; the log, a copy
     of the traceback the row holds, is then tried once (three more tries held the slot ~4 s longer)."""
+    def down(*_):
+        raise OSError("storage is down")
+
     slept = []
     monkeypatch.setattr(store.time, "sleep", slept.append)
-    monkeypatch.setattr(store, "_write_once", lambda *a: (_ for _ in ()).throw(OSError("storage is down")))
+    monkeypatch.setattr(store, "_write_once", down)
     with pytest.raises(OSError, match="storage is down"):
         runner.run(expand("mlp")[0], str(tmp_path))
     assert slept == [0.5 * 2**i for i in range(store.WRITE_TRIES - 1)]  # one write's backoff, none for the log
