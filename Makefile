@@ -22,7 +22,7 @@ demo: $(VENV)/.demo  ## install, then run the embedded default sweep (digits, CP
 
 test: $(VENV)/.test  ## install with test extras, lint, then run the whole suite
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=15  # the slowest 15, for the suite-time goal (docs/development.md)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15  # Ray tests in one worker, the rest beside them (tests/conftest.py); the slowest 15 (docs/development.md)
 
 bench: $(VENV)/.test
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

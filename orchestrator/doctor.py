@@ -13,7 +13,10 @@ Two worker processes, because CUDA reads CUBLAS_WORKSPACE_CONFIG once, when it s
 cannot run framework-default replicas and deterministic ones both as a sweep would. A fresh
 `deterministic` worker runs the control replicas, the threads check and the probes (the workspace
 is set before CUDA starts); a fresh `default` worker runs the impl replicas with the framework's
-defaults. The doctor's own process never touches CUDA beyond asking whether there is one.
+defaults. The two start together and the impl replicas run beside the control and threads checks,
+whose bits do not depend on what else runs: that hides one process start and the impl replicas
+(about 15 of 50 s on 2 CPU cores). The probes come last and alone, since they time steps. The
+doctor's own process never touches CUDA beyond asking whether there is one.
 """
 
 from __future__ import annotations
@@ -343,25 +346,24 @@ def diagnose(device: str, note: str, minutes: float, probes_file: str | None, ar
     threads = max(2, torch.get_num_threads())  # 1 vs N needs N > 1, even on a one-core box
     impl_specs, control_specs, thread_specs = replica_specs(device, threads)
     probes = probe_specs(device, minutes, probes_file, archs)
-    with tempfile.TemporaryDirectory(prefix="doctor-") as out:
-        with _worker() as det:
-            started = det.submit(cuda_started).result()
-            control = list(det.map(runner.run, control_specs, repeat(out)))
-            fingerprint = {k: control[0].get(k) for k in probe.FINGERPRINT_COLUMNS}
-            print("fingerprint:", json.dumps(fingerprint, indent=1, default=str), flush=True)
-            cpu_rows = list(det.map(runner.run, thread_specs, repeat(out)))
-            threads_summary = replica_summary(cpu_rows, out)
-            if _differs(threads_summary):
-                threads_summary["first_op"] = first_op(det, *thread_specs)
-            overhead = []
-            for p in probes:
-                overhead.append(overhead_summary(p, det.submit(run_probe, p).result()))
-                print(f"probe {p.workload.arch}: done", flush=True)
-        with _worker() as default:
-            impl = list(default.map(runner.run, impl_specs, repeat(out)))
-            impl_summary = replica_summary(impl, out)
-            if _differs(impl_summary):  # two replicas of one setting traced in turn
-                impl_summary["first_op"] = first_op(default, impl_specs[0], impl_specs[0])
+    with tempfile.TemporaryDirectory(prefix="doctor-") as out, _worker() as det, _worker() as default:
+        impl_rows = [default.submit(runner.run, r, out) for r in impl_specs]  # beside the checks below
+        started = det.submit(cuda_started).result()
+        control = list(det.map(runner.run, control_specs, repeat(out)))
+        fingerprint = {k: control[0].get(k) for k in probe.FINGERPRINT_COLUMNS}
+        print("fingerprint:", json.dumps(fingerprint, indent=1, default=str), flush=True)
+        cpu_rows = list(det.map(runner.run, thread_specs, repeat(out)))
+        threads_summary = replica_summary(cpu_rows, out)
+        if _differs(threads_summary):
+            threads_summary["first_op"] = first_op(det, *thread_specs)
+        impl = [f.result() for f in impl_rows]
+        impl_summary = replica_summary(impl, out)
+        if _differs(impl_summary):  # two replicas of one setting traced in turn
+            impl_summary["first_op"] = first_op(default, impl_specs[0], impl_specs[0])
+        overhead = []
+        for p in probes:  # last, with nothing beside them: they time steps
+            overhead.append(overhead_summary(p, det.submit(run_probe, p).result()))
+            print(f"probe {p.workload.arch}: done", flush=True)
         replicas = {"impl": impl_summary, "control": replica_summary(control, out),
                     "threads": threads_summary}
     control_flags = [json.loads(r.get("impl_flags") or "{}") for r in control if r["status"] == "ok"]

@@ -1,3 +1,4 @@
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,12 +9,38 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
+def pytest_collection_modifyitems(items):
+    """Under `pytest -n 2 --dist loadgroup` (make test) every test that uses this process's Ray (the
+    shared cluster, or a module's own marked `ray`) runs in one xdist worker, one after another as
+    without xdist, and every other test in the other worker. A sweep's processes leave about a third
+    of 2 cores idle (start-ups, waits), which the other worker's tests fill; two clusters at once
+    would instead put four trial processes on two cores. Modules with a cluster of their own (marked
+    `ray`) go first, so that the shared cluster starts once after them, not again after each."""
+    items.sort(key=lambda item: not item.get_closest_marker("ray"))  # stable: modules stay whole, in order
+    for item in items:
+        if item.get_closest_marker("ray") or {"ray_local", "every_preset"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.fixture(autouse=True)
+def _ray_tests_in_one_worker(request, tmp_path_factory):
+    """Fails a Ray test that reaches a second xdist worker instead of letting it run: two clusters on
+    2 cores, and one module's `ray stop --force` kills the other worker's cluster mid-test. The
+    grouping silently stopped on pytest 9.2 (pytest-xdist#1386), hence the pin in pyproject.toml."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and request.node.get_closest_marker("xdist_group"):
+        runs = tmp_path_factory.getbasetemp().parent  # one folder for the whole xdist session
+        (runs / f"ray-tests-{worker}").mkdir(exist_ok=True)
+        others = sorted(p.name for p in runs.glob("ray-tests-*") if p.name != f"ray-tests-{worker}")
+        assert not others, (f"Ray tests ran in {worker} and in {others}: xdist did not keep the "
+                            "`ray` group in one worker (pytest-xdist#1386; pytest<9.2 in pyproject.toml)")
+
+
 @pytest.fixture(scope="session")
 def stacks_home(tmp_path_factory):
     """Where the suite's pip/uv stacks are built: one folder for the session (a user's persists in
     ~/.cache), shared by every test module and its workers."""
-    import os
-
     home = tmp_path_factory.mktemp("stacks")
     os.environ["TOOLING_NOISE_STACKS"] = str(home)
     return home
@@ -85,7 +112,6 @@ def write_spec(path: Path, **fields) -> Path:
 
 def cli(*args: str, env: dict | None = None, timeout: float = 600):
     """Run `python -m orchestrator.sweep ...` as a user would, in a fresh process."""
-    import os
     import subprocess
 
     return subprocess.run([sys.executable, "-m", "orchestrator.sweep", *args], capture_output=True, text=True,

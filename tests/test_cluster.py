@@ -9,7 +9,7 @@ import pytest
 from orchestrator import store, sweep
 from tests.conftest import own_cluster, write_spec
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]  # its own cluster
 ACCELERATORS = ("T4", "V100", "A100")
 TINY = [{"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}]
 

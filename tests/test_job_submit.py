@@ -16,7 +16,7 @@ import pytest
 from orchestrator import store
 from tests.conftest import ROOT, own_cluster, write_spec
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]  # its own cluster
 TINY = [{"arch": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 128}]
 
 

@@ -11,7 +11,7 @@ import pytest
 from orchestrator import store, sweep
 from tests.conftest import ROOT, own_cluster, write_spec
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]  # its own cluster
 SERVER = []  # the module's moto server and its port: the outage test stops and restarts it
 
 
