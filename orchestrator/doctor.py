@@ -15,8 +15,9 @@ cannot run framework-default replicas and deterministic ones both as a sweep wou
 is set before CUDA starts); a fresh `default` worker runs the impl replicas with the framework's
 defaults. The two start together and the impl replicas run beside the control and threads checks,
 whose bits do not depend on what else runs: that hides one process start and the impl replicas
-(`--minutes 0.5` on 2 CPU cores: 27 and 31 s against 35 and 38 s before, the same verdicts). The probes come last and alone, since they time steps. The
-doctor's own process never touches CUDA beyond asking whether there is one.
+(`--minutes 0.5` on 2 CPU cores: 27 and 31 s against 35 and 38 s before, the same verdicts). The
+probes come last and alone, since they time steps. The doctor's own process never touches CUDA
+beyond asking whether there is one.
 """
 
 from __future__ import annotations
