@@ -49,7 +49,8 @@ def stacks_home(tmp_path_factory):
 def shared_cluster():
     """A real local Ray cluster, started by the first test that needs one and kept for the next:
     starting and stopping one cost about 7 s a module. A module that needs a cluster of its own
-    (other nodes, other environment variables, `ray start`) calls `own_cluster()` first."""
+    (other nodes, other environment variables, `ray start`) calls `own_cluster()` first and is
+    marked `ray` (its `pytestmark`), which keeps it in the Ray worker under `make test`'s -n 2."""
     import ray
 
     if not ray.is_initialized():
@@ -89,7 +90,8 @@ def every_preset(stacks_home, tmp_path_factory) -> Sweep:
 
 
 def own_cluster() -> None:
-    """Stop the shared cluster (the next module that needs one starts it again)."""
+    """Stop the shared cluster (the next module that needs one starts it again). Only from a module
+    marked `ray`: unmarked, under -n 2 it would run in the other xdist worker, beside the cluster."""
     if "ray" in sys.modules:
         sys.modules["ray"].shutdown()
 
